@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok, helm) from their Go modules into a cache outside
+# the repository, once per version set. Prints the bin folder as its last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache=${REMOTEGPU_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/remotegpu/cluster}
+bin="$cache/bin-$KUBE_VERSION-$ETCD_VERSION-$KWOK_VERSION-$HELM_VERSION"
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+missing=()
+for b in "${want[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
+if [ ${#missing[@]} -eq 0 ]; then echo "$bin"; exit 0; fi
+
+mkdir -p "$bin" "$cache/work"
+export GOFLAGS=-mod=mod CGO_ENABLED=0
+step() { echo "[cluster-build] $(date +%T) $*" >&2; }
+
+need() { [[ " ${missing[*]} " == *" $1 "* ]]; }
+
+if need kube-apiserver || need kube-controller-manager || need kube-scheduler || need kubectl; then
+  step "building Kubernetes $KUBE_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl); several minutes per binary on 2 cores"
+  w="$cache/work/kube-$KUBE_VERSION"; mkdir -p "$w"
+  gomod=$(cd "$w" && go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  {
+    echo "module remotegpu.local/kube"
+    grep -E '^go ' "$gomod"
+    grep -E '^godebug ' "$gomod" || true
+    echo "require k8s.io/kubernetes $KUBE_VERSION"
+    minor=${KUBE_VERSION#v1.}
+    # Every staging module k8s.io/X => ./staging/... becomes its published v0.X.Y.
+    grep -E '=> \./staging/' "$gomod" | awk -v v="v0.$minor" '{print "replace " $1 " => " $1 " " v}'
+  } > "$w/go.mod"
+  cat > "$w/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+  minor_num=$(echo "$KUBE_VERSION" | cut -d. -f2)
+  ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor_num -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true
+   cd "$w" && go build -trimpath -ldflags "$ld" -o "$bin/" \
+     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+fi
+
+if need etcd; then
+  step "building etcd $ETCD_VERSION"
+  w="$cache/work/etcd-$ETCD_VERSION"; mkdir -p "$w"
+  printf 'module remotegpu.local/etcd\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" > "$w/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > "$w/tools.go"
+  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true
+   cd "$w" && go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
+fi
+
+if need kwok; then
+  step "building kwok $KWOK_VERSION"
+  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+fi
+if need helm; then
+  step "building helm $HELM_VERSION"
+  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+for b in "${want[@]}"; do [ -x "$bin/$b" ] || { echo "cluster build: $b is missing from $bin; see the errors above" >&2; exit 1; }; done
+step "done"
+echo "$bin"

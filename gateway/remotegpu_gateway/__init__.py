@@ -1,0 +1,1 @@
+"""remotegpu_gateway."""

@@ -1,0 +1,263 @@
+"""The model catalog, defined once: the `ImageModel` spec.
+
+The same schema is the CRD's spec (crds/imagemodels.yaml), the embedded default's
+models file (remotegpu/models.yaml) and the entry a worker receives. Kubernetes
+field names are camelCase; the public API renders parameters in snake_case.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "remotegpu.ai"
+API_VERSION = "v1alpha1"
+KIND = "ImageModel"
+PLURAL = "imagemodels"
+
+# The spec's fixed preset table (aspect ratio -> sizes). Requests and input images
+# must match one of these; a model may allow a subset.
+SIZE_PRESETS: dict[str, list[tuple[int, int]]] = {
+    "1:1": [(512, 512), (1024, 1024), (2048, 2048)],
+    "4:3": [(1024, 768), (1536, 1152), (2048, 1536)],
+    "3:4": [(768, 1024), (1152, 1536), (1536, 2048)],
+    "16:9": [(1280, 720), (1536, 864), (2048, 1152)],
+    "9:16": [(720, 1280), (864, 1536), (1152, 2048)],
+}
+ALL_SIZES: list[str] = [f"{w}x{h}" for sizes in SIZE_PRESETS.values() for w, h in sizes]
+MAX_INPUT_IMAGE_SIDE = 8192
+
+
+def size_name(width: int, height: int) -> str:
+    return f"{width}x{height}"
+
+
+def parse_size(name: str) -> tuple[int, int]:
+    w, _, h = name.partition("x")
+    return int(w), int(h)
+
+
+class Architecture(StrEnum):
+    """Which diffusers pipeline serves the model."""
+
+    FLUX1 = "flux1"  # FluxPipeline (schnell, dev)
+    FLUX1_KONTEXT = "flux1-kontext"  # FluxKontextPipeline
+    FLUX2 = "flux2"  # Flux2Pipeline
+    FLUX2_KLEIN = "flux2-klein"  # Flux2KleinPipeline
+
+
+class MemoryPlacement(StrEnum):
+    """Where the weights live while serving; FLUX.2-dev needs offload on one 80 GB GPU."""
+
+    GPU = "gpu"
+    MODEL_CPU_OFFLOAD = "model-cpu-offload"
+    SEQUENTIAL_CPU_OFFLOAD = "sequential-cpu-offload"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Size(_Spec):
+    width: int
+    height: int
+
+    @property
+    def name(self) -> str:
+        return size_name(self.width, self.height)
+
+
+class PromptParams(_Spec):
+    max_length: int = Field(ge=1)
+
+
+class NegativePromptParams(_Spec):
+    supported: bool = False
+    max_length: int = Field(default=2048, ge=1)
+
+
+class SizeParams(_Spec):
+    default: Size
+    allowed: list[str] = Field(default_factory=lambda: list(ALL_SIZES))
+
+    @model_validator(mode="after")
+    def _known_presets(self) -> SizeParams:
+        unknown = [s for s in self.allowed if s not in ALL_SIZES]
+        if unknown:
+            raise ValueError(f"sizes {unknown} are not presets; presets are {ALL_SIZES}")
+        if self.default.name not in self.allowed:
+            raise ValueError(f"default size {self.default.name} is not in allowed sizes")
+        return self
+
+
+class StepsParams(_Spec):
+    default: int = Field(ge=1)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> StepsParams:
+        if not self.min <= self.default <= self.max:
+            raise ValueError("steps must satisfy min <= default <= max")
+        return self
+
+
+class GuidanceParams(_Spec):
+    default: float = Field(ge=0)
+    min: float = Field(default=0.0, ge=0)
+    max: float = Field(default=20.0, ge=0)
+    # A fixed guidance cannot be changed by requests (e.g. schnell's 0).
+    fixed: bool = False
+
+    @model_validator(mode="after")
+    def _bounds(self) -> GuidanceParams:
+        if not self.min <= self.default <= self.max:
+            raise ValueError("guidance must satisfy min <= default <= max")
+        return self
+
+
+class InputImageParams(_Spec):
+    min: int = Field(default=0, ge=0)
+    max: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> InputImageParams:
+        if self.min > self.max:
+            raise ValueError("inputImages.min must be <= inputImages.max")
+        return self
+
+
+class Parameters(_Spec):
+    prompt: PromptParams
+    negative_prompt: NegativePromptParams = Field(default_factory=NegativePromptParams)
+    size: SizeParams
+    steps: StepsParams
+    guidance: GuidanceParams
+    input_images: InputImageParams = Field(default_factory=InputImageParams)
+
+    def public(self) -> dict[str, Any]:
+        """The snake_case rendering served by GET /v1/inference/models."""
+        return {
+            "prompt": {"required": True, "max_length": self.prompt.max_length},
+            "negative_prompt": {
+                "supported": self.negative_prompt.supported,
+                "max_length": self.negative_prompt.max_length if self.negative_prompt.supported else None,
+            },
+            "size": {
+                "default": {"width": self.size.default.width, "height": self.size.default.height},
+                "allowed": [{"width": w, "height": h} for w, h in map(parse_size, self.size.allowed)],
+            },
+            "steps": {"default": self.steps.default, "min": self.steps.min, "max": self.steps.max},
+            "guidance": {
+                "default": self.guidance.default,
+                "min": self.guidance.min,
+                "max": self.guidance.max,
+                "fixed": self.guidance.fixed,
+            },
+            "seed": {"min": 0, "max": 2**32 - 1, "default": None},
+            "input_images": {"min": self.input_images.min, "max": self.input_images.max},
+        }
+
+
+class Weights(_Spec):
+    # A Hugging Face repo id (resolved from the local cache when HF_HUB_OFFLINE=1)
+    # or a local folder written by save_pretrained.
+    source: str
+    revision: str | None = None
+    # Random-weight models built by `remotegpu models build-tiny`; they produce noise.
+    random: bool = False
+
+
+class Serving(_Spec):
+    memory: MemoryPlacement = MemoryPlacement.GPU
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    warmup_steps: int = Field(default=1, ge=0)
+
+
+class GPU(_Spec):
+    count: int = Field(default=1, ge=0)
+    resource_name: str = "nvidia.com/gpu"
+
+
+class WorkerPod(_Spec):
+    image: str = "ghcr.io/remotegpu/worker:0.1.0"
+    command: list[str] | None = None
+    env: list[dict[str, Any]] = Field(default_factory=list)
+    resources: dict[str, Any] = Field(default_factory=dict)
+    gpu: GPU = Field(default_factory=GPU)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    termination_grace_period_seconds: int = Field(default=300, ge=0)
+
+
+class Scaling(_Spec):
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(default=1, ge=0)
+    jobs_per_replica: int = Field(default=1, ge=1)
+    idle_seconds: int = Field(default=300, ge=0)  # idle window before scaling to zero
+    scale_up_limit: int = Field(default=4, ge=1)  # most replicas added per decision
+    scale_down_limit: int = Field(default=1, ge=1)  # most replicas removed per decision
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("scaling.minReplicas must be <= scaling.maxReplicas")
+        return self
+
+
+class ImageModelSpec(_Spec):
+    model: str = Field(min_length=1)  # the public model ID clients send
+    architecture: Architecture
+    description: str = ""
+    parameters: Parameters
+    weights: Weights
+    serving: Serving = Field(default_factory=Serving)
+    worker: WorkerPod = Field(default_factory=WorkerPod)
+    scaling: Scaling = Field(default_factory=Scaling)
+
+
+class ImageModel(BaseModel):
+    """One catalog entry: a resource name and its spec."""
+
+    name: str
+    spec: ImageModelSpec
+
+    @classmethod
+    def from_resource(cls, obj: dict[str, Any]) -> ImageModel:
+        return cls(name=obj["metadata"]["name"], spec=ImageModelSpec.model_validate(obj["spec"]))
+
+    def to_resource(self, namespace: str | None = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": self.name}
+        if namespace:
+            meta["namespace"] = namespace
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "metadata": meta,
+            "spec": self.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        }
+
+
+DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
+
+
+def load_models_file(path: Path | str = DEFAULT_MODELS_FILE) -> list[ImageModel]:
+    """Reads a models file: ImageModel resources as YAML documents (kubectl-compatible)."""
+    models = []
+    with open(path) as f:
+        for doc in yaml.safe_load_all(f):
+            if not doc:
+                continue
+            if doc.get("kind") != KIND:
+                raise ValueError(f"{path}: expected kind {KIND}, got {doc.get('kind')!r}")
+            models.append(ImageModel.from_resource(doc))
+    ids = [m.spec.model for m in models]
+    dupes = {i for i in ids if ids.count(i) > 1}
+    if dupes:
+        raise ValueError(f"{path}: model IDs listed twice: {sorted(dupes)}")
+    return models

@@ -1,0 +1,118 @@
+"""The `remotegpu` command: every part of the system is driven through it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from remotegpu import __version__
+
+
+def _handler(target: str) -> Callable[[argparse.Namespace], int]:
+    """Resolves 'module:function' lazily, so `remotegpu keys` never imports torch."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, _, func = target.partition(":")
+        return getattr(importlib.import_module(module), func)(args) or 0
+
+    return run
+
+
+def _state_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="state folder (default $REMOTEGPU_DATA_DIR or ./.remotegpu)")
+    p.add_argument("--database-url", help="database URL (default $REMOTEGPU_DATABASE_URL or SQLite in the data dir)")
+
+
+def _server_options(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remotegpu", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"remotegpu {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="the embedded default: gateway and an in-process worker, SQLite, local results")
+    _server_options(p, 8000)
+    _state_options(p)
+    p.add_argument("--models-file", help="catalog file of ImageModel resources (default: the bundled one)")
+    p.add_argument("--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start")
+    p.set_defaults(func=_handler("remotegpu.embedded:serve"))
+
+    p = sub.add_parser("gateway", help="the public API and the internal worker API")
+    _server_options(p, 8000)
+    _state_options(p)
+    p.add_argument("--models-file", help="catalog file (default: watch ImageModel resources when in a cluster)")
+    p.add_argument("--namespace", help="namespace whose ImageModel resources make the catalog")
+    p.add_argument("--public-url", help="absolute base URL used in result_url (default http://HOST:PORT)")
+    p.set_defaults(func=_handler("remotegpu_gateway.server:run"))
+
+    p = sub.add_parser("worker", help="an inference worker for one model")
+    _server_options(p, 8001)
+    _state_options(p)
+    p.add_argument("--model", required=True, help="public model ID to serve")
+    p.add_argument("--gateway-url", help="gateway base URL (default $REMOTEGPU_GATEWAY_URL)")
+    p.add_argument("--models-file", help="catalog file with the model's entry (default: the bundled one)")
+    p.set_defaults(func=_handler("remotegpu_worker.main:run"))
+
+    p = sub.add_parser("operator", help="the kopf operator reconciling ImageModel resources")
+    p.add_argument("--namespace", action="append", help="namespace to watch (repeatable; default all)")
+    p.add_argument("--gateway-url", help="gateway base URL for queue depth (default $REMOTEGPU_GATEWAY_URL)")
+    p.add_argument("--host", default="127.0.0.1", help="address of the health and metrics endpoint")
+    p.add_argument("--port", type=int, default=8002, help="port of the health and metrics endpoint")
+    p.set_defaults(func=_handler("remotegpu_operator.main:run"))
+
+    p = sub.add_parser("keys", help="create, list, rotate and revoke API keys")
+    _state_options(p)
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys.add_parser("create", help="create a key; prints the secret as the last line")
+    k.add_argument("--name", required=True)
+    k.add_argument("--scope", action="append", choices=["inference", "admin"], help="repeatable (default inference)")
+    keys.add_parser("list", help="list keys (never their secrets)")
+    k = keys.add_parser("rotate", help="new secret for the same key identity")
+    k.add_argument("id")
+    k.add_argument("--grace-seconds", type=int, default=0, help="keep the old secret valid this long")
+    k = keys.add_parser("revoke", help="revoke a key")
+    k.add_argument("id")
+    p.set_defaults(func=_handler("remotegpu_gateway.keys_cli:run"))
+
+    p = sub.add_parser("generate", help="submit a job, follow it and write the image")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("-o", "--output", default="out.png")
+    p.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", help="API key (default $REMOTEGPU_API_KEY)")
+    p.add_argument("--size", help="WIDTHxHEIGHT, one of the presets")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--image", action="append", default=[], help="input image path (repeatable)")
+    p.set_defaults(func=_handler("remotegpu.client:generate"))
+
+    p = sub.add_parser("models", help="the model catalog and the tiny random-weight models")
+    models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    m = models.add_parser("list", help="print the catalog of a running service")
+    m.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")
+    m.set_defaults(func=_handler("remotegpu.client:list_models"))
+    m = models.add_parser("build-tiny", help="build small random-weight pipelines offline")
+    m.add_argument("out_dir", nargs="?", help="output folder (default DATA_DIR/tiny-models)")
+    m.add_argument("--data-dir")
+    m.add_argument("--force", action="store_true", help="rebuild even when present")
+    m.set_defaults(func=_handler("remotegpu_worker.tiny:build_command"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

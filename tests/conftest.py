@@ -1,0 +1,6 @@
+"""Shared fixtures: each real service the tests need has its own plugin module."""
+
+pytest_plugins = [
+    "tests.fixtures.cluster",
+    "tests.fixtures.postgres",
+]

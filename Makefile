@@ -63,8 +63,8 @@ lint: install ## ruff and mypy, clean
 bench: install cluster-bin ## run the benchmarks under bench/ and print their numbers
 	@for b in bench/*.py; do echo "==> $$b"; $(BIN)/python $$b || exit 1; done
 
-cluster: cluster-bin ## start the local control plane (KWOK nodes, fake GPUs); prints the kubeconfig path last
-	@cluster/up.sh
+cluster: install cluster-bin ## start the local control plane (KWOK nodes, fake GPUs); prints the kubeconfig path last
+	@$(BIN)/python -m cluster.localcluster up
 
-cluster-down: ## stop the local control plane started by `make cluster`
-	@cluster/down.sh
+cluster-down: install ## stop the local control plane started by `make cluster`
+	@$(BIN)/python -m cluster.localcluster down

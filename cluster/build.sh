@@ -11,6 +11,8 @@ bin="$cache/bin-$KUBE_VERSION-$ETCD_VERSION-$KWOK_VERSION-$HELM_VERSION"
 want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
 missing=()
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
+stages=(node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete)
+[ -f "$bin/stages/pod-delete.yaml" ] || missing+=(stages)
 if [ ${#missing[@]} -eq 0 ]; then echo "$bin"; exit 0; fi
 
 mkdir -p "$bin" "$cache/work"
@@ -71,6 +73,14 @@ fi
 if need helm; then
   step "building helm $HELM_VERSION"
   GOBIN="$bin" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+if need stages; then
+  # KWOK's own Stage definitions, from its module source (the launcher adds a ready delay).
+  src="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
+  [ -d "$src" ] || (cd "$cache/work" && GOFLAGS=-mod=mod go mod download "sigs.k8s.io/kwok@$KWOK_VERSION")
+  mkdir -p "$bin/stages"
+  for s in "${stages[@]}"; do cp "$src/$s.yaml" "$bin/stages/"; done
+  chmod -R u+w "$bin/stages"
 fi
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || { echo "cluster build: $b is missing from $bin; see the errors above" >&2; exit 1; }; done
 step "done"

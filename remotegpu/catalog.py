@@ -214,6 +214,8 @@ class ImageModelSpec(_Spec):
     model: str = Field(min_length=1)  # the public model ID clients send
     architecture: Architecture
     description: str = ""
+    # A fixed worker count (the CRD's scale subresource); None means autoscale.
+    replicas: int | None = Field(default=None, ge=0)
     parameters: Parameters
     weights: Weights
     serving: Serving = Field(default_factory=Serving)

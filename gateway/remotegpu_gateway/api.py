@@ -1,0 +1,225 @@
+"""The public Image API: submit, job status, cancel, result, model catalog."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from remotegpu_gateway import validation
+from remotegpu_gateway.auth import authenticate, bearer, gateway, require_scope
+from remotegpu_gateway.core import Gateway
+from remotegpu_gateway.errors import ApiError
+from remotegpu_gateway.schemas import (
+    CancelResponse,
+    EnqueueResponse,
+    ErrorResponse,
+    ImageRequest,
+    JobStatusResponse,
+    ModelsResponse,
+    inline_schema,
+)
+from remotegpu_gateway.storage import StorageError
+from remotegpu_gateway.store import SUCCEEDED, KeyRecord
+
+router = APIRouter(prefix="/v1/inference", tags=["inference"])
+inference_key = require_scope("inference")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "Valid JSON, but invalid for the selected model or endpoint",
+        401: "Missing, invalid, revoked or expired API key",
+        403: "The API key does not allow inference APIs",
+        404: "No such job for this API key",
+        409: "Conflict with the job's state",
+        413: "Request body too large",
+        422: "Request validation failed",
+        500: "Storage or server failure; nothing was accepted",
+        503: "The selected model exists but is unavailable for serving",
+    }
+    return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
+
+
+def base_url(gw: Gateway, request: Request) -> str:
+    return gw.settings.public_url or str(request.base_url)
+
+
+_SMALL_BODY = 64 * 1024
+
+
+@router.post(
+    "/image",
+    status_code=202,
+    response_model=EnqueueResponse,
+    responses=_errors(400, 401, 403, 413, 422, 500, 503),
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(ImageRequest)}}}
+    },
+    summary="Submit an image generation job",
+    description=(
+        "Accepts the job and returns 202 with `job_id`, `job_type` and `result_url`; poll "
+        "`GET /v1/inference/jobs/{job_id}` until it is terminal. Validation order: 422 for request "
+        "validation (malformed JSON, missing or empty `prompt`/`model`, wrong types, unknown fields, legacy "
+        "top-level `width`/`height`, a `size` outside the presets or the model's allowed sizes); 400 for the "
+        "retired `remove_bg` field, an unknown `model`, and values invalid for the model (prompt or "
+        "negative prompt too long, negative prompt unsupported, steps or guidance out of range, a changed "
+        "fixed guidance, input image count outside the model's limits); 503 if the model exists but is "
+        "unavailable here; then the input images are decoded: 400 if one is not base64, not a PNG/JPEG/WebP "
+        "image or exceeds 8192 px per axis, 422 if its dimensions are not an allowed size preset (strict "
+        "mode: images are never resized). 500 if storing the images fails; nothing is queued then."
+    ),
+)
+async def submit(request: Request, key: KeyRecord = Depends(inference_key)) -> JSONResponse:
+    gw = gateway(request)
+    raw = await request.body()
+    if len(raw) > _SMALL_BODY:
+        body = await anyio.to_thread.run_sync(validation.parse_body, raw)
+    else:
+        body = validation.parse_body(raw)
+    req = validation.check_request(body)
+    entry = gw.catalog.get(req.model)
+    if entry is None:
+        raise ApiError(
+            400,
+            f"unknown model {req.model!r}; GET /v1/inference/models lists the supported models",
+            "model",
+        )
+    resolved = validation.check_for_model(req, entry)
+    available, reason = gw.registry.availability(entry.spec.model)
+    if not available:
+        raise ApiError(503, f"model {entry.spec.model} is unavailable for serving: {reason or 'no reason given'}", "model")
+    job_id = str(uuid.uuid4())
+    image_keys: list[str] = []
+    if req.input_images_base64:
+        images = await anyio.to_thread.run_sync(
+            validation.decode_images, req.input_images_base64, entry.spec.parameters.size.allowed
+        )
+        image_keys = [f"inputs/{job_id}/{i}" for i in range(len(images))]
+
+        def put_all() -> None:
+            for k, data in zip(image_keys, images, strict=True):
+                gw.storage.put(k, data)
+
+        try:
+            await anyio.to_thread.run_sync(put_all)
+        except StorageError as e:
+            raise ApiError(500, f"could not store the input images; nothing was queued ({e})", "input_images_base64") from None
+    await anyio.to_thread.run_sync(
+        lambda: gw.store.create_job(
+            owner_key_id=key.id, model=entry.spec.model, request=resolved, input_image_keys=image_keys, job_id=job_id
+        )
+    )
+    gw.metrics.jobs_submitted.labels(entry.spec.model).inc()
+    gw.notifier.bump(entry.spec.model)
+    return JSONResponse(
+        {"job_id": job_id, "job_type": "image", "result_url": gw.result_url(job_id, base_url(gw, request))},
+        status_code=202,
+    )
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobStatusResponse,
+    responses=_errors(401, 403, 404),
+    summary="Job status (lightweight; result_url only once succeeded)",
+    description="`queued`: its model has a ready worker; `warming`: capacity is being acquired. "
+    "`wait_ms` is the time before running, `run_ms` the time in running (0 before). Jobs of other keys are 404.",
+)
+async def job_status(job_id: str, request: Request, key: KeyRecord = Depends(inference_key)) -> dict[str, Any]:
+    gw = gateway(request)
+    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    return gw.job_view(job, base_url(gw, request))
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=CancelResponse,
+    responses=_errors(401, 403, 404, 409),
+    summary="Cancel a job",
+    description="A queued or warming job becomes `cancelled` at once (`cancel: cancelled`). A running job is "
+    "cancelled by its worker at its next step (`cancel: requested`; the status stays `running` until then). "
+    "Cancelling a cancelled job changes nothing (200, `cancel: already_cancelled`); cancelling a succeeded or "
+    "failed job changes nothing and answers 409 saying so.",
+)
+async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inference_key)) -> dict[str, Any]:
+    gw = gateway(request)
+    outcome = await anyio.to_thread.run_sync(gw.store.cancel_job, job_id, key.id)
+    if outcome is None:
+        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    job = outcome.job
+    if outcome.outcome == "finished":
+        raise ApiError(409, f"job {job_id} already {job.status}; cancelling changes nothing", "job_id")
+    if outcome.outcome == "cancelled":
+        gw.metrics.finished(job.model, "cancelled", None, None)
+        gw.notifier.bump(job.model)
+        message = "job cancelled"
+    elif outcome.outcome == "requested":
+        message = "cancellation requested; the worker stops at its next step"
+    else:
+        message = "job was already cancelled; nothing changed"
+    return {**gw.job_view(job, base_url(gw, request)), "cancel": outcome.outcome, "message": message}
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "The PNG image"},
+        **_errors(401, 403, 404, 409),
+    },
+    response_class=Response,
+    summary="The result image (the job's result_url)",
+    description="Authorised by the signed, expiring query of `result_url`, or by the owner's API key. 409 while "
+    "the job has not succeeded.",
+)
+async def result(
+    job_id: str,
+    request: Request,
+    expires: int | None = Query(default=None),
+    signature: str | None = Query(default=None),
+) -> Response:
+    gw = gateway(request)
+    owner: str | None = None
+    if gw.signer.verify(job_id, expires, signature):
+        owner = None  # the signature is the authorisation
+    elif bearer(request) is not None:
+        key = await authenticate(request)
+        if key is None:
+            raise ApiError(401, "invalid, revoked or expired API key", "Authorization")
+        if "inference" not in key.scopes:
+            raise ApiError(403, "this API key does not allow inference APIs", "Authorization")
+        owner = key.id
+    elif signature is not None or expires is not None:
+        raise ApiError(401, "result URL signature is invalid or expired; get a fresh result_url from the job status", "signature")
+    else:
+        raise ApiError(401, "send the signed result_url or Authorization: Bearer <api-key>", "Authorization")
+    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, owner)
+    if job is None:
+        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    if job.status != SUCCEEDED or job.result_key is None:
+        raise ApiError(409, f"job {job_id} is {gw.public_status(job)}; the result exists once it succeeded", "job_id")
+    result_key = job.result_key
+    try:
+        data = await anyio.to_thread.run_sync(gw.storage.get, result_key)
+    except StorageError:
+        raise ApiError(500, "the result image could not be read from storage") from None
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    summary="The model catalog (public)",
+    description="Every model with its public parameters (defaults, limits, allowed sizes, input image count), "
+    "runtime state (`ready`, `starting`, `sleeping`; `available` is false with a reason when the model cannot be "
+    "served here) and recent wait/run/total time summaries (count, p50, p95 in ms over `window_seconds`, "
+    "succeeded jobs).",
+)
+async def models(request: Request) -> dict[str, Any]:
+    gw = gateway(request)
+    return await anyio.to_thread.run_sync(gw.models_view)

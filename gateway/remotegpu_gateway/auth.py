@@ -1,0 +1,59 @@
+"""Bearer authentication: user API keys (scopes) and the worker token."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import anyio
+from fastapi import Request
+
+from remotegpu_gateway.core import Gateway
+from remotegpu_gateway.errors import ApiError
+from remotegpu_gateway.store import KeyRecord
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def authenticate(request: Request) -> KeyRecord | None:
+    token = bearer(request)
+    if token is None:
+        return None
+    return await anyio.to_thread.run_sync(gateway(request).store.authenticate, token)
+
+
+def require_scope(scope: str) -> Callable[[Request], Awaitable[KeyRecord]]:
+    async def dependency(request: Request) -> KeyRecord:
+        if bearer(request) is None:
+            raise ApiError(
+                401, "missing API key; send Authorization: Bearer <api-key>", "Authorization", headers=_CHALLENGE
+            )
+        key = await authenticate(request)
+        if key is None:
+            raise ApiError(401, "invalid, revoked or expired API key", "Authorization", headers=_CHALLENGE)
+        if scope not in key.scopes:
+            raise ApiError(403, f"this API key does not allow {scope} APIs (scopes: {', '.join(key.scopes)})", "Authorization")
+        return key
+
+    return dependency
+
+
+async def require_worker(request: Request) -> None:
+    token = bearer(request)
+    expected = gateway(request).settings.worker_token
+    if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise ApiError(401, "invalid worker token", "Authorization", headers=_CHALLENGE)

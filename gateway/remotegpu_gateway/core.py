@@ -1,0 +1,257 @@
+"""The gateway's parts wired together: store, catalog, runtime registry, storage, metrics.
+
+`Gateway` is what the routers use (as `request.app.state.gateway`) and what embedding
+code gets hold of: `create_app(settings).state.gateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from remotegpu.catalog import load_models_file
+from remotegpu.protocol import GenerationRequest, Lease, ModelQueue, QueueSnapshot
+from remotegpu_gateway.catalog_source import Catalog, KubernetesCatalogWatcher
+from remotegpu_gateway.metrics import Metrics
+from remotegpu_gateway.notify import Notifier
+from remotegpu_gateway.registry import RuntimeRegistry
+from remotegpu_gateway.settings import Settings
+from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, UrlSigner
+from remotegpu_gateway.store import PENDING, TERMINAL_STATES, JobRecord, Store
+
+log = logging.getLogger("remotegpu_gateway")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _summary(values: list[float]) -> dict[str, int | None]:
+    if not values:
+        return {"count": 0, "p50": None, "p95": None}
+    v = sorted(values)
+
+    def pct(p: float) -> int:
+        # nearest-rank percentile
+        k = max(0, min(len(v) - 1, int(-(-p * len(v) // 100)) - 1))
+        return int(round(v[k]))
+
+    return {"count": len(v), "p50": pct(50), "p95": pct(95)}
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        catalog: Catalog | None = None,
+        registry: RuntimeRegistry | None = None,
+        storage: BlobStorage | None = None,
+    ):
+        self.settings = settings
+        self.store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        self.store.migrate()
+        self.registry = registry or RuntimeRegistry(stale_seconds=settings.worker_stale_seconds)
+        self.watcher: KubernetesCatalogWatcher | None = None
+        if catalog is not None:
+            self.catalog = catalog
+        elif settings.models is not None:
+            self.catalog = Catalog(settings.models)
+        elif settings.models_file is not None:
+            self.catalog = Catalog(load_models_file(settings.models_file))
+        elif settings.namespace is not None:
+            self.catalog = Catalog()
+            self.watcher = KubernetesCatalogWatcher(
+                self.catalog, self.registry, settings.namespace, kubeconfig=settings.kubeconfig
+            )
+        else:
+            self.catalog = Catalog(load_models_file())
+        self.storage: BlobStorage = storage or LocalDirStorage(settings.resolved_results_dir())
+        secret = settings.signing_secret or self.store.setting("url_signing_secret", lambda: secrets.token_urlsafe(32))
+        self.signer = UrlSigner(secret)
+        self.notifier = Notifier()
+        self.metrics = Metrics()
+        self.metrics.add_queue_collector(self.queue_snapshot, self._states)
+        self.registry.on_change(lambda: self.notifier.bump())
+        self.catalog.on_change(lambda: self.notifier.bump())
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stats_cache: tuple[float, dict[str, Any]] = (0.0, {})
+        self._listener_stop = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Starts background work: catalog watch, lease reaper, PostgreSQL wake-ups."""
+        self.notifier.bind(asyncio.get_running_loop())
+        if self.watcher is not None:
+            await anyio.to_thread.run_sync(self.watcher.start)
+        self._tasks.append(asyncio.create_task(self._reaper(), name="lease-reaper"))
+        if not self.store.is_sqlite:
+            self._listener = threading.Thread(target=self._listen, name="pg-listen", daemon=True)
+            self._listener.start()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._tasks.clear()
+        self._listener_stop.set()
+        if self.watcher is not None:
+            await anyio.to_thread.run_sync(self.watcher.stop)
+        if self._listener is not None:
+            await anyio.to_thread.run_sync(self._listener.join, 5)
+        self.store.close()
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_seconds)
+            try:
+                await self.reap()
+            except Exception:  # noqa: BLE001 - keep reaping
+                log.exception("lease reaper failed")
+
+    async def reap(self) -> int:
+        changed = await anyio.to_thread.run_sync(self.store.expire_leases)
+        for job, status in changed:
+            if status in TERMINAL_STATES:
+                self.metrics.finished(job.model, status, job.started_at, time.time())
+        if changed:
+            self.notifier.bump(*{job.model for job, _ in changed})
+        return len(changed)
+
+    def _listen(self) -> None:
+        """PostgreSQL LISTEN: wakes long-polls for jobs submitted through other replicas."""
+        import psycopg
+
+        dsn = self.store.url.replace("postgresql+psycopg://", "postgresql://")
+        while not self._listener_stop.is_set():
+            try:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {self.store.CHANNEL}")
+                    while not self._listener_stop.is_set():
+                        for n in conn.notifies(timeout=0.5):
+                            self.notifier.bump(*([n.payload] if n.payload else []))
+            except Exception as e:  # noqa: BLE001
+                log.warning("PostgreSQL LISTEN failed (%s); retrying", e)
+                self._listener_stop.wait(1.0)
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def public_status(self, job: JobRecord) -> str:
+        if job.status == PENDING:
+            return "queued" if self.registry.has_ready_worker(job.model) else "warming"
+        return job.status
+
+    def result_url(self, job_id: str, base_url: str) -> str:
+        expires = int(time.time()) + self.settings.result_url_ttl_seconds
+        sig = self.signer.signature(job_id, expires)
+        return f"{base_url.rstrip('/')}/v1/inference/jobs/{job_id}/result?expires={expires}&signature={sig}"
+
+    def job_view(self, job: JobRecord, base_url: str) -> dict[str, Any]:
+        now = time.time()
+        status = self.public_status(job)
+        return {
+            "job_id": job.id,
+            "job_type": "image",
+            "model": job.model,
+            "status": status,
+            "created_at": iso(job.created_at),
+            "updated_at": iso(job.updated_at),
+            "started_at": iso(job.started_at),
+            "completed_at": iso(job.completed_at),
+            "wait_ms": job.wait_ms(now),
+            "run_ms": job.run_ms(now),
+            "result_url": self.result_url(job.id, base_url) if status == "succeeded" else None,
+            "error_message": job.error_message,
+        }
+
+    def _states(self) -> dict[str, str]:
+        return {m: self.registry.state(m).value for m in self.catalog.ids()}
+
+    def queue_snapshot(self) -> QueueSnapshot:
+        version = self.notifier.version
+        counts = self.store.queue_counts()
+        now = time.time()
+        models: dict[str, ModelQueue] = {}
+        for model_id in set(self.catalog.ids()) | set(counts):
+            c = counts.get(model_id)
+            q = ModelQueue()
+            if c is not None:
+                if self.registry.has_ready_worker(model_id):
+                    q.queued = c.pending
+                else:
+                    q.warming = c.pending
+                q.running = c.running
+                if c.oldest_pending_created_at is not None:
+                    q.oldest_wait_seconds = max(0.0, now - c.oldest_pending_created_at)
+            models[model_id] = q
+        return QueueSnapshot(version=version, models=models)
+
+    def recent_stats(self) -> dict[str, Any]:
+        """Per model: count/p50/p95 of wait, run and total ms over the recent window (cached 2 s)."""
+        at, cached = self._stats_cache
+        if time.monotonic() - at < 2.0:
+            return cached
+        window = self.settings.stats_window_seconds
+        rows = self.store.recent_finished(time.time() - window)
+        per: dict[str, tuple[list[float], list[float], list[float]]] = {}
+        for model, created, started, completed in rows:
+            w, r, t = per.setdefault(model, ([], [], []))
+            start = started if started is not None else completed
+            w.append((start - created) * 1000)
+            r.append((completed - start) * 1000)
+            t.append((completed - created) * 1000)
+        out: dict[str, Any] = {}
+        for model in set(self.catalog.ids()) | set(per):
+            w, r, t = per.get(model, ([], [], []))
+            out[model] = {
+                "window_seconds": int(window),
+                "wait_ms": _summary(w),
+                "run_ms": _summary(r),
+                "total_ms": _summary(t),
+            }
+        self._stats_cache = (time.monotonic(), out)
+        return out
+
+    def models_view(self) -> dict[str, Any]:
+        stats = self.recent_stats()
+        return {
+            "image": [
+                {
+                    "model": m.spec.model,
+                    "description": m.spec.description,
+                    "parameters": m.spec.parameters.public(),
+                    "runtime": self.registry.runtime(m.spec.model).public(),
+                    "recent_summary_stats": stats[m.spec.model],
+                }
+                for m in self.catalog.models()
+            ]
+        }
+
+    def build_lease(self, job: JobRecord) -> Lease:
+        images = [base64.b64encode(self.storage.get(k)).decode() for k in job.input_image_keys]
+        assert job.lease_token is not None and job.lease_expires_at is not None
+        return Lease(
+            job_id=job.id,
+            model=job.model,
+            lease_token=job.lease_token,
+            lease_expires_at=datetime.fromtimestamp(job.lease_expires_at, UTC),
+            lease_ttl_seconds=self.settings.lease_ttl_seconds,
+            attempt=job.attempt,
+            request=GenerationRequest(**job.request, input_images_base64=images),
+        )

@@ -1,0 +1,106 @@
+"""Prometheus metrics under the `remotegpu_` prefix, on a registry per app instance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from remotegpu.protocol import QueueSnapshot
+
+JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _QueueCollector(Collector):
+    def __init__(self, snapshot: Callable[[], QueueSnapshot], states: Callable[[], dict[str, str]]):
+        self._snapshot = snapshot
+        self._states = states
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._snapshot()
+        depth = GaugeMetricFamily(
+            "remotegpu_queue_depth", "Jobs per model and state (queued, warming, running)", labels=["model", "state"]
+        )
+        oldest = GaugeMetricFamily(
+            "remotegpu_queue_oldest_wait_seconds", "Age of the oldest job waiting per model", labels=["model"]
+        )
+        for model, q in sorted(snap.models.items()):
+            depth.add_metric([model, "queued"], q.queued)
+            depth.add_metric([model, "warming"], q.warming)
+            depth.add_metric([model, "running"], q.running)
+            oldest.add_metric([model], q.oldest_wait_seconds)
+        runtime = GaugeMetricFamily(
+            "remotegpu_model_runtime_state", "1 for the model's current runtime state", labels=["model", "state"]
+        )
+        for model, state in sorted(self._states().items()):
+            for s in ("ready", "starting", "sleeping"):
+                runtime.add_metric([model, s], 1.0 if s == state else 0.0)
+        return [depth, oldest, runtime]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs_submitted = Counter("remotegpu_jobs_submitted", "Jobs accepted by model", ["model"], registry=r)
+        self.jobs_finished = Counter(
+            "remotegpu_jobs_finished", "Jobs that reached a terminal status", ["model", "status"], registry=r
+        )
+        self.job_wait = Histogram(
+            "remotegpu_job_wait_seconds", "Time from submit to running", ["model"], buckets=JOB_BUCKETS, registry=r
+        )
+        self.job_run = Histogram(
+            "remotegpu_job_run_seconds", "Time in running until finished", ["model"], buckets=JOB_BUCKETS, registry=r
+        )
+        self.http_requests = Counter(
+            "remotegpu_http_requests", "HTTP requests by route, method and code", ["route", "method", "code"], registry=r
+        )
+        self.http_latency = Histogram(
+            "remotegpu_http_request_duration_seconds",
+            "HTTP request latency by route and method",
+            ["route", "method"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+
+    def add_queue_collector(self, snapshot: Callable[[], QueueSnapshot], states: Callable[[], dict[str, str]]) -> None:
+        self.registry.register(_QueueCollector(snapshot, states))
+
+    def finished(self, model: str, status: str, started_at: float | None, completed_at: float | None) -> None:
+        self.jobs_finished.labels(model, status).inc()
+        if started_at is not None and completed_at is not None:
+            self.job_run.labels(model).observe(max(0.0, completed_at - started_at))
+
+
+class HttpMetricsMiddleware:
+    """Pure ASGI: counts requests and observes latency by route template (bounded labels)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.http_requests.labels(path, method, str(status["code"])).inc()
+            self.metrics.http_latency.labels(path, method).observe(time.perf_counter() - start)

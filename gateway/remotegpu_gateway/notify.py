@@ -1,0 +1,70 @@
+"""Wake-ups for long-polls: lease requests wait for their model, queue readers for any change.
+
+`bump()` may be called from any thread; waiters live on the server's event loop. The
+version is seeded from the clock so that it keeps increasing across gateway restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.version = time.time_ns() // 1000
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._any = asyncio.Event()
+        self._models: dict[str, asyncio.Event] = {}
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def bump(self, *models: str) -> int:
+        with self._lock:
+            self.version += 1
+            version = self.version
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return version
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake(models)
+        else:
+            loop.call_soon_threadsafe(self._wake, models)
+        return version
+
+    def _wake(self, models: tuple[str, ...]) -> None:
+        self._any.set()
+        self._any = asyncio.Event()
+        targets = models or tuple(self._models)
+        for m in targets:
+            ev = self._models.pop(m, None)
+            if ev is not None:
+                ev.set()
+
+    def any_event(self) -> asyncio.Event:
+        self._loop = asyncio.get_running_loop()
+        return self._any
+
+    def model_event(self, model: str) -> asyncio.Event:
+        self._loop = asyncio.get_running_loop()
+        ev = self._models.get(model)
+        if ev is None:
+            ev = self._models[model] = asyncio.Event()
+        return ev
+
+
+async def wait_event(ev: asyncio.Event, timeout: float) -> bool:
+    if timeout <= 0:
+        return ev.is_set()
+    try:
+        await asyncio.wait_for(ev.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False

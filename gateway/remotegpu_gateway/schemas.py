@@ -1,0 +1,158 @@
+"""Request and response bodies of the public API (the OpenAPI schema is generated from these)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+Guidance = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class SizeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: StrictInt = Field(description="Width in pixels; with height, one of the size presets")
+    height: StrictInt = Field(description="Height in pixels; with width, one of the size presets")
+
+
+class ImageRequest(BaseModel):
+    """POST /v1/inference/image. Unknown fields are rejected (422); see the endpoint notes."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr = Field(min_length=1, description="Main generation prompt (required)")
+    model: StrictStr = Field(min_length=1, description="A model ID from GET /v1/inference/models (required)")
+    negative_prompt: StrictStr | None = Field(default=None, description="Only for models that support it")
+    size: SizeIn | None = Field(default=None, description="One of the model's size presets; default: model default")
+    steps: StrictInt | None = Field(default=None, description="Default: the model's default")
+    guidance: Guidance | None = Field(default=None, description="Default: the model's default; fixed on some models")
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**32 - 1, description="Default: random")
+    input_images_base64: list[StrictStr] | None = Field(
+        default=None, description="Source images as raw base64 or data URLs; count within the model's limits"
+    )
+
+
+class EnqueueResponse(BaseModel):
+    job_id: str
+    job_type: Literal["image"] = "image"
+    result_url: str
+
+
+class JobStatusResponse(BaseModel):
+    job_id: str
+    job_type: Literal["image"] = "image"
+    model: str
+    status: Literal["queued", "warming", "running", "succeeded", "failed", "cancelled"]
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    completed_at: str | None
+    wait_ms: int
+    run_ms: int
+    result_url: str | None
+    error_message: str | None
+
+
+class CancelResponse(JobStatusResponse):
+    cancel: Literal["cancelled", "requested", "already_cancelled"] = Field(
+        description="cancelled: done now; requested: the worker stops at its next step; "
+        "already_cancelled: nothing changed"
+    )
+    message: str
+
+
+class ErrorItem(BaseModel):
+    field: str | None
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None
+    errors: list[ErrorItem]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Summary(BaseModel):
+    count: int
+    p50: int | None
+    p95: int | None
+
+
+class RecentSummaryStats(BaseModel):
+    window_seconds: int
+    wait_ms: Summary
+    run_ms: Summary
+    total_ms: Summary
+
+
+class Runtime(BaseModel):
+    state: Literal["ready", "starting", "sleeping"]
+    available: bool
+    unavailable_reason: str | None
+    ready_workers: int
+
+
+class ModelEntry(BaseModel):
+    model: str
+    description: str
+    parameters: dict[str, Any]
+    runtime: Runtime
+    recent_summary_stats: RecentSummaryStats
+
+
+class ModelsResponse(BaseModel):
+    image: list[ModelEntry]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr = Field(min_length=1, max_length=200)
+    scopes: list[Literal["inference", "admin"]] = Field(default_factory=lambda: ["inference"], min_length=1)
+
+
+class KeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_seconds: StrictInt = Field(default=0, ge=0, le=30 * 24 * 3600)
+
+
+class KeySecretInfo(BaseModel):
+    id: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+
+class KeyInfo(BaseModel):
+    id: str
+    name: str
+    scopes: list[str]
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+    secrets: list[KeySecretInfo]
+
+
+class KeyWithSecret(KeyInfo):
+    key: str = Field(description="The secret, shown only in this response")
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema with $defs inlined (for openapi_extra request bodies)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(dict(defs[ref.split("/")[-1]]))
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)

@@ -1,0 +1,53 @@
+"""`remotegpu gateway`: the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from remotegpu import config
+from remotegpu_gateway.app import create_app
+from remotegpu_gateway.settings import Settings, worker_token
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    data = config.data_dir(getattr(args, "data_dir", None))
+    models_file = getattr(args, "models_file", None)
+    namespace = getattr(args, "namespace", None)
+    if not models_file and not namespace and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        namespace = os.environ.get("REMOTEGPU_NAMESPACE") or _pod_namespace()
+    public = getattr(args, "public_url", None) or os.environ.get("REMOTEGPU_PUBLIC_URL")
+    if not public:
+        host = args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        public = f"http://{host}:{args.port}"
+    return Settings(
+        database_url=config.database_url(getattr(args, "database_url", None), data),
+        data_dir=data,
+        worker_token=worker_token(data),
+        public_url=public,
+        results_dir=Path(os.environ["REMOTEGPU_RESULTS_DIR"]) if os.environ.get("REMOTEGPU_RESULTS_DIR") else None,
+        signing_secret=os.environ.get("REMOTEGPU_SIGNING_SECRET") or None,
+        models_file=Path(models_file) if models_file else None,
+        namespace=namespace,
+        kubeconfig=os.environ.get("KUBECONFIG") or None,
+    )
+
+
+def _pod_namespace() -> str:
+    try:
+        return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
+    except OSError:
+        return "default"
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    app = create_app(settings)
+    print(f"gateway listening on http://{args.host}:{args.port} (public URL {settings.public_url})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    return 0

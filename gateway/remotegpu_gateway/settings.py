@@ -1,0 +1,60 @@
+"""Everything a gateway instance needs, in one object: `create_app(Settings(...))`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from remotegpu.catalog import ImageModel
+from remotegpu.protocol import WORKER_TOKEN_ENV
+
+
+@dataclass
+class Settings:
+    database_url: str
+    data_dir: Path
+    worker_token: str
+    # Absolute base URL of the public API, used to build result_url.
+    public_url: str | None = None  # None: the request's own base URL
+    results_dir: Path | None = None  # default: DATA_DIR/results
+    # URL signing secret; None: generated once and kept in the database (shared by replicas).
+    signing_secret: str | None = None
+    # Catalog: exactly one of models (already loaded), models_file, or namespace (watch CRs).
+    models: list[ImageModel] | None = None
+    models_file: Path | None = None
+    namespace: str | None = None
+    kubeconfig: str | None = None
+    lease_ttl_seconds: float = 30.0
+    max_attempts: int = 3
+    max_body_bytes: int = 64 * 1024 * 1024
+    result_url_ttl_seconds: int = 7 * 24 * 3600
+    stats_window_seconds: float = 3600.0
+    reaper_interval_seconds: float = 1.0
+    worker_stale_seconds: float = 90.0
+    # Long-polls also re-check the database this often, so that a job submitted to
+    # another replica is noticed (PostgreSQL also gets LISTEN/NOTIFY wake-ups).
+    poll_interval_seconds: float = 1.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def resolved_results_dir(self) -> Path:
+        return self.results_dir or (self.data_dir / "results")
+
+
+def worker_token(data_dir: Path, announce: bool = True) -> str:
+    """$REMOTEGPU_WORKER_TOKEN, else DATA_DIR/worker-token (generated once, mode 0600)."""
+    token = os.environ.get(WORKER_TOKEN_ENV)
+    if token:
+        return token
+    path = data_dir / "worker-token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    if announce:
+        print(f"note: generated a worker token in {path} (set ${WORKER_TOKEN_ENV} to choose one)", flush=True)
+    return token

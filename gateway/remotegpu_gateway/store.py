@@ -1,0 +1,733 @@
+"""The job store, the per-model queue and API keys: one interface, SQLite or PostgreSQL.
+
+Both backends run the same SQLAlchemy Core statements. SQLite (the embedded default)
+serialises writers: one process-wide lock plus `BEGIN IMMEDIATE`; PostgreSQL (the
+cluster) leases with `SELECT ... FOR UPDATE SKIP LOCKED`, so many gateway replicas can
+share one database. Times are stored as UNIX seconds (double precision) so that both
+backends compute durations identically.
+
+Internal job states are `pending` (the public API shows it as `queued` or `warming`,
+derived from the runtime registry at read time), `running`, `succeeded`, `failed` and
+`cancelled`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+PENDING = "pending"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TERMINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+
+SCOPES = ("inference", "admin")
+KEY_PREFIX = "rgpu_"
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.Double, nullable=False),
+)
+
+gateway_settings = sa.Table(
+    "gateway_settings",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("scopes", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("last_used_at", sa.Double),
+    sa.Column("revoked_at", sa.Double),
+)
+
+api_key_secrets = sa.Table(
+    "api_key_secrets",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),  # public lookup id, part of the token
+    sa.Column("key_id", sa.String(40), sa.ForeignKey("api_keys.id"), nullable=False, index=True),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double),
+    sa.Column("revoked_at", sa.Double),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("owner_key_id", sa.String(40), nullable=False, index=True),
+    sa.Column("model", sa.String(300), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("request", sa.Text, nullable=False),  # GenerationRequest JSON, images by key
+    sa.Column("input_image_keys", sa.Text, nullable=False),  # JSON list of storage keys
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double),
+    sa.Column("completed_at", sa.Double),
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("lease_token", sa.String(64)),
+    sa.Column("lease_expires_at", sa.Double),
+    sa.Column("worker_id", sa.String(300)),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("error_message", sa.Text),
+    sa.Column("result_key", sa.String(500)),
+    sa.Column("progress_step", sa.Integer),
+    sa.Column("progress_total", sa.Integer),
+    sa.Index("ix_jobs_queue", "model", "status", "created_at"),
+    sa.Index("ix_jobs_lease_expiry", "status", "lease_expires_at"),
+    sa.Index("ix_jobs_completed", "status", "completed_at"),
+)
+
+
+def _migration_1(conn: Connection) -> None:
+    for table in (gateway_settings, api_keys, api_key_secrets, jobs):
+        table.create(conn, checkfirst=True)
+
+
+# Append-only: (version, name, function). Never edit an applied migration.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "jobs, api keys, settings", _migration_1),
+]
+
+
+class LeaseLostError(Exception):
+    """A lease token that is no longer the job's current one (stale, cancelled, finished)."""
+
+
+class NotFoundError(Exception):
+    pass
+
+
+@dataclass
+class JobRecord:
+    id: str
+    owner_key_id: str
+    model: str
+    status: str
+    request: dict[str, Any]
+    input_image_keys: list[str]
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    completed_at: float | None
+    attempt: int
+    lease_token: str | None
+    lease_expires_at: float | None
+    worker_id: str | None
+    cancel_requested: bool
+    error_message: str | None
+    result_key: str | None
+    progress_step: int | None = None
+    progress_total: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobRecord:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            owner_key_id=m["owner_key_id"],
+            model=m["model"],
+            status=m["status"],
+            request=json.loads(m["request"]),
+            input_image_keys=json.loads(m["input_image_keys"]),
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+            started_at=m["started_at"],
+            completed_at=m["completed_at"],
+            attempt=m["attempt"],
+            lease_token=m["lease_token"],
+            lease_expires_at=m["lease_expires_at"],
+            worker_id=m["worker_id"],
+            cancel_requested=bool(m["cancel_requested"]),
+            error_message=m["error_message"],
+            result_key=m["result_key"],
+            progress_step=m["progress_step"],
+            progress_total=m["progress_total"],
+        )
+
+    def wait_ms(self, now: float) -> int:
+        """Time before active execution: until running started, or until now/the end."""
+        end = self.started_at if self.started_at is not None else (self.completed_at or now)
+        return max(0, int(round((end - self.created_at) * 1000)))
+
+    def run_ms(self, now: float) -> int:
+        if self.started_at is None:
+            return 0
+        end = self.completed_at if self.completed_at is not None else now
+        return max(0, int(round((end - self.started_at) * 1000)))
+
+
+@dataclass
+class KeyRecord:
+    id: str
+    name: str
+    scopes: list[str]
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+    secrets: list[dict[str, Any]] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": self.scopes,
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+            "revoked_at": self.revoked_at,
+            "secrets": self.secrets,
+        }
+
+
+@dataclass
+class QueueCount:
+    pending: int = 0
+    running: int = 0
+    oldest_pending_created_at: float | None = None
+
+
+@dataclass
+class CancelOutcome:
+    job: JobRecord
+    outcome: str  # "cancelled" | "requested" | "already_cancelled" | "finished"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_token(token: str) -> tuple[str, str] | None:
+    """`rgpu_<lookup id>.<secret>` -> (lookup id, secret)."""
+    if not token.startswith(KEY_PREFIX):
+        return None
+    sid, dot, secret = token[len(KEY_PREFIX) :].partition(".")
+    if not dot or not sid or not secret or len(sid) > 40:
+        return None
+    return sid, secret
+
+
+def normalise_url(url: str) -> str:
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+_DUMMY_HASH = hash_secret("not a key")
+
+
+class Store:
+    """Jobs, queue, leases and API keys on one database (SQLite or PostgreSQL)."""
+
+    # PostgreSQL NOTIFY channel: every queue change, payload = model ID.
+    CHANNEL = "remotegpu_queue"
+
+    def __init__(self, url: str, *, max_attempts: int = 3):
+        self.url = normalise_url(url)
+        self.max_attempts = max_attempts
+        self.is_sqlite = self.url.startswith("sqlite")
+        if self.is_sqlite:
+            self._read = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
+            self._write = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
+            for eng, begin in ((self._read, "BEGIN"), (self._write, "BEGIN IMMEDIATE")):
+                self._sqlite_setup(eng, begin)
+        else:
+            self._read = sa.create_engine(self.url, pool_size=10, max_overflow=30, pool_pre_ping=True)
+            self._write = self._read
+        # SQLite allows one writer; serialise ours instead of spinning on SQLITE_BUSY.
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        )
+
+    @staticmethod
+    def _sqlite_setup(engine: Engine, begin: str) -> None:
+        @sa.event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql(begin)
+
+    def close(self) -> None:
+        self._read.dispose()
+        if self._write is not self._read:
+            self._write.dispose()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self._write_lock, self._write.begin() as conn:
+            yield conn
+
+    def _notify(self, conn: Connection, model: str) -> None:
+        if not self.is_sqlite:
+            conn.execute(sa.text("SELECT pg_notify(:channel, :model)"), {"channel": self.CHANNEL, "model": model})
+
+    @contextlib.contextmanager
+    def _ro(self) -> Iterator[Connection]:
+        with self._read.connect() as conn:
+            yield conn
+
+    # ---- schema ---------------------------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Applies pending migrations; returns the versions applied now."""
+        applied_now = []
+        with self._tx() as conn:
+            if not self.is_sqlite:
+                # One migrator at a time across gateway replicas.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(4242001)"))
+            schema_migrations.create(conn, checkfirst=True)
+            done = set(conn.execute(sa.select(schema_migrations.c.version)).scalars())
+            for version, name, fn in MIGRATIONS:
+                if version in done:
+                    continue
+                fn(conn)
+                conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=time.time()))
+                applied_now.append(version)
+        return applied_now
+
+    def schema_version(self) -> int:
+        with self._ro() as conn:
+            return conn.execute(sa.select(sa.func.max(schema_migrations.c.version))).scalar() or 0
+
+    def setting(self, name: str, factory: Callable[[], str]) -> str:
+        """A value shared by every replica (e.g. the URL signing secret), created once."""
+        with self._ro() as conn:
+            value = conn.execute(sa.select(gateway_settings.c.value).where(gateway_settings.c.name == name)).scalar()
+        if value is not None:
+            return value
+        with self._tx() as conn:
+            value = conn.execute(sa.select(gateway_settings.c.value).where(gateway_settings.c.name == name)).scalar()
+            if value is None:
+                value = factory()
+                conn.execute(gateway_settings.insert().values(name=name, value=value))
+        return value
+
+    # ---- API keys -------------------------------------------------------------------------
+
+    def create_key(self, name: str, scopes: list[str]) -> tuple[KeyRecord, str]:
+        bad = [s for s in scopes if s not in SCOPES]
+        if bad or not scopes:
+            raise ValueError(f"scopes must be a non-empty subset of {list(SCOPES)}, got {scopes}")
+        now = time.time()
+        key_id = "key_" + secrets.token_hex(8)
+        with self._tx() as conn:
+            conn.execute(
+                api_keys.insert().values(id=key_id, name=name, scopes=",".join(sorted(set(scopes))), created_at=now)
+            )
+            token = self._new_secret(conn, key_id, now)
+        return self.get_key(key_id), token
+
+    @staticmethod
+    def _new_secret(conn: Connection, key_id: str, now: float) -> str:
+        sid = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        conn.execute(
+            api_key_secrets.insert().values(id=sid, key_id=key_id, secret_hash=hash_secret(secret), created_at=now)
+        )
+        return f"{KEY_PREFIX}{sid}.{secret}"
+
+    def get_key(self, key_id: str) -> KeyRecord:
+        with self._ro() as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
+            if row is None:
+                raise NotFoundError(key_id)
+            secs = conn.execute(
+                sa.select(api_key_secrets).where(api_key_secrets.c.key_id == key_id).order_by(api_key_secrets.c.created_at)
+            ).all()
+        return self._key_record(row, secs)
+
+    @staticmethod
+    def _key_record(row: Any, secs: list[Any]) -> KeyRecord:
+        m = row._mapping
+        return KeyRecord(
+            id=m["id"],
+            name=m["name"],
+            scopes=m["scopes"].split(","),
+            created_at=m["created_at"],
+            last_used_at=m["last_used_at"],
+            revoked_at=m["revoked_at"],
+            secrets=[
+                {
+                    "id": s.id,
+                    "created_at": s.created_at,
+                    "expires_at": s.expires_at,
+                    "revoked_at": s.revoked_at,
+                }
+                for s in secs
+            ],
+        )
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._ro() as conn:
+            rows = conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at)).all()
+            secs = conn.execute(sa.select(api_key_secrets).order_by(api_key_secrets.c.created_at)).all()
+        by_key: dict[str, list[Any]] = {}
+        for s in secs:
+            by_key.setdefault(s.key_id, []).append(s)
+        return [self._key_record(r, by_key.get(r.id, [])) for r in rows]
+
+    def rotate_key(self, key_id: str, grace_seconds: float = 0) -> str:
+        """A new secret for the same key identity; the old ones stop working after the grace period."""
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute(sa.select(api_keys.c.revoked_at).where(api_keys.c.id == key_id)).first()
+            if row is None:
+                raise NotFoundError(key_id)
+            if row.revoked_at is not None:
+                raise ValueError(f"key {key_id} is revoked")
+            live = sa.and_(api_key_secrets.c.key_id == key_id, api_key_secrets.c.revoked_at.is_(None))
+            if grace_seconds > 0:
+                conn.execute(
+                    api_key_secrets.update()
+                    .where(live, sa.or_(api_key_secrets.c.expires_at.is_(None), api_key_secrets.c.expires_at > now + grace_seconds))
+                    .values(expires_at=now + grace_seconds)
+                )
+            else:
+                conn.execute(api_key_secrets.update().where(live).values(revoked_at=now))
+            return self._new_secret(conn, key_id, now)
+
+    def revoke_key(self, key_id: str) -> KeyRecord:
+        now = time.time()
+        with self._tx() as conn:
+            n = conn.execute(
+                api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now)
+            ).rowcount
+            if n == 0 and conn.execute(sa.select(api_keys.c.id).where(api_keys.c.id == key_id)).first() is None:
+                raise NotFoundError(key_id)
+            conn.execute(
+                api_key_secrets.update()
+                .where(api_key_secrets.c.key_id == key_id, api_key_secrets.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+        return self.get_key(key_id)
+
+    def authenticate(self, token: str, touch_interval: float = 60.0) -> KeyRecord | None:
+        """The key identity a bearer token belongs to, or None (unknown, revoked, expired)."""
+        parts = split_token(token)
+        sid, secret = parts if parts else ("", token)
+        with self._ro() as conn:
+            row = conn.execute(
+                sa.select(
+                    api_key_secrets.c.secret_hash,
+                    api_key_secrets.c.expires_at,
+                    api_key_secrets.c.revoked_at.label("secret_revoked_at"),
+                    api_keys,
+                )
+                .join(api_keys, api_keys.c.id == api_key_secrets.c.key_id)
+                .where(api_key_secrets.c.id == sid)
+            ).first()
+        # Always one constant-time comparison, whether or not the lookup id exists.
+        matches = hmac.compare_digest(hash_secret(secret), row.secret_hash if row is not None else _DUMMY_HASH)
+        if row is None or not matches:
+            return None
+        now = time.time()
+        if row.secret_revoked_at is not None or row.revoked_at is not None:
+            return None
+        if row.expires_at is not None and row.expires_at <= now:
+            return None
+        key = KeyRecord(
+            id=row.id,
+            name=row.name,
+            scopes=row.scopes.split(","),
+            created_at=row.created_at,
+            last_used_at=row.last_used_at,
+            revoked_at=None,
+        )
+        if row.last_used_at is None or now - row.last_used_at >= touch_interval:
+            with self._tx() as conn:
+                conn.execute(api_keys.update().where(api_keys.c.id == row.id).values(last_used_at=now))
+            key.last_used_at = now
+        return key
+
+    # ---- jobs -----------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        owner_key_id: str,
+        model: str,
+        request: dict[str, Any],
+        input_image_keys: list[str],
+        job_id: str | None = None,
+    ) -> JobRecord:
+        now = time.time()
+        values = dict(
+            id=job_id or str(uuid.uuid4()),
+            owner_key_id=owner_key_id,
+            model=model,
+            status=PENDING,
+            request=json.dumps(request, separators=(",", ":")),
+            input_image_keys=json.dumps(input_image_keys),
+            created_at=now,
+            updated_at=now,
+            attempt=0,
+            cancel_requested=False,
+        )
+        with self._tx() as conn:
+            conn.execute(jobs.insert().values(**values))
+            self._notify(conn, model)
+        return JobRecord(
+            id=values["id"],  # type: ignore[arg-type]
+            owner_key_id=owner_key_id,
+            model=model,
+            status=PENDING,
+            request=request,
+            input_image_keys=input_image_keys,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            completed_at=None,
+            attempt=0,
+            lease_token=None,
+            lease_expires_at=None,
+            worker_id=None,
+            cancel_requested=False,
+            error_message=None,
+            result_key=None,
+        )
+
+    def get_job(self, job_id: str, owner_key_id: str | None = None) -> JobRecord | None:
+        q = sa.select(jobs).where(jobs.c.id == job_id)
+        if owner_key_id is not None:
+            q = q.where(jobs.c.owner_key_id == owner_key_id)
+        with self._ro() as conn:
+            row = conn.execute(q).first()
+        return JobRecord.from_row(row) if row is not None else None
+
+    def _locked_job(self, conn: Connection, job_id: str) -> JobRecord | None:
+        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
+        return JobRecord.from_row(row) if row is not None else None
+
+    def cancel_job(self, job_id: str, owner_key_id: str) -> CancelOutcome | None:
+        now = time.time()
+        with self._tx() as conn:
+            job = self._locked_job(conn, job_id)
+            if job is None or job.owner_key_id != owner_key_id:
+                return None
+            if job.status == PENDING:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(status=CANCELLED, completed_at=now, updated_at=now, cancel_requested=True)
+                )
+                outcome = "cancelled"
+                self._notify(conn, job.model)
+            elif job.status == RUNNING:
+                if not job.cancel_requested:
+                    conn.execute(
+                        jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=now)
+                    )
+                outcome = "requested"
+            elif job.status == CANCELLED:
+                outcome = "already_cancelled"
+            else:
+                outcome = "finished"
+            job = self._locked_job(conn, job_id)
+        assert job is not None
+        return CancelOutcome(job=job, outcome=outcome)
+
+    # ---- the queue and leases --------------------------------------------------------------
+
+    def lease(self, model: str, worker_id: str, ttl: float) -> JobRecord | None:
+        """Leases the oldest pending job of `model` to `worker_id`."""
+        now = time.time()
+        token = secrets.token_urlsafe(24)
+        with self._tx() as conn:
+            job_id = conn.execute(
+                sa.select(jobs.c.id)
+                .where(jobs.c.model == model, jobs.c.status == PENDING)
+                .order_by(jobs.c.created_at, jobs.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).scalar()
+            if job_id is None:
+                return None
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status == PENDING)
+                .values(
+                    status=RUNNING,
+                    lease_token=token,
+                    lease_expires_at=now + ttl,
+                    worker_id=worker_id,
+                    attempt=jobs.c.attempt + 1,
+                    started_at=now,
+                    updated_at=now,
+                    progress_step=None,
+                    progress_total=None,
+                )
+            )
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+            self._notify(conn, model)
+        return JobRecord.from_row(row)
+
+    def _fenced(self, conn: Connection, job_id: str, token: str) -> JobRecord:
+        job = self._locked_job(conn, job_id)
+        if job is None or job.status != RUNNING or job.lease_token is None:
+            raise LeaseLostError(f"job {job_id} is not leased")
+        if not hmac.compare_digest(job.lease_token, token):
+            raise LeaseLostError(f"job {job_id}: stale lease token")
+        return job
+
+    def heartbeat(
+        self, job_id: str, token: str, ttl: float, progress: tuple[int, int] | None = None
+    ) -> tuple[bool, float]:
+        """Renews the lease; returns (cancel requested, new expiry)."""
+        now = time.time()
+        with self._tx() as conn:
+            job = self._fenced(conn, job_id, token)
+            values: dict[str, Any] = {"lease_expires_at": now + ttl, "updated_at": now}
+            if progress is not None:
+                values["progress_step"], values["progress_total"] = progress
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
+        return job.cancel_requested, now + ttl
+
+    def complete(self, job_id: str, token: str, result_key: str) -> JobRecord:
+        """Marks the job succeeded with its stored result (cancelled if cancel was requested)."""
+        now = time.time()
+        with self._tx() as conn:
+            job = self._fenced(conn, job_id, token)
+            if job.cancel_requested:
+                values: dict[str, Any] = {"status": CANCELLED}
+            else:
+                values = {"status": SUCCEEDED, "result_key": result_key}
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id).values(completed_at=now, updated_at=now, **values)
+            )
+            self._notify(conn, job.model)
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return JobRecord.from_row(row)
+
+    def fail(self, job_id: str, token: str, error_message: str, retryable: bool = False) -> JobRecord:
+        now = time.time()
+        with self._tx() as conn:
+            job = self._fenced(conn, job_id, token)
+            self._end_attempt(conn, job, now, error_message, retryable=retryable)
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return JobRecord.from_row(row)
+
+    def release(self, job_id: str, token: str) -> JobRecord:
+        """Hands a job back to the queue without using up an attempt (a draining worker)."""
+        now = time.time()
+        with self._tx() as conn:
+            job = self._fenced(conn, job_id, token)
+            if job.cancel_requested:
+                self._end_attempt(conn, job, now, "cancelled", retryable=False)
+            else:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id)
+                    .values(**self._requeue_values(now), attempt=max(0, job.attempt - 1))
+                )
+                self._notify(conn, job.model)
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return JobRecord.from_row(row)
+
+    @staticmethod
+    def _requeue_values(now: float) -> dict[str, Any]:
+        return dict(
+            status=PENDING,
+            lease_token=None,
+            lease_expires_at=None,
+            worker_id=None,
+            started_at=None,
+            updated_at=now,
+            progress_step=None,
+            progress_total=None,
+        )
+
+    def _end_attempt(self, conn: Connection, job: JobRecord, now: float, message: str, *, retryable: bool) -> str:
+        if job.cancel_requested:
+            values: dict[str, Any] = {"status": CANCELLED, "completed_at": now, "updated_at": now}
+        elif retryable and job.attempt < self.max_attempts:
+            values = self._requeue_values(now)
+        else:
+            if retryable:
+                message = f"{message} (gave up after {job.attempt} attempts)"
+            values = {"status": FAILED, "completed_at": now, "updated_at": now, "error_message": message[:4000]}
+        conn.execute(jobs.update().where(jobs.c.id == job.id).values(**values))
+        self._notify(conn, job.model)
+        return str(values["status"])
+
+    def expire_leases(self, now: float | None = None) -> list[tuple[JobRecord, str]]:
+        """Returns running jobs whose lease expired to the queue, or fails/cancels them."""
+        now = time.time() if now is None else now
+        changed = []
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.status == RUNNING, jobs.c.lease_expires_at < now)
+                .limit(500)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for row in rows:
+                job = JobRecord.from_row(row)
+                msg = (
+                    f"the worker stopped renewing its lease (attempt {job.attempt} of {self.max_attempts}); "
+                    "the job was not completed"
+                )
+                status = self._end_attempt(conn, job, now, msg, retryable=True)
+                changed.append((job, status))
+        return changed
+
+    def queue_counts(self) -> dict[str, QueueCount]:
+        with self._ro() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.model, jobs.c.status, sa.func.count(), sa.func.min(jobs.c.created_at))
+                .where(jobs.c.status.in_([PENDING, RUNNING]))
+                .group_by(jobs.c.model, jobs.c.status)
+            ).all()
+        out: dict[str, QueueCount] = {}
+        for model, status, count, oldest in rows:
+            q = out.setdefault(model, QueueCount())
+            if status == PENDING:
+                q.pending = int(count)
+                q.oldest_pending_created_at = oldest
+            else:
+                q.running = int(count)
+        return out
+
+    def recent_finished(self, since: float, limit: int = 5000) -> list[tuple[str, float, float | None, float]]:
+        """(model, created_at, started_at, completed_at) of jobs that succeeded since `since`."""
+        with self._ro() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.model, jobs.c.created_at, jobs.c.started_at, jobs.c.completed_at)
+                .where(jobs.c.status == SUCCEEDED, jobs.c.completed_at >= since)
+                .order_by(jobs.c.completed_at.desc())
+                .limit(limit)
+            ).all()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]

@@ -192,6 +192,7 @@ class WorkerPod(_Spec):
     gpu: GPU = Field(default_factory=GPU)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    pod_annotations: dict[str, str] = Field(default_factory=dict)  # extra annotations on worker pods
     termination_grace_period_seconds: int = Field(default=300, ge=0)
 
 

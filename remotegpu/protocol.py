@@ -116,6 +116,9 @@ class ModelQueue(BaseModel):
     warming: int = 0
     running: int = 0
     oldest_wait_seconds: float = 0.0
+    # Worker IDs (pod names) holding a lease on one of this model's jobs. The operator
+    # marks those pods with a high pod-deletion-cost, so a scale-down takes idle ones.
+    busy_workers: list[str] = Field(default_factory=list)
 
     @property
     def depth(self) -> int:

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the operator, served on /metrics beside /healthz (main.py)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+from remotegpu.protocol import RuntimeState
+
+_MODEL = ["namespace", "imagemodel", "model"]
+
+DESIRED = Gauge("remotegpu_operator_desired_replicas", "Worker replicas the autoscaler wants", _MODEL)
+CURRENT = Gauge("remotegpu_operator_replicas", "Worker pods that exist", _MODEL)
+READY = Gauge("remotegpu_operator_ready_replicas", "Worker pods that are ready", _MODEL)
+QUEUE_DEPTH = Gauge("remotegpu_operator_queue_depth", "Queued + warming + running jobs of the model", _MODEL)
+STATE = Gauge(
+    "remotegpu_operator_model_state", "1 for the model's runtime state, 0 for the others", [*_MODEL, "state"]
+)
+CAPACITY = Gauge(
+    "remotegpu_operator_capacity_available",
+    "0 while worker pods cannot be scheduled (e.g. no free GPU)",
+    _MODEL,
+)
+SCALE_DECISIONS = Counter(
+    "remotegpu_operator_scale_decisions_total",
+    "Replica changes made by the autoscaler",
+    [*_MODEL, "direction", "reason"],
+)
+RECONCILE_ERRORS = Counter(
+    "remotegpu_operator_reconcile_errors_total", "Failed reconciliations", ["namespace", "imagemodel"]
+)
+QUEUE_ERRORS = Counter("remotegpu_operator_queue_read_errors_total", "Failed reads of the gateway's queue")
+LEADER = Gauge("remotegpu_operator_leader", "1 while this replica holds the leader Lease and reconciles")
+WAKE_LATENCY = Gauge(
+    "remotegpu_operator_last_wake_to_scale_seconds",
+    "Seconds from a queue change to the replica patch, last scale-up from an event",
+    _MODEL,
+)
+
+
+def set_model(
+    ns: str,
+    name: str,
+    model: str,
+    *,
+    desired: int,
+    replicas: int,
+    ready: int,
+    depth: int | None,
+    state: RuntimeState,
+    capacity_ok: bool,
+) -> None:
+    labels = (ns, name, model)
+    DESIRED.labels(*labels).set(desired)
+    CURRENT.labels(*labels).set(replicas)
+    READY.labels(*labels).set(ready)
+    if depth is not None:
+        QUEUE_DEPTH.labels(*labels).set(depth)
+    for s in RuntimeState:
+        STATE.labels(*labels, s.value).set(1 if s is state else 0)
+    CAPACITY.labels(*labels).set(1 if capacity_ok else 0)
+
+
+def forget_model(ns: str, name: str, model: str) -> None:
+    labels = (ns, name, model)
+    for g in (DESIRED, CURRENT, READY, QUEUE_DEPTH, CAPACITY, WAKE_LATENCY):
+        try:
+            g.remove(*labels)
+        except KeyError:
+            pass
+    for s in RuntimeState:
+        try:
+            STATE.remove(*labels, s.value)
+        except KeyError:
+            pass

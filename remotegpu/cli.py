@@ -25,6 +25,12 @@ def _state_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", help="database URL (default $REMOTEGPU_DATABASE_URL or SQLite in the data dir)")
 
 
+def _action_state_options(p: argparse.ArgumentParser) -> None:
+    """The state flags also after the action (`keys create --data-dir D`); absent ones leave the parent's."""
+    p.add_argument("--data-dir", default=argparse.SUPPRESS, help="state folder")
+    p.add_argument("--database-url", default=argparse.SUPPRESS, help="database URL")
+
+
 def _server_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
@@ -71,12 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("create", help="create a key; prints the secret as the last line")
     k.add_argument("--name", required=True)
     k.add_argument("--scope", action="append", choices=["inference", "admin"], help="repeatable (default inference)")
-    keys.add_parser("list", help="list keys (never their secrets)")
+    _action_state_options(k)
+    k = keys.add_parser("list", help="list keys (never their secrets)")
+    _action_state_options(k)
     k = keys.add_parser("rotate", help="new secret for the same key identity")
     k.add_argument("id")
     k.add_argument("--grace-seconds", type=int, default=0, help="keep the old secret valid this long")
+    _action_state_options(k)
     k = keys.add_parser("revoke", help="revoke a key")
     k.add_argument("id")
+    _action_state_options(k)
     p.set_defaults(func=_handler("remotegpu_gateway.keys_cli:run"))
 
     p = sub.add_parser("generate", help="submit a job, follow it and write the image")

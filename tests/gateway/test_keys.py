@@ -1,0 +1,157 @@
+"""API keys: hashing, scopes, rotation with grace, revocation, the CLI and the admin API."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from remotegpu_gateway.store import Store, api_key_secrets, api_keys
+from tests.gateway.conftest import SCHNELL, RunningGateway, auth
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def status(g: RunningGateway, key: str | None) -> int:
+    headers = auth(key) if key is not None else {}
+    return g.http.get("/v1/inference/jobs/none", headers=headers).status_code  # 404 once authorised
+
+
+def test_auth_codes(gateway: RunningGateway) -> None:
+    inference = gateway.key("inf")
+    admin = gateway.key("adm", ["admin"])
+    both = gateway.key("both", ["inference", "admin"])
+    assert status(gateway, None) == 401
+    assert status(gateway, "rgpu_0123456789abcdef.wrong") == 401
+    assert status(gateway, "garbage") == 401
+    assert status(gateway, inference[:-1] + ("A" if inference[-1] != "A" else "B")) == 401
+    assert status(gateway, inference) == 404
+    assert status(gateway, both) == 404
+    assert status(gateway, admin) == 403
+    r = gateway.http.get("/v1/inference/jobs/none", headers={"Authorization": f"Basic {inference}"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    # The admin API wants the admin scope.
+    assert gateway.http.get("/v1/admin/keys", headers=auth(inference)).status_code == 403
+    assert gateway.http.get("/v1/admin/keys", headers=auth(admin)).status_code == 200
+
+
+def test_secrets_are_stored_only_as_hashes(gateway: RunningGateway) -> None:
+    token = gateway.key("k")
+    secret = token.partition(".")[2]
+    store = gateway.gw.store
+    with store._read.connect() as conn:
+        rows = conn.execute(sa.select(api_key_secrets)).all()
+        keys = conn.execute(sa.select(api_keys)).all()
+    dump = repr(rows) + repr(keys)
+    assert secret not in dump and token not in dump
+    assert hashlib.sha256(secret.encode()).hexdigest() in {r.secret_hash for r in rows}
+
+
+def test_last_used_is_recorded(gateway: RunningGateway) -> None:
+    key, token = gateway.gw.store.create_key("k", ["inference"])
+    assert key.last_used_at is None
+    before = time.time()
+    status(gateway, token)
+    used = gateway.gw.store.get_key(key.id).last_used_at
+    assert used is not None and used >= before - 1
+
+
+def test_rotation_keeps_access_and_revokes_the_old_secret(gateway: RunningGateway) -> None:
+    store = gateway.gw.store
+    key, old = store.create_key("k", ["inference"])
+    job_id = gateway.submit(old, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
+    new = store.rotate_key(key.id)
+    assert new != old
+    assert gateway.job(old, job_id).status_code == 401
+    assert gateway.job(new, job_id).status_code == 200  # same identity, same jobs
+
+
+def test_rotation_with_grace_period(gateway: RunningGateway) -> None:
+    store = gateway.gw.store
+    key, old = store.create_key("k", ["inference"])
+    new = store.rotate_key(key.id, grace_seconds=1)
+    assert status(gateway, old) == 404 and status(gateway, new) == 404
+    time.sleep(1.2)
+    assert status(gateway, old) == 401 and status(gateway, new) == 404
+
+
+def test_revocation(gateway: RunningGateway) -> None:
+    store = gateway.gw.store
+    key, token = store.create_key("k", ["inference"])
+    job_id = gateway.submit(token, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
+    store.revoke_key(key.id)
+    assert gateway.job(token, job_id).status_code == 401
+    assert gateway.submit(token, {"prompt": "a", "model": SCHNELL}).status_code == 401
+    assert store.get_key(key.id).revoked_at is not None
+
+
+def test_admin_api(gateway: RunningGateway) -> None:
+    admin = gateway.key("root", ["admin"])
+    h = auth(admin)
+    r = gateway.http.post("/v1/admin/keys", json={"name": "app", "scopes": ["inference"]}, headers=h)
+    assert r.status_code == 201
+    created = r.json()
+    token, key_id = created["key"], created["id"]
+    assert created["scopes"] == ["inference"] and created["name"] == "app"
+    job_id = gateway.submit(token, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
+    listing = gateway.http.get("/v1/admin/keys", headers=h).json()
+    assert {k["id"] for k in listing} >= {key_id}
+    assert token not in str(listing) and token.partition(".")[2] not in str(listing)
+    rotated = gateway.http.post(f"/v1/admin/keys/{key_id}/rotate", json={"grace_seconds": 0}, headers=h).json()
+    assert gateway.job(token, job_id).status_code == 401
+    assert gateway.job(rotated["key"], job_id).status_code == 200
+    r = gateway.http.post(f"/v1/admin/keys/{key_id}/revoke", headers=h)
+    assert r.status_code == 200 and r.json()["revoked_at"] is not None
+    assert gateway.job(rotated["key"], job_id).status_code == 401
+    assert gateway.http.post("/v1/admin/keys/key_nope/revoke", headers=h).status_code == 404
+    assert gateway.http.post("/v1/admin/keys/key_nope/rotate", headers=h).status_code == 404
+    r = gateway.http.post("/v1/admin/keys", json={"name": "x", "scopes": ["root"]}, headers=h)
+    assert r.status_code == 422 and r.json()["error"]["field"].startswith("scopes")
+
+
+def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "remotegpu.cli", "keys", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli(gateway: RunningGateway, database_url: str) -> None:
+    db = ["--database-url", database_url]
+    r = run_cli("create", "--name", "cli-key", "--scope", "inference", *db)
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip().splitlines()[-1]
+    assert token.startswith("rgpu_")
+    assert status(gateway, token) == 404  # works against the running gateway
+    listing = run_cli("list", *db)
+    assert listing.returncode == 0 and "cli-key" in listing.stdout and token not in listing.stdout
+    key_id = next(line.split()[0] for line in listing.stdout.splitlines() if "cli-key" in line)
+    r = run_cli("rotate", key_id, *db)
+    assert r.returncode == 0
+    new = r.stdout.strip().splitlines()[-1]
+    assert status(gateway, token) == 401 and status(gateway, new) == 404
+    r = run_cli("revoke", key_id, *db)
+    assert r.returncode == 0 and status(gateway, new) == 401
+    assert "revoked" in run_cli("list", *db).stdout
+    assert run_cli("revoke", "key_missing", *db).returncode == 1
+
+
+def test_cli_data_dir(tmp_path: Path) -> None:
+    r = run_cli("create", "--name", "local", "--data-dir", str(tmp_path), env_extra={"REMOTEGPU_DATABASE_URL": ""})
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip().splitlines()[-1]
+    store = Store(f"sqlite:///{tmp_path / 'remotegpu.db'}")
+    key = store.authenticate(token)
+    assert key is not None and key.name == "local" and key.scopes == ["inference"]
+    store.close()

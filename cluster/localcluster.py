@@ -30,7 +30,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 DEFAULT_STATE_DIR = HERE.parent / ".cluster"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
-# Pods may override the ready delay with this annotation (milliseconds).
+# Pods may override the ready delay with this annotation (a Go duration such as "3s").
 POD_READY_DELAY_ANNOTATION = "pod-ready.stage.kwok.x-k8s.io/delay"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -292,9 +292,7 @@ class Cluster:
         deadline = time.monotonic() + 15
         for name, pid in pids.items():
             while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
+                if _exited(pid):
                     break
                 time.sleep(0.1)
             else:
@@ -306,6 +304,21 @@ class Cluster:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         if pids and not quiet:
             log(f"stopped {', '.join(pids)}")
+
+
+def _exited(pid: int) -> bool:
+    """True once pid is gone; reaps it when it is our child (else it lingers as a zombie)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

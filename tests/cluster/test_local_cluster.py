@@ -72,7 +72,7 @@ def test_gpu_deployment_gets_a_ready_pod_on_a_gpu_node(kube: Kube, namespace: st
 
 
 def test_pod_ready_delay_shows_a_starting_phase(kube: Kube, namespace: str):
-    delayed = {POD_READY_DELAY_ANNOTATION: "3000"}
+    delayed = {POD_READY_DELAY_ANNOTATION: "3s"}
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=gpu_deployment("slow", 1, delayed))
     scheduled = wait_for(lambda: next((p for p in pods(kube, namespace, "slow") if p["spec"].get("nodeName")), None),
                          what="the pod to be scheduled")
@@ -116,13 +116,18 @@ def test_crd_registers_and_validates_imagemodels(kube: Kube, namespace: str):
     out = kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
     assert out.returncode != 0
     assert "minReplicas must be <= scaling.maxReplicas" in out.stderr
+    bad["spec"]["scaling"] = {"minReplicas": 0, "maxReplicas": 1}
+    bad["spec"]["parameters"]["size"]["default"] = {"width": 640, "height": 480}
+    out = kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
+    assert out.returncode != 0
+    assert "size.default must be a known size preset" in out.stderr
 
 
 def test_helm_lint_and_template_pass_on_the_chart(kube: Kube):
     chart = REPO / "charts" / "remotegpu"
     lint = kube.helm("lint", str(chart))
     assert "0 chart(s) failed" in lint.stdout
-    rendered = kube.helm("template", "demo", str(chart), "--include-crds")
+    rendered = kube.helm("template", "demo", str(chart), "--include-crds", "--kube-version", "v1.34.4")
     docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
     assert any(d["kind"] == "CustomResourceDefinition" for d in docs)
 

@@ -70,10 +70,24 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_certs(pki: Path) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("genrsa", "-out", "ca.key", "2048", cwd=pki)
-    _openssl("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=remotegpu-local-ca", "-days", "3650",
-             "-out", "ca.crt", cwd=pki)
-    sans = "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default," \
-           "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    _openssl(
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=remotegpu-local-ca",
+        "-days",
+        "3650",
+        "-out",
+        "ca.crt",
+        cwd=pki,
+    )
+    sans = (
+        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+        "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    )
     for name, subj, ext in [
         ("apiserver", "/CN=kube-apiserver", sans),
         ("admin", "/O=system:masters/CN=admin", None),
@@ -82,8 +96,24 @@ def make_certs(pki: Path) -> None:
         _openssl("req", "-new", "-key", f"{name}.key", "-subj", subj, "-out", f"{name}.csr", cwd=pki)
         extfile = pki / f"{name}.ext"
         extfile.write_text((ext or "extendedKeyUsage=clientAuth") + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "3650", "-extfile", str(extfile), "-out", f"{name}.crt", cwd=pki)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            str(extfile),
+            "-out",
+            f"{name}.crt",
+            cwd=pki,
+        )
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -92,10 +122,18 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "remotegpu-local", "cluster": {
-            "server": server, "certificate-authority": str(pki / "ca.crt")}}],
-        "users": [{"name": "admin", "user": {
-            "client-certificate": str(pki / "admin.crt"), "client-key": str(pki / "admin.key")}}],
+        "clusters": [
+            {
+                "name": "remotegpu-local",
+                "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": "admin",
+                "user": {"client-certificate": str(pki / "admin.crt"), "client-key": str(pki / "admin.key")},
+            }
+        ],
         "contexts": [{"name": "remotegpu-local", "context": {"cluster": "remotegpu-local", "user": "admin"}}],
         "current-context": "remotegpu-local",
     }
@@ -119,8 +157,12 @@ def write_stages(path: Path, bins: Path, pod_ready_delay_ms: int) -> None:
 
 def node_manifest(name: str, cpu: str, memory: str, gpus: int = 0, product: str | None = None) -> dict:
     capacity = {"cpu": cpu, "memory": memory, "pods": "110"}
-    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-              "type": "kwok"}
+    labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "type": "kwok",
+    }
     if gpus:
         capacity[GPU_RESOURCE] = str(gpus)
         labels[GPU_PRODUCT_LABEL] = product or "fake-gpu"
@@ -129,8 +171,11 @@ def node_manifest(name: str, cpu: str, memory: str, gpus: int = 0, product: str 
         "kind": "Node",
         "metadata": {"name": name, "labels": labels, "annotations": {FAKE_NODE_ANNOTATION: "fake"}},
         "spec": {},
-        "status": {"capacity": capacity, "allocatable": dict(capacity),
-                   "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64", "operatingSystem": "linux"}},
+        "status": {
+            "capacity": capacity,
+            "allocatable": dict(capacity),
+            "nodeInfo": {"kubeletVersion": "fake", "architecture": "amd64", "operatingSystem": "linux"},
+        },
     }
 
 
@@ -148,8 +193,9 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
 
     def _alive(self, name: str) -> bool:
@@ -162,9 +208,16 @@ class Cluster:
         except (ProcessLookupError, ValueError):
             return False
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bins / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-                              input=input, text=True, capture_output=True, check=check)
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.bins / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            text=True,
+            capture_output=True,
+            check=check,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
     def up(self, config: ClusterConfig, timeout: float = 180.0) -> Path:
@@ -185,61 +238,117 @@ class Cluster:
         (self.state_dir / "cluster.json").write_text(json.dumps({"server": server, "bin": str(b)}))
 
         log(f"starting etcd on 127.0.0.1:{etcd_port}")
-        self._spawn("etcd", [
-            str(b / "etcd"), "--data-dir", str(self.state_dir / "etcd"), "--name", "local",
-            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-            "--initial-cluster", f"local=http://127.0.0.1:{etcd_peer}",
-            "--unsafe-no-fsync", "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                str(b / "etcd"),
+                "--data-dir",
+                str(self.state_dir / "etcd"),
+                "--name",
+                "local",
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-cluster",
+                f"local=http://127.0.0.1:{etcd_peer}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes",
+                str(2 * 1024**3),
+                "--log-level",
+                "warn",
+            ],
+        )
         log(f"starting kube-apiserver on {server}")
-        self._spawn("kube-apiserver", [
-            str(b / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            "--service-cluster-ip-range=10.96.0.0/16", "--authorization-mode=Node,RBAC",
-            "--enable-priority-and-fairness=false", "--profiling=false",
-            "--event-ttl=1h", "--v=0",
-        ])
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(b / "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--authorization-mode=Node,RBAC",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+                "--event-ttl=1h",
+                "--v=0",
+            ],
+        )
         self._wait_ready(server, pki, timeout)
         log("starting kube-controller-manager and kube-scheduler")
-        self._spawn("kube-controller-manager", [
-            str(b / "kube-controller-manager"), f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0",
-            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-            "--use-service-account-credentials=true", "--controllers=*,-nodeipam,-cloud-node-lifecycle",
-            "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10",
-        ])
-        self._spawn("kube-scheduler", [
-            str(b / "kube-scheduler"), f"--kubeconfig={self.kubeconfig}",
-            f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-            "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0",
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(b / "kube-controller-manager"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                "--use-service-account-credentials=true",
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle",
+                "--concurrent-deployment-syncs=10",
+                "--concurrent-replicaset-syncs=10",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(b / "kube-scheduler"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+            ],
+        )
         stages = self.state_dir / "kwok-stages.yaml"
         write_stages(stages, b, config.pod_ready_delay_ms)
         log("starting kwok")
-        self._spawn("kwok", [
-            str(b / "kwok"), f"--kubeconfig={self.kubeconfig}", "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
-            f"--config={stages}", f"--server-address=127.0.0.1:{kwok_port}",
-            "--node-lease-duration-seconds=0",
-        ])
+        self._spawn(
+            "kwok",
+            [
+                str(b / "kwok"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
+                f"--config={stages}",
+                f"--server-address=127.0.0.1:{kwok_port}",
+                "--node-lease-duration-seconds=0",
+            ],
+        )
         nodes = [node_manifest(f"cpu-node-{i}", "16", "64Gi") for i in range(config.cpu_nodes)]
-        nodes += [node_manifest(f"gpu-node-{i}", "32", "256Gi", config.gpus_per_node, config.gpu_product)
-                  for i in range(config.gpu_nodes)]
+        nodes += [
+            node_manifest(f"gpu-node-{i}", "32", "256Gi", config.gpus_per_node, config.gpu_product)
+            for i in range(config.gpu_nodes)
+        ]
         nodes += config.extra_nodes
         log(f"registering {len(nodes)} fake nodes ({config.gpu_nodes} with {config.gpus_per_node} GPUs each)")
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(nodes))
         self._wait_for(lambda: self._nodes_ready(len(nodes)), timeout, "nodes Ready")
-        self._wait_for(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default",
-                                            check=False).returncode == 0, timeout, "default ServiceAccount")
+        self._wait_for(
+            lambda: (
+                self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0
+            ),
+            timeout,
+            "default ServiceAccount",
+        )
         log(f"ready in {time.monotonic() - started:.1f}s")
         return self.kubeconfig
 
@@ -284,13 +393,13 @@ class Cluster:
             pidf = self.pid_dir / f"{name}.pid"
             if pidf.exists():
                 pids[name] = int(pidf.read_text())
-        for name, pid in pids.items():
+        for pid in pids.values():
             try:
                 os.killpg(pid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + 15
-        for name, pid in pids.items():
+        for pid in pids.values():
             while time.monotonic() < deadline:
                 if _exited(pid):
                     break
@@ -322,22 +431,33 @@ def _exited(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--state-dir", type=Path, default=Path(os.environ.get("REMOTEGPU_CLUSTER_DIR", DEFAULT_STATE_DIR)))
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path(os.environ.get("REMOTEGPU_CLUSTER_DIR", DEFAULT_STATE_DIR))
+    )
     parser.add_argument("--cpu-nodes", type=int, default=2)
     parser.add_argument("--gpu-nodes", type=int, default=2)
     parser.add_argument("--gpus-per-node", type=int, default=2)
-    parser.add_argument("--pod-ready-delay-ms", type=int, default=int(os.environ.get("KWOK_POD_READY_DELAY_MS", "0")),
-                        help="delay before pods turn Ready (a pod annotation "
-                             f"{POD_READY_DELAY_ANNOTATION} overrides it)")
+    parser.add_argument(
+        "--pod-ready-delay-ms",
+        type=int,
+        default=int(os.environ.get("KWOK_POD_READY_DELAY_MS", "0")),
+        help=f"delay before pods turn Ready (a pod annotation {POD_READY_DELAY_ANNOTATION} overrides it)",
+    )
     args = parser.parse_args(argv)
     cluster = Cluster(args.state_dir)
     if args.action == "down":
         cluster.down()
         return 0
-    cfg = ClusterConfig(cpu_nodes=args.cpu_nodes, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node,
-                        pod_ready_delay_ms=args.pod_ready_delay_ms)
+    cfg = ClusterConfig(
+        cpu_nodes=args.cpu_nodes,
+        gpu_nodes=args.gpu_nodes,
+        gpus_per_node=args.gpus_per_node,
+        pod_ready_delay_ms=args.pod_ready_delay_ms,
+    )
     try:
         kubeconfig = cluster.up(cfg)
     except Exception:

@@ -22,7 +22,9 @@ def _handler(target: str) -> Callable[[argparse.Namespace], int]:
 
 def _state_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="state folder (default $REMOTEGPU_DATA_DIR or ./.remotegpu)")
-    p.add_argument("--database-url", help="database URL (default $REMOTEGPU_DATABASE_URL or SQLite in the data dir)")
+    p.add_argument(
+        "--database-url", help="database URL (default $REMOTEGPU_DATABASE_URL or SQLite in the data dir)"
+    )
 
 
 def _action_state_options(p: argparse.ArgumentParser) -> None:
@@ -41,17 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"remotegpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="the embedded default: gateway and an in-process worker, SQLite, local results")
+    p = sub.add_parser(
+        "serve", help="the embedded default: gateway and an in-process worker, SQLite, local results"
+    )
     _server_options(p, 8000)
     _state_options(p)
     p.add_argument("--models-file", help="catalog file of ImageModel resources (default: the bundled one)")
-    p.add_argument("--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start")
+    p.add_argument(
+        "--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start"
+    )
     p.set_defaults(func=_handler("remotegpu.embedded:serve"))
 
     p = sub.add_parser("gateway", help="the public API and the internal worker API")
     _server_options(p, 8000)
     _state_options(p)
-    p.add_argument("--models-file", help="catalog file (default: watch ImageModel resources when in a cluster)")
+    p.add_argument(
+        "--models-file", help="catalog file (default: watch ImageModel resources when in a cluster)"
+    )
     p.add_argument("--namespace", help="namespace whose ImageModel resources make the catalog")
     p.add_argument("--public-url", help="absolute base URL used in result_url (default http://HOST:PORT)")
     p.set_defaults(func=_handler("remotegpu_gateway.server:run"))
@@ -76,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = keys.add_parser("create", help="create a key; prints the secret as the last line")
     k.add_argument("--name", required=True)
-    k.add_argument("--scope", action="append", choices=["inference", "admin"], help="repeatable (default inference)")
+    k.add_argument(
+        "--scope", action="append", choices=["inference", "admin"], help="repeatable (default inference)"
+    )
     _action_state_options(k)
     k = keys.add_parser("list", help="list keys (never their secrets)")
     _action_state_options(k)

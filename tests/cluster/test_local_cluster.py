@@ -16,22 +16,29 @@ pytestmark = pytest.mark.cluster
 
 
 def gpu_deployment(name: str, gpus: int, annotations: dict | None = None) -> str:
-    return yaml.safe_dump({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}, "annotations": annotations or {}},
-                "spec": {"containers": [{
-                    "name": "worker", "image": "example/worker:1",
-                    "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
-                }]},
+    return yaml.safe_dump(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}, "annotations": annotations or {}},
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "worker",
+                                "image": "example/worker:1",
+                                "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                            }
+                        ]
+                    },
+                },
             },
-        },
-    })
+        }
+    )
 
 
 def wait_for(cond, timeout: float = 60.0, what: str = "condition"):
@@ -49,7 +56,9 @@ def pods(kube: Kube, namespace: str, app: str) -> list[dict]:
 
 
 def is_ready(pod: dict) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", []))
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", [])
+    )
 
 
 def test_fake_gpu_nodes_are_ready_with_gpu_allocatable(kube: Kube):
@@ -59,13 +68,17 @@ def test_fake_gpu_nodes_are_ready_with_gpu_allocatable(kube: Kube):
     for n in gpu_nodes:
         assert int(n["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
         assert n["metadata"]["labels"].get("nvidia.com/gpu.product")
-        assert is_ready(n) or any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])
+        assert is_ready(n) or any(
+            c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"]
+        )
 
 
 def test_gpu_deployment_gets_a_ready_pod_on_a_gpu_node(kube: Kube, namespace: str):
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=gpu_deployment("gpu-worker", 1))
-    pod = wait_for(lambda: next((p for p in pods(kube, namespace, "gpu-worker") if is_ready(p)), None),
-                   what="a Ready GPU pod")
+    pod = wait_for(
+        lambda: next((p for p in pods(kube, namespace, "gpu-worker") if is_ready(p)), None),
+        what="a Ready GPU pod",
+    )
     node = kube.get_json("node", pod["spec"]["nodeName"])
     assert "nvidia.com/gpu" in node["status"]["allocatable"], "GPU pod landed on a node without GPUs"
     assert pod["status"]["phase"] == "Running"
@@ -74,11 +87,15 @@ def test_gpu_deployment_gets_a_ready_pod_on_a_gpu_node(kube: Kube, namespace: st
 def test_pod_ready_delay_shows_a_starting_phase(kube: Kube, namespace: str):
     delayed = {POD_READY_DELAY_ANNOTATION: "3s"}
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=gpu_deployment("slow", 1, delayed))
-    scheduled = wait_for(lambda: next((p for p in pods(kube, namespace, "slow") if p["spec"].get("nodeName")), None),
-                         what="the pod to be scheduled")
+    scheduled = wait_for(
+        lambda: next((p for p in pods(kube, namespace, "slow") if p["spec"].get("nodeName")), None),
+        what="the pod to be scheduled",
+    )
     assert not is_ready(scheduled), "the pod turned Ready before its start delay"
     started = time.monotonic()
-    wait_for(lambda: any(is_ready(p) for p in pods(kube, namespace, "slow")), what="the delayed pod to turn Ready")
+    wait_for(
+        lambda: any(is_ready(p) for p in pods(kube, namespace, "slow")), what="the delayed pod to turn Ready"
+    )
     assert time.monotonic() - started >= 1.0
 
 
@@ -87,8 +104,9 @@ def test_asking_for_more_gpus_than_exist_stays_pending_with_an_event(kube: Kube,
     pod = wait_for(lambda: next(iter(pods(kube, namespace, "greedy")), None), what="the pod to be created")
 
     def scheduling_event():
-        events = kube.get_json("events", "-n", namespace, "--field-selector",
-                               f"involvedObject.name={pod['metadata']['name']}")["items"]
+        events = kube.get_json(
+            "events", "-n", namespace, "--field-selector", f"involvedObject.name={pod['metadata']['name']}"
+        )["items"]
         return next((e for e in events if e["reason"] == "FailedScheduling"), None)
 
     event = wait_for(scheduling_event, what="a FailedScheduling event")
@@ -134,7 +152,8 @@ def test_helm_lint_and_template_pass_on_the_chart(kube: Kube):
 
 def test_chart_ships_the_very_crd_file():
     assert (REPO / "charts/remotegpu/crds/imagemodels.yaml").read_bytes() == (
-        REPO / "crds/imagemodels.yaml").read_bytes()
+        REPO / "crds/imagemodels.yaml"
+    ).read_bytes()
 
 
 def test_kubeconfig_is_usable(kubeconfig: Path):

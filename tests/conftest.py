@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.postgres",
+    "tests.fixtures.tiny_models",
 ]

@@ -97,7 +97,7 @@ _QWEN_TEMPLATE = (
 
 
 def _qwen_tokenizer() -> Any:
-    from transformers import Qwen2TokenizerFast
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]
 
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
     tok = Qwen2TokenizerFast(

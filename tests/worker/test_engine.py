@@ -1,0 +1,189 @@
+"""The engine on the tiny random-weight pipelines, loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from remotegpu_worker.engine import BadInput, CancelFlag, ImageEngine, JobCancelled, weights
+from remotegpu_worker.tiny import MARKER, is_built
+
+from remotegpu.catalog import Architecture, ImageModel
+from remotegpu.protocol import GenerationRequest
+from tests.worker.conftest import png_b64, png_size
+
+
+def req(**kw: Any) -> GenerationRequest:
+    base: dict[str, Any] = dict(
+        prompt="a lighthouse at dusk", width=512, height=512, steps=2, guidance=3.5, seed=7
+    )
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+INPUTS = {
+    "flux1": [],
+    "flux1-kontext": [png_b64(512, 512)],
+    "flux2": [png_b64(512, 512), png_b64(1024, 768, (20, 90, 200))],
+    "flux2-klein": [png_b64(768, 1024)],
+}
+
+
+def test_tiny_models_built_for_every_architecture(tiny_models_dir: Path) -> None:
+    for arch in Architecture:
+        folder = tiny_models_dir / arch.value
+        assert is_built(folder), folder
+        marker = json.loads((folder / MARKER).read_text())
+        assert marker["random_weights"] is True and marker["architecture"] == arch.value
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        assert size < 5_000_000, f"{arch.value} is {size} bytes: not tiny"
+
+
+def test_tiny_build_is_deterministic(tmp_path: Path, tiny_models_dir: Path) -> None:
+    from remotegpu_worker.tiny import build_tiny
+
+    out = build_tiny(tmp_path, "flux2-klein", progress=None)
+    ref = tiny_models_dir / "flux2-klein"
+    for f in ref.rglob("*.safetensors"):
+        assert f.read_bytes() == (out / f.relative_to(ref)).read_bytes(), f"{f.name} differs between builds"
+
+
+@pytest.mark.parametrize("arch", [a.value for a in Architecture])
+def test_each_architecture_end_to_end(engines: Any, arch: str) -> None:
+    engine = engines(arch)
+    assert (
+        engine.ready
+        and engine.info.pipeline
+        == {
+            "flux1": "FluxPipeline",
+            "flux1-kontext": "FluxKontextPipeline",
+            "flux2": "Flux2Pipeline",
+            "flux2-klein": "Flux2KleinPipeline",
+        }[arch]
+    )
+    assert engine.info.dtype == "float32" and engine.info.device == "cpu"
+    for w, h in [(512, 512), (1024, 768)]:
+        result = engine.generate(req(width=w, height=h, input_images_base64=INPUTS[arch]))
+        assert png_size(result.png) == (w, h)
+        assert result.steps == 2 and result.steps_per_second > 0
+
+
+def test_landscape_and_portrait_sizes(engines: Any) -> None:
+    engine = engines("flux1")
+    for w, h in [(768, 1024), (1280, 720), (720, 1280)]:
+        assert png_size(engine.generate(req(width=w, height=h)).png) == (w, h)
+
+
+@pytest.mark.parametrize("arch", ["flux1", "flux2-klein"])
+def test_same_seed_same_bytes_other_seed_differs(engines: Any, arch: str) -> None:
+    engine = engines(arch)
+    images = INPUTS[arch]
+    a = engine.generate(req(seed=1234, input_images_base64=images)).png
+    b = engine.generate(req(seed=1234, input_images_base64=images)).png
+    c = engine.generate(req(seed=1235, input_images_base64=images)).png
+    assert a == b
+    assert a != c
+
+
+def test_same_seed_identical_in_a_fresh_engine(
+    engines: Any, tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]
+) -> None:
+    a = engines("flux1").generate(req(seed=99)).png
+    fresh = ImageEngine(tiny_catalog["flux1"], tiny_data_dir, device="cpu")
+    fresh.load()
+    fresh.warm_up()
+    assert fresh.generate(req(seed=99)).png == a
+
+
+def test_prompt_negative_prompt_steps_and_guidance_change_the_image(engines: Any) -> None:
+    engine = engines("flux1")
+    base = engine.generate(req()).png
+    assert engine.generate(req(prompt="a completely different prompt")).png != base
+    assert engine.generate(req(negative_prompt="blurry")).png != base
+    assert engine.generate(req(steps=3)).png != base
+    assert engine.generate(req(guidance=7.0)).png != base
+
+
+def test_fixed_guidance_is_the_catalog_value(engines: Any) -> None:
+    engine = engines("flux2-klein")  # guidance fixed at 1.0 in the catalog
+    kwargs = engine.call_kwargs(req(guidance=9.0), [])
+    assert kwargs["guidance_scale"] == 1.0
+
+
+def test_input_images_change_the_result(engines: Any) -> None:
+    kontext = engines("flux1-kontext")
+    red = kontext.generate(req(input_images_base64=[png_b64(512, 512, (255, 0, 0))])).png
+    blue = kontext.generate(req(input_images_base64=[png_b64(512, 512, (0, 0, 255))])).png
+    assert red != blue
+    flux2 = engines("flux2")
+    none = flux2.generate(req()).png
+    one = flux2.generate(req(input_images_base64=[png_b64(512, 512)])).png
+    two = flux2.generate(req(input_images_base64=[png_b64(512, 512), png_b64(1024, 1024, (0, 255, 0))])).png
+    assert len({none, one, two}) == 3
+
+
+def test_input_image_limits_and_bad_images(engines: Any) -> None:
+    kontext = engines("flux1-kontext")
+    with pytest.raises(BadInput, match="input images"):
+        kontext.generate(req())  # Kontext needs exactly one
+    with pytest.raises(BadInput, match="input images"):
+        kontext.generate(req(input_images_base64=[png_b64(), png_b64()]))
+    with pytest.raises(BadInput, match="could not be decoded"):
+        kontext.generate(req(input_images_base64=["bm90IGFuIGltYWdl"]))
+    with pytest.raises(BadInput, match="input images"):
+        engines("flux1").generate(req(input_images_base64=[png_b64()]))
+    with pytest.raises(BadInput, match="negative_prompt"):
+        engines("flux2").generate(req(negative_prompt="no"))
+
+
+def test_cancellation_stops_at_the_next_step(engines: Any) -> None:
+    engine = engines("flux1")
+    flag = CancelFlag()
+    seen: list[int] = []
+
+    def on_step(step: int, total: int) -> None:
+        seen.append(step)
+        if step == 2:
+            flag.trigger("cancelled")
+
+    with pytest.raises(JobCancelled) as info:
+        engine.generate(req(steps=20), flag, on_step)
+    assert info.value.step == 2 and seen == [1, 2]
+    assert info.value.reason == "cancelled"
+    # The engine is still usable afterwards.
+    assert png_size(engine.generate(req()).png) == (512, 512)
+
+
+def test_cancel_from_another_thread(engines: Any) -> None:
+    engine = engines("flux1")
+    flag = CancelFlag()
+    started = threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        started.set()
+
+    t = threading.Thread(target=lambda: (started.wait(30), flag.trigger("cancelled")))
+    t.start()
+    with pytest.raises(JobCancelled) as info:
+        engine.generate(req(steps=50), flag, on_step)
+    t.join()
+    assert 1 <= info.value.step < 50
+
+
+def test_weights_resolution(tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel], tmp_path: Path) -> None:
+    from remotegpu.catalog import load_models_file
+
+    spec = tiny_catalog["flux1"].spec
+    loc = weights.resolve(spec, tiny_data_dir)
+    assert loc.local_dir == (tiny_data_dir / "tiny-models" / "flux1").resolve()
+    assert weights.available_locally(spec, tiny_data_dir) == (True, None)
+    ok, why = weights.available_locally(spec, tmp_path)
+    assert not ok and "build-tiny" in str(why)
+    dev = next(m for m in load_models_file() if m.spec.model == "black-forest-labs/FLUX.1-dev").spec
+    loc = weights.resolve(dev, tmp_path)
+    assert loc.source == "black-forest-labs/FLUX.1-dev" and not loc.is_local
+    ok, why = weights.available_locally(dev, tmp_path)
+    assert not ok and "Hugging Face cache" in str(why)

@@ -200,6 +200,8 @@ class Memory:
     last_status: dict[str, Any] = field(default_factory=dict)
     capacity_blocked: bool = False
     queue_known: bool = True
+    was_active: bool = False
+    was_saturated: bool = False
     last_error: str = ""
     last_error_at: float = 0.0
 
@@ -273,10 +275,15 @@ async def tick(body: Any, mem: Memory) -> None:
             unschedulable=len(unschedulable),
             last_active=mem.last_active,
             last_saturated=mem.last_saturated,
+            was_active=mem.was_active,
+            was_saturated=mem.was_saturated,
         ),
         now,
     )
     mem.last_active, mem.last_saturated = decision.last_active, decision.last_saturated
+    if queue is not None:
+        mem.was_active = queue.depth > 0
+        mem.was_saturated = queue.depth > 0 and decision.last_saturated == now
     direction = decision.direction_from(current)
     labels = (ns, name, spec.model)
 
@@ -364,6 +371,10 @@ async def autoscaler(body: Any, stopped: Any, logger: Any, **_: Any) -> None:
     def waker() -> None:
         loop.call_soon_threadsafe(woken.set)
 
+    async def until_stopped() -> None:
+        await stopped.wait()
+
+    stop_task = asyncio.ensure_future(until_stopped())
     mem = Memory.from_status(body.get("status"))
     _wakers[(ns, name)] = waker
     model: str | None = None
@@ -391,11 +402,13 @@ async def autoscaler(body: Any, stopped: Any, logger: Any, **_: Any) -> None:
                     logger.exception("reconcile failed")
                 if mem.should_report(message):
                     _event(body, "ReconcileFailed", message, warning=True)
-            try:
-                await asyncio.wait_for(woken.wait(), timeout=c.interval)
-            except TimeoutError:
-                pass
+            wake_task = asyncio.ensure_future(woken.wait())
+            await asyncio.wait(
+                {wake_task, stop_task}, timeout=c.interval, return_when=asyncio.FIRST_COMPLETED
+            )
+            wake_task.cancel()
     finally:
+        stop_task.cancel()
         if model:
             c.queue.unregister(model, key)
             metrics.forget_model(ns, name, model)

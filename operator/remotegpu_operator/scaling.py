@@ -51,6 +51,10 @@ class Observation:
     unschedulable: int = 0  # pods Pending with PodScheduled=False/Unschedulable
     last_active: datetime | None = None  # last time the queue had any job
     last_saturated: datetime | None = None  # last time the queue needed every current replica
+    # The previous observation still had work (and needed every replica): the work ended
+    # between then and now, so the idle window starts now, not at that earlier look.
+    was_active: bool = False
+    was_saturated: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,11 @@ def decide(obs: Observation, now: datetime) -> Decision:
     if depth > 0:
         last_active = now
         if target >= current:
+            last_saturated = now
+    else:
+        if obs.was_active:
+            last_active = now
+        if obs.was_saturated:
             last_saturated = now
     what = _describe(q)
 

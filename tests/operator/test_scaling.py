@@ -28,6 +28,8 @@ def obs(
     last_active=None,
     last_saturated=None,
     queue=True,
+    was_active=False,
+    was_saturated=False,
     **scaling,
 ) -> Observation:
     s = Scaling(**{"max_replicas": 4, "idle_seconds": 60, **scaling})
@@ -40,6 +42,8 @@ def obs(
         unschedulable=unschedulable,
         last_active=last_active,
         last_saturated=last_saturated,
+        was_active=was_active,
+        was_saturated=was_saturated,
     )
 
 
@@ -104,6 +108,16 @@ def test_idle_window_survives_a_restart_through_status_times():
     # A fresh operator with no remembered times would scale down at once; the status times prevent it.
     kept = decide(obs(current=2, last_active=ago(5), last_saturated=ago(5)), NOW)
     assert kept.desired == 2
+
+
+def test_the_idle_window_starts_when_the_work_is_seen_ending():
+    # The last look with work was 50 s ago; now the queue is empty: the window starts now.
+    d = decide(
+        obs(current=1, last_active=ago(50), last_saturated=ago(50), was_active=True, was_saturated=True), NOW
+    )
+    assert d.desired == 1 and d.last_active == NOW and d.last_saturated == NOW
+    d = decide(obs(current=2, last_active=ago(50), last_saturated=ago(50), was_active=True), NOW)
+    assert d.last_active == NOW and d.last_saturated == ago(50)
 
 
 def test_scale_down_is_limited_per_decision():

@@ -1,0 +1,369 @@
+"""Fixtures for the operator's cluster tests.
+
+The operator runs as a real `remotegpu operator` process, logged in as a
+ServiceAccount bound to exactly the rules in operator/rbac.yaml (so a missing
+permission fails the tests), against the local control plane with KWOK GPU nodes.
+Queue depth comes from `QueueStub`, which serves only GET /internal/v1/queue
+(remotegpu.protocol.QueueSnapshot, version-based long-poll) as the gateway does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+from remotegpu.protocol import PREFIX, ModelQueue, QueueSnapshot
+from tests.fixtures.cluster import REPO, Kube
+
+TOKEN = "test-worker-token"
+RBAC = REPO / "operator" / "rbac.yaml"
+CRD = REPO / "crds" / "imagemodels.yaml"
+
+
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", every: float = 0.1
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class QueueStub:
+    """The gateway's GET /internal/v1/queue, and nothing else."""
+
+    def __init__(self) -> None:
+        self.version = 1
+        self.models: dict[str, ModelQueue] = {}
+        self.cond = threading.Condition()
+        self.requests = 0
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                url = urlparse(self.path)
+                if url.path != f"{PREFIX}/queue":
+                    self.send_error(404)
+                    return
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    self.send_error(401)
+                    return
+                q = parse_qs(url.query)
+                since = int(q["since"][0]) if "since" in q else None
+                wait = float(q.get("wait_seconds", ["0"])[0])
+                stub.requests += 1
+                with stub.cond:
+                    if since is not None:
+                        stub.cond.wait_for(lambda: stub.version > since, timeout=wait)
+                    body = QueueSnapshot(version=stub.version, models=dict(stub.models)).model_dump_json()
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def set(self, model: str, **fields: Any) -> float:
+        """Sets a model's queue; returns the monotonic time of the change."""
+        with self.cond:
+            self.models[model] = ModelQueue(**fields)
+            self.version += 1
+            self.cond.notify_all()
+            return time.monotonic()
+
+    def close(self) -> None:
+        with self.cond:
+            self.version += 1
+            self.cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class OperatorProc:
+    """One `remotegpu operator` process; stopped by its pid."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        kubeconfig: Path,
+        namespace: str,
+        gateway_url: str,
+        log: Path,
+        identity: str,
+        extra_env: dict[str, str] | None = None,
+    ):
+        self.port = free_port()
+        self.log = log
+        self.identity = identity
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "REMOTEGPU_WORKER_TOKEN": TOKEN,
+            "REMOTEGPU_OPERATOR_LEASE_SECONDS": "3",
+            "REMOTEGPU_OPERATOR_INTERVAL": "0.5",
+            "POD_NAME": identity,
+            **(extra_env or {}),
+        }
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        self._logf = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "remotegpu.cli",
+                "operator",
+                "--namespace",
+                namespace,
+                "--gateway-url",
+                gateway_url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        wait_for(self._healthy, 30, f"operator {identity} /healthz")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"operator exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        for line in self.metrics().splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric_name, _, label_text = head.partition("{")
+            if metric_name != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                return float(value)
+        return None
+
+    def is_leader(self) -> bool:
+        return self.metric("remotegpu_operator_leader") == 1.0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._logf.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def crd(kube: Kube) -> None:
+    kube.kubectl("apply", "-f", str(CRD))
+    kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
+    # The operator's rules, as written (ClusterRoles; bound per test namespace below).
+    kube.kubectl("apply", "-f", str(RBAC))
+
+
+def operator_kubeconfig(kube: Kube, namespace: str, out: Path) -> Path:
+    """A kubeconfig for a ServiceAccount bound to exactly operator/rbac.yaml in `namespace`."""
+    sa = "remotegpu-operator"
+    kube.kubectl("create", "serviceaccount", sa, "-n", namespace)
+    for role in ("remotegpu-operator", "remotegpu-operator-leader-election"):
+        kube.kubectl(
+            "create",
+            "rolebinding",
+            role,
+            "-n",
+            namespace,
+            f"--clusterrole={role}",
+            f"--serviceaccount={namespace}:{sa}",
+        )
+    token = kube.kubectl("create", "token", sa, "-n", namespace, "--duration=2h").stdout.strip()
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    cfg = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "local", "cluster": cluster}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "op", "context": {"cluster": "local", "user": sa, "namespace": namespace}}],
+        "current-context": "op",
+    }  # fmt: skip
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+@pytest.fixture
+def queue() -> Iterator[QueueStub]:
+    stub = QueueStub()
+    yield stub
+    stub.close()
+
+
+class Operators:
+    """Starts operator processes for one test namespace and stops all of them afterwards."""
+
+    def __init__(self, kube: Kube, namespace: str, tmp: Path, gateway_url: str):
+        self.kube, self.namespace, self.tmp, self.gateway_url = kube, namespace, tmp, gateway_url
+        self.kubeconfig = operator_kubeconfig(kube, namespace, tmp / "operator.kubeconfig")
+        self.procs: list[OperatorProc] = []
+
+    def start(self, identity: str | None = None, **env: str) -> OperatorProc:
+        identity = identity or f"op-{len(self.procs)}"
+        p = OperatorProc(
+            self.kube,
+            self.kubeconfig,
+            self.namespace,
+            self.gateway_url,
+            self.tmp / f"{identity}.log",
+            identity,
+            env,
+        )
+        self.procs.append(p)
+        return p
+
+    def leader(self, timeout: float = 20) -> OperatorProc:
+        return wait_for(
+            lambda: next((p for p in self.procs if p.proc.poll() is None and p.is_leader()), None),
+            timeout,
+            "a leader",
+        )
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.identity}\n{p.log.read_text()[-6000:]}" for p in self.procs)
+
+    def close(self) -> None:
+        # Delete ImageModels while an operator still runs (kopf's finalizer), then stop every process.
+        if any(p.proc.poll() is None for p in self.procs):
+            self.kube.kubectl(
+                "delete", "imagemodels", "--all", "-n", self.namespace, "--timeout=30s", check=False
+            )
+        for p in self.procs:
+            p.stop()
+        left = self.kube.kubectl(
+            "get", "imagemodels", "-n", self.namespace, "-o", "name", check=False
+        ).stdout.split()
+        for name in left:  # an operator that died: drop the finalizer so the namespace can go
+            self.kube.kubectl(
+                "patch",
+                name,
+                "-n",
+                self.namespace,
+                "--type=merge",
+                "-p",
+                '{"metadata":{"finalizers":null}}',
+                check=False,
+            )
+
+
+@pytest.fixture
+def operators(
+    kube: Kube, crd: None, namespace: str, tmp_path: Path, queue: QueueStub, request: pytest.FixtureRequest
+) -> Iterator[Operators]:
+    ops = Operators(kube, namespace, tmp_path, queue.url)
+    yield ops
+    failed = getattr(request.node, "rep_call", None)
+    ops.close()
+    if failed is not None and failed.failed:
+        print(ops.logs())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    rep = yield
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]
+    return rep
+
+
+def imagemodel(name: str, model: str, **overrides: Any) -> dict[str, Any]:
+    """A small valid ImageModel; `overrides` replace top-level spec keys."""
+    spec: dict[str, Any] = {
+        "model": model,
+        "architecture": "flux1",
+        "parameters": {
+            "prompt": {"maxLength": 1024},
+            "size": {"default": {"width": 512, "height": 512}},
+            "steps": {"default": 4},
+            "guidance": {"default": 0.0},
+        },
+        "weights": {"source": "tiny/flux1", "random": True},
+        "worker": {"image": "example.invalid/worker:test", "gpu": {"count": 1}},
+        "scaling": {"maxReplicas": 2, "idleSeconds": 3},
+    }
+    spec.update(overrides)
+    return {
+        "apiVersion": "remotegpu.ai/v1alpha1",
+        "kind": "ImageModel",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def apply(kube: Kube, namespace: str, obj: dict[str, Any]) -> None:
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
+
+
+def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    out = kube.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c
+    return {}
+
+
+def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    out = kube.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+    return out["items"]

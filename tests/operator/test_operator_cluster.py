@@ -1,0 +1,401 @@
+"""The operator against the local control plane: real API server, scheduler, controllers, KWOK GPU nodes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.fixtures.cluster import Kube
+from tests.operator.conftest import (
+    Operators,
+    QueueStub,
+    apply,
+    condition,
+    events,
+    get,
+    imagemodel,
+    wait_for,
+)
+
+pytestmark = pytest.mark.cluster
+
+KWOK_DELAY = "pod-ready.stage.kwok.x-k8s.io/delay"
+
+
+def dep_name(name: str) -> str:
+    return f"{name}-worker"
+
+
+def replicas_of(kube: Kube, ns: str, name: str) -> int | None:
+    d = get(kube, ns, "deployment", dep_name(name))
+    return None if d is None else d["spec"]["replicas"]
+
+
+def state_of(kube: Kube, ns: str, name: str) -> str | None:
+    im = get(kube, ns, "imagemodel", name)
+    return ((im or {}).get("status") or {}).get("state")
+
+
+def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, operators: Operators):
+    operators.start()
+    apply(kube, namespace, imagemodel("m1", "test/sleepy"))
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "m1")) and (o.get("status") or {}).get("state") and o
+        ),
+        30,
+        "status",
+    )
+    assert im["status"]["state"] == "sleeping"
+    assert im["status"]["desiredReplicas"] == 0 and im["status"]["queueDepth"] == 0
+    assert im["status"]["observedGeneration"] == im["metadata"]["generation"]
+    assert condition(im, "Ready")["reason"] == "Sleeping"
+    assert im["status"]["selector"] == "app.kubernetes.io/name=remotegpu-worker,remotegpu.ai/imagemodel=m1"
+    d = get(kube, namespace, "deployment", "m1-worker")
+    assert d is not None and d["spec"]["replicas"] == 0
+    ref = d["metadata"]["ownerReferences"][0]
+    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+        "ImageModel",
+        "m1",
+        im["metadata"]["uid"],
+        True,
+    )
+    # kubectl shows the printer columns.
+    table = kube.kubectl("get", "imagemodels", "-n", namespace).stdout
+    assert "sleeping" in table and "test/sleepy" in table
+
+
+def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    op = operators.start()
+    apply(
+        kube,
+        namespace,
+        imagemodel(
+            "m2",
+            "test/wake",
+            worker={
+                "image": "example.invalid/worker:test",
+                "gpu": {"count": 1},
+                "podAnnotations": {KWOK_DELAY: "3000"},
+            },
+        ),
+    )
+    wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 30, "sleeping")
+    t0 = queue.set("test/wake", warming=1)
+    wait_for(lambda: replicas_of(kube, namespace, "m2") == 1, 10, "replicas 1")
+    reacted = time.monotonic() - t0
+    assert reacted < 5, f"scale-up took {reacted:.2f}s"
+    wait_for(lambda: state_of(kube, namespace, "m2") == "starting", 10, "starting")
+    im = get(kube, namespace, "imagemodel", "m2")
+    assert im["status"]["queue"]["warming"] == 1 and im["status"]["queueDepth"] == 1
+    assert condition(im, "Ready")["reason"] == "WorkersStarting"
+    wait_for(lambda: state_of(kube, namespace, "m2") == "ready", 20, "ready")
+    im = get(kube, namespace, "imagemodel", "m2")
+    assert im["status"]["readyReplicas"] == 1 and condition(im, "Ready")["status"] == "True"
+    assert op.metric("remotegpu_operator_ready_replicas", imagemodel="m2") == 1.0
+    assert op.metric("remotegpu_operator_model_state", imagemodel="m2", state="ready") == 1.0
+    # The job runs, then finishes; after the idle window (3 s) the model sleeps again.
+    queue.set("test/wake", running=1)
+    time.sleep(1)
+    queue.set("test/wake")
+    idle_from = time.monotonic()
+    time.sleep(1.5)
+    assert replicas_of(kube, namespace, "m2") == 1, "scaled down inside the idle window"
+    wait_for(lambda: replicas_of(kube, namespace, "m2") == 0, 15, "replicas 0")
+    assert time.monotonic() - idle_from >= 3
+    wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 10, "sleeping again")
+    reasons = [e["reason"] for e in events(kube, namespace, "m2")]
+    assert "ScaledUp" in reasons and "ScaledToZero" in reasons
+    assert (op.metric("remotegpu_operator_scale_decisions_total", imagemodel="m2", direction="up") or 0) >= 1
+
+
+def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, namespace, operators: Operators):
+    operators.start()
+    apply(kube, namespace, imagemodel("m3", "test/roll"))
+    wait_for(lambda: state_of(kube, namespace, "m3") == "sleeping", 30, "sleeping")
+    d0 = get(kube, namespace, "deployment", "m3-worker")
+    h0 = d0["metadata"]["annotations"]["remotegpu.ai/template-hash"]
+    # A scaling-only change must not restart workers.
+    kube.kubectl(
+        "patch",
+        "imagemodel",
+        "m3",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"scaling":{"maxReplicas":3}}}',
+    )
+    time.sleep(2)
+    d1 = get(kube, namespace, "deployment", "m3-worker")
+    assert d1["metadata"]["annotations"]["remotegpu.ai/template-hash"] == h0
+    assert d1["metadata"]["generation"] == d0["metadata"]["generation"]
+    # An image change rolls the pod template.
+    kube.kubectl(
+        "patch",
+        "imagemodel",
+        "m3",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"worker":{"image":"example.invalid/worker:v2"}}}',
+    )
+    d2 = wait_for(
+        lambda: (
+            (d := get(kube, namespace, "deployment", "m3-worker"))
+            and d["metadata"]["annotations"]["remotegpu.ai/template-hash"] != h0
+            and d
+        ),
+        20,
+        "new template",
+    )
+    assert d2["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/worker:v2"
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "m3"))
+            and o["status"].get("observedGeneration") == o["metadata"]["generation"]
+            and o
+        ),
+        20,
+        "observed",
+    )
+    assert im["metadata"]["generation"] >= 3
+    assert "DeploymentUpdated" in [e["reason"] for e in events(kube, namespace, "m3")]
+
+
+def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operators: Operators):
+    operators.start()
+    apply(kube, namespace, imagemodel("m4", "test/delete", replicas=1))
+    wait_for(lambda: state_of(kube, namespace, "m4") == "ready", 30, "ready (pinned 1)")
+    assert len(kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"]) == 1
+    kube.kubectl("delete", "imagemodel", "m4", "-n", namespace, "--timeout=30s")
+    wait_for(lambda: get(kube, namespace, "deployment", "m4-worker") is None, 30, "deployment gone")
+    wait_for(
+        lambda: not kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"],
+        30,
+        "pods gone",
+    )
+
+
+def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    operators.start()
+    # No node has 3 GPUs: the first pod can never be scheduled.
+    apply(
+        kube,
+        namespace,
+        imagemodel(
+            "m5",
+            "test/huge",
+            worker={"image": "example.invalid/worker:test", "gpu": {"count": 3}},
+            scaling={"maxReplicas": 4, "idleSeconds": 1, "scaleUpLimit": 4},
+        ),
+    )
+    wait_for(lambda: state_of(kube, namespace, "m5") == "sleeping", 30, "sleeping")
+    queue.set("test/huge", warming=4)
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "m5"))
+            and condition(o, "CapacityAvailable").get("status") == "False"
+            and o
+        ),
+        30,
+        "capacity condition",
+    )
+    cap = condition(im, "CapacityAvailable")
+    assert cap["reason"] == "InsufficientGPU", cap
+    assert "Insufficient nvidia.com/gpu" in cap["message"]
+    assert im["status"]["state"] == "starting" and condition(im, "Ready")["reason"] == "NoCapacity"
+    # Held: no pile of Pending pods, and never scaled to zero while jobs wait (idle window is 1 s).
+    first = replicas_of(kube, namespace, "m5")
+    assert first is not None and 1 <= first <= 4
+    gen = get(kube, namespace, "deployment", "m5-worker")["metadata"]["generation"]
+    time.sleep(4)
+    d = get(kube, namespace, "deployment", "m5-worker")
+    assert d["spec"]["replicas"] == first and d["metadata"]["generation"] == gen
+    assert any(
+        e["reason"] == "InsufficientGPU" and e["type"] == "Warning" for e in events(kube, namespace, "m5")
+    )
+
+
+def test_operator_restart_mid_scale_converges_without_duplicates(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    op = operators.start("op-a")
+    apply(
+        kube,
+        namespace,
+        imagemodel("m6", "test/restart", scaling={"maxReplicas": 3, "idleSeconds": 300, "scaleUpLimit": 1}),
+    )
+    wait_for(lambda: state_of(kube, namespace, "m6") == "sleeping", 30, "sleeping")
+    queue.set("test/restart", warming=3)
+    wait_for(lambda: (replicas_of(kube, namespace, "m6") or 0) >= 1, 10, "first step")
+    op.stop(signal.SIGKILL)  # mid-scale: no Lease release, no cleanup
+    operators.start("op-b")
+    wait_for(lambda: replicas_of(kube, namespace, "m6") == 3, 30, "converged to 3")
+    wait_for(lambda: state_of(kube, namespace, "m6") == "ready", 20, "ready")
+    deps = kube.get_json("deployments", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m6")["items"]
+    assert len(deps) == 1
+    rss = kube.get_json("replicasets", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m6")["items"]
+    assert len(rss) == 1, "the pod template changed across the restart"
+    # A restart changes nothing that is already right.
+    before = get(kube, namespace, "deployment", "m6-worker")["metadata"]["resourceVersion"]
+    operators.procs[-1].stop()
+    op_c = operators.start("op-c")
+    wait_for(
+        lambda: op_c.metric("remotegpu_operator_desired_replicas", imagemodel="m6") == 3.0,
+        30,
+        "op-c reconciled m6",
+    )
+    time.sleep(2)
+    assert get(kube, namespace, "deployment", "m6-worker")["metadata"]["resourceVersion"] == before
+
+
+def test_two_operators_do_not_fight(kube, namespace, operators: Operators, queue: QueueStub):
+    a = operators.start("op-a")
+    b = operators.start("op-b")
+    leader = operators.leader()
+    standby = b if leader is a else a
+    time.sleep(1)
+    assert not standby.is_leader()
+    lease = kube.get_json("lease", "remotegpu-operator", "-n", namespace)
+    assert lease["spec"]["holderIdentity"] == leader.identity
+    apply(kube, namespace, imagemodel("m7", "test/pair", scaling={"maxReplicas": 2, "idleSeconds": 300}))
+    wait_for(lambda: state_of(kube, namespace, "m7") == "sleeping", 30, "sleeping")
+    gen0 = get(kube, namespace, "deployment", "m7-worker")["metadata"]["generation"]
+    queue.set("test/pair", warming=1)
+    wait_for(lambda: replicas_of(kube, namespace, "m7") == 1, 10, "replicas 1")
+    time.sleep(3)
+    d = get(kube, namespace, "deployment", "m7-worker")
+    assert d["spec"]["replicas"] == 1 and d["metadata"]["generation"] == gen0 + 1, (
+        "more than one replica write"
+    )
+    # The leader goes away; the standby takes over (released Lease: at once) and acts on the queue.
+    leader.stop()
+    wait_for(standby.is_leader, 15, "standby takes over")
+    assert (
+        kube.get_json("lease", "remotegpu-operator", "-n", namespace)["spec"]["holderIdentity"]
+        == standby.identity
+    )
+    queue.set("test/pair", warming=2)
+    wait_for(lambda: replicas_of(kube, namespace, "m7") == 2, 15, "replicas 2 by the new leader")
+
+
+def test_scale_down_takes_idle_pods_and_spares_busy_ones(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    operators.start()
+    apply(kube, namespace, imagemodel("m8", "test/busy", scaling={"maxReplicas": 2, "idleSeconds": 2}))
+    wait_for(lambda: state_of(kube, namespace, "m8") == "sleeping", 30, "sleeping")
+    queue.set("test/busy", warming=2)
+    wait_for(
+        lambda: get(kube, namespace, "imagemodel", "m8")["status"].get("readyReplicas") == 2, 30, "2 ready"
+    )
+    names = sorted(
+        p["metadata"]["name"]
+        for p in kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m8")["items"]
+    )
+    busy = names[1]
+    queue.set("test/busy", running=1, busy_workers=[busy])
+
+    def cost(pod: str) -> str | None:
+        p = get(kube, namespace, "pod", pod)
+        return ((p or {}).get("metadata", {}).get("annotations") or {}).get(
+            "controller.kubernetes.io/pod-deletion-cost"
+        )
+
+    wait_for(lambda: cost(busy) == "1000", 10, "busy pod marked")
+    assert cost(names[0]) in (None, "0")
+    wait_for(lambda: replicas_of(kube, namespace, "m8") == 1, 20, "scale down to the busy one")
+    wait_for(
+        lambda: (
+            [
+                p["metadata"]["name"]
+                for p in kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m8")["items"]
+            ]
+            == [busy]
+        ),
+        30,
+        "idle pod removed",
+    )
+    time.sleep(3)
+    assert replicas_of(kube, namespace, "m8") == 1, "a running job's worker was scaled away"
+
+
+def test_pinned_replicas_through_the_scale_subresource(kube, namespace, operators: Operators):
+    operators.start()
+    apply(kube, namespace, imagemodel("m9", "test/pin"))
+    wait_for(lambda: state_of(kube, namespace, "m9") == "sleeping", 30, "sleeping")
+    kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=2")
+    wait_for(lambda: replicas_of(kube, namespace, "m9") == 2, 10, "pinned 2")
+    wait_for(
+        lambda: get(kube, namespace, "imagemodel", "m9")["status"].get("readyReplicas") == 2, 20, "2 ready"
+    )
+    scale = json.loads(
+        kube.kubectl(
+            "get", "--raw", f"/apis/remotegpu.ai/v1alpha1/namespaces/{namespace}/imagemodels/m9/scale"
+        ).stdout
+    )
+    assert scale["spec"]["replicas"] == 2 and scale["status"]["replicas"] == 2
+    assert scale["status"]["selector"] == "app.kubernetes.io/name=remotegpu-worker,remotegpu.ai/imagemodel=m9"
+    # Unpinning hands the count back to the autoscaler (empty queue, idle window 3 s: to zero).
+    kube.kubectl(
+        "patch",
+        "imagemodel",
+        "m9",
+        "-n",
+        namespace,
+        "--type=json",
+        "-p",
+        '[{"op":"remove","path":"/spec/replicas"}]',
+    )
+    wait_for(lambda: replicas_of(kube, namespace, "m9") == 0, 20, "back to the autoscaler")
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        (
+            {"scaling": {"minReplicas": 3, "maxReplicas": 1}},
+            "scaling.minReplicas must be <= scaling.maxReplicas",
+        ),
+        ({"architecture": "sdxl"}, "Unsupported value"),
+        (
+            {
+                "parameters": {
+                    "prompt": {"maxLength": 10},
+                    "size": {"default": {"width": 640, "height": 640}},
+                    "steps": {"default": 4},
+                    "guidance": {"default": 0.0},
+                }
+            },
+            "size.default must be",
+        ),
+        (
+            {
+                "parameters": {
+                    "prompt": {"maxLength": 10},
+                    "size": {"default": {"width": 512, "height": 512}},
+                    "steps": {"default": 50, "max": 10},
+                    "guidance": {"default": 0.0},
+                }
+            },
+            "steps must satisfy min <= default <= max",
+        ),
+        ({"worker": {"gpu": {"count": -1}}}, "should be greater than or equal to 0"),
+        ({"replicas": -2}, "should be greater than or equal to 0"),
+    ],
+)
+def test_invalid_imagemodels_are_rejected_by_the_api_server(kube, namespace, crd, patch, message):
+    obj = imagemodel("bad", "test/bad", **patch)
+    out = kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr
+    assert get(kube, namespace, "imagemodel", "bad") is None

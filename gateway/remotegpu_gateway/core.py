@@ -83,6 +83,7 @@ class Gateway:
         self.metrics = Metrics()
         self.metrics.add_queue_collector(self.queue_snapshot, self._states)
         self.registry.on_change(lambda: self.notifier.bump())
+        self.registry.on_change(self.metrics.track_cold_starts(self._states))
         self.catalog.on_change(lambda: self.notifier.bump())
         self._tasks: list[asyncio.Task[Any]] = []
         self._stats_cache: tuple[float, dict[str, Any]] = (0.0, {})

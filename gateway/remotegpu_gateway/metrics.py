@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -43,6 +44,38 @@ class _QueueCollector(Collector):
         return [depth, oldest, runtime]
 
 
+class ColdStartTracker:
+    """Observes `remotegpu_model_cold_start_seconds`: how long a model stays `starting`
+    (workers wanted, none ready) before its first worker is ready. Call `update()`
+    whenever a model's runtime state may have changed (the runtime registry's on_change)."""
+
+    def __init__(self, histogram: Histogram, states: Callable[[], dict[str, str]]):
+        self._histogram = histogram
+        self._states = states
+        self._since: dict[str, float] = {}
+        self._last: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def update(self) -> None:
+        states = self._states()
+        with self._lock:
+            self._update(states, time.monotonic())
+
+    def _update(self, states: dict[str, str], now: float) -> None:
+        for model, state in states.items():
+            if state == self._last.get(model):
+                continue
+            self._last[model] = state
+            if state == "starting":
+                self._since.setdefault(model, now)
+            elif state == "ready":
+                started = self._since.pop(model, None)
+                if started is not None:
+                    self._histogram.labels(model).observe(now - started)
+            else:
+                self._since.pop(model, None)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -57,6 +90,13 @@ class Metrics:
         self.job_run = Histogram(
             "remotegpu_job_run_seconds", "Time in running until finished", ["model"], buckets=JOB_BUCKETS, registry=r
         )
+        self.cold_start = Histogram(
+            "remotegpu_model_cold_start_seconds",
+            "Time a model spent starting (workers wanted, none ready) until its first ready worker",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
         self.http_requests = Counter(
             "remotegpu_http_requests", "HTTP requests by route, method and code", ["route", "method", "code"], registry=r
         )
@@ -70,6 +110,10 @@ class Metrics:
 
     def add_queue_collector(self, snapshot: Callable[[], QueueSnapshot], states: Callable[[], dict[str, str]]) -> None:
         self.registry.register(_QueueCollector(snapshot, states))
+
+    def track_cold_starts(self, states: Callable[[], dict[str, str]]) -> Callable[[], None]:
+        """The callback to register with the runtime registry's on_change."""
+        return ColdStartTracker(self.cold_start, states).update
 
     def finished(self, model: str, status: str, started_at: float | None, completed_at: float | None) -> None:
         self.jobs_finished.labels(model, status).inc()

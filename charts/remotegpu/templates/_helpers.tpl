@@ -17,17 +17,136 @@
 {{- end }}
 {{- end }}
 
+{{/* Name of one component's objects: fullname-component (component names are short). */}}
+{{- define "remotegpu.componentName" -}}
+{{- printf "%s-%s" (include "remotegpu.fullname" .root | trunc 50 | trimSuffix "-") .component }}
+{{- end }}
+
+{{/* Chart label value. */}}
+{{- define "remotegpu.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{/* Common labels (app.kubernetes.io/*). */}}
 {{- define "remotegpu.labels" -}}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+helm.sh/chart: {{ include "remotegpu.chart" . }}
 {{ include "remotegpu.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: remotegpu
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Selector labels. */}}
 {{- define "remotegpu.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "remotegpu.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of one component: (dict "root" $ "component" "gateway"). */}}
+{{- define "remotegpu.componentLabels" -}}
+{{ include "remotegpu.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Selector labels of one component. */}}
+{{- define "remotegpu.componentSelectorLabels" -}}
+{{ include "remotegpu.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "remotegpu.gateway.fullname" -}}
+{{ include "remotegpu.componentName" (dict "root" . "component" "gateway") }}
+{{- end }}
+
+{{- define "remotegpu.operator.fullname" -}}
+{{ include "remotegpu.componentName" (dict "root" . "component" "operator") }}
+{{- end }}
+
+{{- define "remotegpu.postgresql.fullname" -}}
+{{ include "remotegpu.componentName" (dict "root" . "component" "postgresql") }}
+{{- end }}
+
+{{/* ServiceAccount names. */}}
+{{- define "remotegpu.gateway.serviceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "remotegpu.gateway.fullname" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "remotegpu.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "remotegpu.operator.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator's leader-election Lease (its Role may touch only this one). */}}
+{{- define "remotegpu.operator.leaseName" -}}
+{{ include "remotegpu.operator.fullname" . }}
+{{- end }}
+
+{{/* Images: repository:tag, the tag defaulting to the chart's appVersion. */}}
+{{- define "remotegpu.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "remotegpu.workerImage" -}}
+{{- printf "%s:%s" .Values.workerImage.repository (default .Chart.AppVersion .Values.workerImage.tag) }}
+{{- end }}
+
+{{- define "remotegpu.postgresql.image" -}}
+{{- printf "%s:%s" .Values.postgresql.image.repository .Values.postgresql.image.tag }}
+{{- end }}
+
+{{/* Secrets: the worker token (name and key). */}}
+{{- define "remotegpu.workerToken.secretName" -}}
+{{- if .Values.workerToken.existingSecret }}
+{{- .Values.workerToken.existingSecret }}
+{{- else }}
+{{- include "remotegpu.componentName" (dict "root" . "component" "worker-token") }}
+{{- end }}
+{{- end }}
+
+{{- define "remotegpu.workerToken.secretKey" -}}
+{{- if .Values.workerToken.existingSecret }}{{ .Values.workerToken.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{/* Secrets: the database URL (name and key). */}}
+{{- define "remotegpu.database.secretName" -}}
+{{- if .Values.database.existingSecret }}
+{{- .Values.database.existingSecret }}
+{{- else }}
+{{- include "remotegpu.componentName" (dict "root" . "component" "database") }}
+{{- end }}
+{{- end }}
+
+{{- define "remotegpu.database.secretKey" -}}
+{{- if .Values.database.existingSecret }}{{ .Values.database.existingSecretKey }}{{ else }}url{{ end }}
+{{- end }}
+
+{{/* The gateway's in-cluster URL: what the operator and the workers call. */}}
+{{- define "remotegpu.gateway.internalUrl" -}}
+{{- printf "http://%s.%s.svc:%d" (include "remotegpu.gateway.fullname" .) .Release.Namespace (int .Values.gateway.service.port) }}
+{{- end }}
+
+{{/* The result volume's claim name. */}}
+{{- define "remotegpu.results.claimName" -}}
+{{- default (include "remotegpu.componentName" (dict "root" . "component" "results")) .Values.results.persistence.existingClaim }}
+{{- end }}
+
+{{/* Checks that the database settings name exactly one source. */}}
+{{- define "remotegpu.database.validate" -}}
+{{- $sources := 0 }}
+{{- if .Values.database.url }}{{ $sources = add1 $sources }}{{ end }}
+{{- if .Values.database.existingSecret }}{{ $sources = add1 $sources }}{{ end }}
+{{- if .Values.postgresql.enabled }}{{ $sources = add1 $sources }}{{ end }}
+{{- if ne (int $sources) 1 }}
+{{- fail "set exactly one database: database.url, database.existingSecret, or postgresql.enabled=true (the bundled single-instance PostgreSQL)" }}
+{{- end }}
 {{- end }}

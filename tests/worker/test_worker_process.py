@@ -1,0 +1,179 @@
+"""`remotegpu worker` as a real process: readiness, metrics, SIGTERM drain, SIGKILL mid-job."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.worker.conftest import (
+    REMOTEGPU,
+    WORKER_TOKEN,
+    Proc,
+    RunningGateway,
+    base_env,
+    free_port,
+    png_size,
+    wait_http,
+)
+from tests.worker.test_loop import TINY, LoopThread, wait_running
+
+
+def start_worker(
+    procs: Callable[..., Proc], gw: RunningGateway, data_dir: Path, log: Path, **env: str
+) -> tuple[Proc, str]:
+    port = free_port()
+    p = procs(
+        [
+            REMOTEGPU,
+            "worker",
+            "--model",
+            TINY,
+            "--gateway-url",
+            gw.url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+        ],
+        base_env(
+            REMOTEGPU_WORKER_TOKEN=WORKER_TOKEN,
+            REMOTEGPU_LEASE_WAIT_SECONDS="1",
+            REMOTEGPU_HEARTBEAT_SECONDS="0.5",
+            REMOTEGPU_DEVICE="cpu",
+            **env,
+        ),
+        log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/readyz", 120, p)
+    return p, url
+
+
+def test_sigterm_finishes_the_current_job_then_exits(
+    procs: Callable[..., Proc], gateway: RunningGateway, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    p, url = start_worker(procs, gateway, tiny_data_dir, tmp_path / "worker.log")
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'remotegpu_worker_model_load_seconds{model="remotegpu/tiny-random-flux1"}' in metrics
+    assert 'remotegpu_worker_ready{model="remotegpu/tiny-random-flux1"} 1.0' in metrics
+
+    job_id = gateway.submit(TINY, "drain me gently", steps=40, size={"width": 1024, "height": 1024})
+    wait_running(gateway, job_id)
+    p.signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0, p.log()[-3000:]
+    job = gateway.job(job_id)
+    assert job["status"] == "succeeded", (job, p.log()[-3000:])
+    assert png_size(gateway.result(job_id)) == (1024, 1024)
+    assert "draining" in p.log()
+
+
+def test_sigterm_past_the_grace_hands_the_job_back(
+    procs: Callable[..., Proc], gateway: RunningGateway, tiny_data_dir: Path, tmp_path: Path, engines: Any
+) -> None:
+    # The catalog entry comes from $REMOTEGPU_MODEL_SPEC here (as the operator passes it).
+    import json
+
+    from remotegpu.catalog import load_models_file
+
+    entry = next(m for m in load_models_file() if m.spec.model == TINY)
+    p, _ = start_worker(
+        procs,
+        gateway,
+        tiny_data_dir,
+        tmp_path / "worker.log",
+        REMOTEGPU_DRAIN_GRACE_SECONDS="0.5",
+        REMOTEGPU_MODEL_SPEC=json.dumps(entry.to_resource()),
+    )
+    job_id = gateway.submit(TINY, "hand me back", steps=50, size={"width": 1024, "height": 1024})
+    wait_running(gateway, job_id)
+    p.signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0, p.log()[-3000:]
+    record = gateway.gw.store.get_job(job_id, None)
+    assert record.status == "pending", record  # back in the queue, not lost, no attempt used
+    assert record.attempt == 0
+    lt = LoopThread(engines("flux1"), gateway)
+    try:
+        assert (
+            gateway.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=120)["status"] == "succeeded"
+        )
+    finally:
+        lt.stop()
+
+
+def test_sigkill_mid_job_the_job_completes_after_lease_expiry(
+    procs: Callable[..., Proc],
+    gateway_factory: Callable[..., RunningGateway],
+    tiny_data_dir: Path,
+    tmp_path: Path,
+    engines: Any,
+) -> None:
+    gw = gateway_factory(lease_ttl=3.0)
+    p, _ = start_worker(procs, gw, tiny_data_dir, tmp_path / "worker.log")
+    job_id = gw.submit(TINY, "survive a crash", steps=50, size={"width": 1024, "height": 1024}, seed=3)
+    wait_running(gw, job_id)
+    p.signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    killed_at = time.monotonic()
+    # Nobody renews the lease: the gateway re-queues the job after the TTL ...
+    deadline = time.monotonic() + 30
+    while gw.gw.store.get_job(job_id, None).status == "running":
+        assert time.monotonic() < deadline, "lease never expired"
+        time.sleep(0.1)
+    assert time.monotonic() - killed_at < 10
+    # ... and a healthy worker completes it (second attempt).
+    lt = LoopThread(engines("flux1"), gw)
+    try:
+        job = gw.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
+        assert job["status"] == "succeeded", job
+        assert gw.gw.store.get_job(job_id, None).attempt == 2
+        assert png_size(gw.result(job_id)) == (1024, 1024)
+    finally:
+        lt.stop()
+
+
+def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
+    import subprocess
+
+    r = subprocess.run(
+        [
+            REMOTEGPU,
+            "worker",
+            "--model",
+            "no/such-model",
+            "--gateway-url",
+            "http://127.0.0.1:9",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        env=base_env(REMOTEGPU_WORKER_TOKEN="x"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "not in" in r.stderr
+    spec = '{"model": "remotegpu/x", "architecture": "flux1"}'
+    r = subprocess.run(
+        [
+            REMOTEGPU,
+            "worker",
+            "--model",
+            "remotegpu/x",
+            "--gateway-url",
+            "http://127.0.0.1:9",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        env=base_env(REMOTEGPU_WORKER_TOKEN="x", REMOTEGPU_MODEL_SPEC=spec),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "parameters" in r.stderr

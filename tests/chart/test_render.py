@@ -1,0 +1,532 @@
+"""The chart without a cluster: lint, rendering with varied values, the schema, and the
+contracts it shares with the rest of the repository (CRD, catalog, operator RBAC)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from remotegpu.catalog import ImageModelSpec, load_models_file
+from tests.chart.helm import (
+    CHART,
+    REPO,
+    dashboards,
+    find,
+    kube_version,
+    one,
+    render,
+    run_helm,
+    template,
+)
+
+PRESETS = ["flux-1-schnell", "flux-1-kontext-dev", "flux-1-dev", "flux-2-klein-9b", "flux-2-dev"]
+MONITORING_ON = {
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+        "podMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "additionalAlertLabels": {"team": "imaging"}},
+    }
+}
+
+
+def secret_value(obj: dict, key: str) -> str:
+    return base64.b64decode(obj["data"][key]).decode()
+
+
+def env_of(deploy: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+# ---- lint and the files shared with the repository -------------------------------------
+
+
+@pytest.mark.parametrize("values", [{}, MONITORING_ON, {"gateway": {"ingress": {"enabled": True}}}])
+def test_helm_lint_strict(values, tmp_path: Path):
+    args = ["lint", str(CHART), "--strict", "--kube-version", kube_version()]
+    if values:
+        (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
+        args += ["-f", str(tmp_path / "v.yaml")]
+    out = run_helm(*args)
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_chart_crd_is_the_repository_crd():
+    assert (CHART / "crds" / "imagemodels.yaml").read_bytes() == (REPO / "crds" / "imagemodels.yaml").read_bytes()
+
+
+def test_chart_catalog_is_the_repository_catalog():
+    """The presets are rendered from files/models.yaml: the very file the embedded default serves."""
+    assert (CHART / "files" / "models.yaml").read_bytes() == (REPO / "remotegpu" / "models.yaml").read_bytes()
+
+
+def test_values_schema_is_valid_json_and_closed():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+
+    def closed(node: dict, path: str) -> None:
+        props = node.get("properties")
+        if props is not None and node.get("type") == "object":
+            assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+            for k, v in props.items():
+                closed(v, f"{path}.{k}")
+        if isinstance(node.get("items"), dict):
+            closed(node["items"], f"{path}[]")
+
+    closed(schema, "values")
+
+
+def test_every_value_is_documented():
+    """helm-docs style: each leaf key in values.yaml has a `# --` comment above it (or above its parent)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("- ") or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        # documented if the previous non-blank line is a `# --` comment at the same indent,
+        # or an ancestor key (lower indent) is documented that way
+        j, doc_found = i - 1, False
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        if j >= 0 and lines[j].strip().startswith("# --"):
+            doc_found = True
+        if not doc_found:
+            value = stripped.split(":", 1)[1].strip()
+            if value == "":  # a section: its keys carry the docs
+                continue
+            # a leaf inside a documented parent map (e.g. resources.requests.cpu)
+            k = i - 1
+            while k >= 0:
+                prev = lines[k]
+                if prev.strip() and not prev.strip().startswith("#"):
+                    pind = len(prev) - len(prev.lstrip())
+                    if pind < indent:
+                        kk = k - 1
+                        while kk >= 0 and lines[kk].strip().startswith("#") and not lines[kk].strip().startswith("# --"):
+                            kk -= 1
+                        if kk >= 0 and lines[kk].strip().startswith("# --"):
+                            doc_found = True
+                            break
+                        indent = pind
+                        if pind == 0:
+                            break
+                k -= 1
+        if not doc_found:
+            undocumented.append(f"{i + 1}: {stripped}")
+    assert not undocumented, "values without a `# --` description:\n" + "\n".join(undocumented)
+
+
+# ---- default rendering -----------------------------------------------------------------
+
+
+def test_defaults_render_every_component(tmp_path: Path):
+    objs = render()
+    kinds = sorted({o["kind"] for o in objs})
+    assert kinds == sorted(
+        ["ConfigMap", "Deployment", "ImageModel", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret",
+         "Service", "ServiceAccount", "StatefulSet"]
+    )  # fmt: skip
+    names = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    for want in [
+        ("Deployment", "remotegpu-gateway"), ("Deployment", "remotegpu-operator"),
+        ("Service", "remotegpu-gateway"), ("Service", "remotegpu-operator-metrics"),
+        ("Service", "remotegpu-postgresql"), ("StatefulSet", "remotegpu-postgresql"),
+        ("Secret", "remotegpu-worker-token"), ("Secret", "remotegpu-database"), ("Secret", "remotegpu-postgresql"),
+        ("PersistentVolumeClaim", "remotegpu-results"),
+        ("ServiceAccount", "remotegpu-gateway"), ("ServiceAccount", "remotegpu-operator"),
+        ("Role", "remotegpu-operator"), ("Role", "remotegpu-operator-leader-election"), ("Role", "remotegpu-gateway"),
+    ]:  # fmt: skip
+        assert want in names, want
+    assert not find(objs, "Ingress")
+    for o in objs:
+        assert o["metadata"]["namespace"] == "imaging", o["metadata"]["name"]
+        labels = o["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "remotegpu"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/part-of"] == "remotegpu"
+        assert labels["helm.sh/chart"] == "remotegpu-0.1.0"
+
+
+def test_release_name_prefixes_every_object():
+    objs = render(release="imgs")
+    for o in objs:
+        if o["kind"] != "ImageModel":  # presets keep the catalog's resource names
+            assert o["metadata"]["name"].startswith("imgs-remotegpu"), o["metadata"]["name"]
+
+
+def test_gateway_wiring():
+    objs = render()
+    gw = one(objs, "Deployment", "remotegpu-gateway")
+    pod = gw["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "ghcr.io/remotegpu/remotegpu:0.1.0"
+    assert c["args"][:2] == ["gateway", "--host=0.0.0.0"] and "--namespace=imaging" in c["args"]
+    env = env_of(gw)
+    assert env["REMOTEGPU_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-database", "key": "url"}
+    assert env["REMOTEGPU_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-worker-token", "key": "token"}
+    assert env["REMOTEGPU_RESULTS_DIR"]["value"] == "/data/results"
+    assert "REMOTEGPU_PUBLIC_URL" not in env
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "remotegpu-results"
+    assert gw["spec"]["strategy"]["type"] == "Recreate"  # a ReadWriteOnce volume
+    assert pod["serviceAccountName"] == "remotegpu-gateway"
+    probes = {k: c[k]["httpGet"]["path"] for k in ("livenessProbe", "readinessProbe")}
+    assert probes == {"livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    svc = one(objs, "Service", "remotegpu-gateway")
+    assert svc["spec"]["selector"] == gw["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["port"] == 8000
+    role = one(objs, "Role", "remotegpu-gateway")
+    assert role["rules"] == [{"apiGroups": ["remotegpu.ai"], "resources": ["imagemodels"], "verbs": ["get", "list", "watch"]}]
+
+
+def test_operator_wiring():
+    objs = render()
+    op = one(objs, "Deployment", "remotegpu-operator")
+    c = op["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][0] == "operator"
+    assert "--namespace=imaging" in c["args"]
+    assert "--gateway-url=http://remotegpu-gateway.imaging.svc:8000" in c["args"]
+    env = env_of(op)
+    assert env["REMOTEGPU_WORKER_TOKEN_SECRET"]["value"] == "remotegpu-worker-token"
+    assert env["REMOTEGPU_WORKER_TOKEN_SECRET_KEY"]["value"] == "token"
+    assert env["REMOTEGPU_WORKER_GATEWAY_URL"]["value"] == "http://remotegpu-gateway.imaging.svc:8000"
+    assert env["REMOTEGPU_OPERATOR_LEASE_NAME"]["value"] == "remotegpu-operator"
+    assert env["REMOTEGPU_OPERATOR_LEADER_ELECT"]["value"] == "true"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert op["spec"]["template"]["spec"]["serviceAccountName"] == "remotegpu-operator"
+    metrics = one(objs, "Service", "remotegpu-operator-metrics")
+    assert metrics["spec"]["selector"] == op["spec"]["selector"]["matchLabels"]
+    # the two Deployments' selectors must not overlap
+    gw = one(objs, "Deployment", "remotegpu-gateway")
+    assert gw["spec"]["selector"]["matchLabels"] != op["spec"]["selector"]["matchLabels"]
+
+
+def _rules(rules: list[dict]) -> list[tuple]:
+    return sorted(
+        (tuple(r.get("apiGroups", [])), tuple(r.get("resources", [])), tuple(r.get("resourceNames", [])),
+         tuple(sorted(r.get("verbs", []))))
+        for r in rules
+    )  # fmt: skip
+
+
+def test_operator_rbac_equals_operator_rbac_yaml():
+    """The chart grants the operator exactly the rules its cluster tests run under."""
+    source = {d["metadata"]["name"]: d for d in yaml.safe_load_all((REPO / "operator" / "rbac.yaml").read_text()) if d}
+    objs = render()
+    assert _rules(one(objs, "Role", "remotegpu-operator")["rules"]) == _rules(source["remotegpu-operator"]["rules"])
+    assert _rules(one(objs, "Role", "remotegpu-operator-leader-election")["rules"]) == _rules(
+        source["remotegpu-operator-leader-election"]["rules"]
+    )
+    for name in ("remotegpu-operator", "remotegpu-operator-leader-election"):
+        rb = one(objs, "RoleBinding", name)
+        assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+        assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "remotegpu-operator", "namespace": "imaging"}]
+    # No cluster-wide grants at all.
+    assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
+
+
+def test_leader_election_off_drops_its_role(tmp_path: Path):
+    objs = render({"operator": {"leaderElection": False}}, tmp_path)
+    assert not find(objs, "Role", "remotegpu-operator-leader-election")
+    assert env_of(one(objs, "Deployment", "remotegpu-operator"))["REMOTEGPU_OPERATOR_LEADER_ELECT"]["value"] == "false"
+
+
+# ---- presets ---------------------------------------------------------------------------
+
+
+def _catalog_specs() -> dict[str, dict]:
+    return {m.name: m.spec.model_dump(mode="json") for m in load_models_file(CHART / "files" / "models.yaml")}
+
+
+def test_default_presets_equal_the_catalog_specs():
+    """With the default values each preset's spec is the catalog file's spec, field for field."""
+    catalog = _catalog_specs()
+    presets = find(render(), "ImageModel")
+    assert sorted(p["metadata"]["name"] for p in presets) == sorted(PRESETS)
+    for p in presets:
+        assert p["apiVersion"] == "remotegpu.ai/v1alpha1"
+        spec = ImageModelSpec.model_validate(p["spec"]).model_dump(mode="json")
+        assert spec == catalog[p["metadata"]["name"]], p["metadata"]["name"]
+    assert {catalog[n]["model"] for n in PRESETS} == {
+        "black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-Kontext-dev", "black-forest-labs/FLUX.1-dev",
+        "black-forest-labs/FLUX.2-klein-9B", "black-forest-labs/FLUX.2-dev",
+    }  # fmt: skip
+
+
+def test_presets_switch_and_override(tmp_path: Path):
+    values = {
+        "workerImage": {"repository": "registry.example/rg-worker", "tag": "7"},
+        "presets": {
+            "flux-1-dev": {"enabled": False},
+            "flux-2-dev": {"gpuCount": 2, "minReplicas": 1, "maxReplicas": 4},
+            "worker": {
+                "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+            },
+        },
+    }
+    presets = {p["metadata"]["name"]: p["spec"] for p in find(render(values, tmp_path), "ImageModel")}
+    assert sorted(presets) == sorted(set(PRESETS) - {"flux-1-dev"})
+    flux2 = presets["flux-2-dev"]
+    assert flux2["worker"]["gpu"]["count"] == 2
+    assert (flux2["scaling"]["minReplicas"], flux2["scaling"]["maxReplicas"]) == (1, 4)
+    catalog = _catalog_specs()
+    for name, spec in presets.items():
+        assert spec["worker"]["image"] == "registry.example/rg-worker:7"
+        assert spec["worker"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert spec["worker"]["env"][0]["name"] == "HF_TOKEN"
+        # everything the values do not touch is still the catalog's
+        parsed = ImageModelSpec.model_validate(spec).model_dump(mode="json")
+        for key in ("model", "architecture", "parameters", "weights", "serving"):
+            assert parsed[key] == catalog[name][key]
+    assert presets["flux-1-schnell"]["worker"]["gpu"]["count"] == 1
+
+
+def test_all_presets_off_renders_none(tmp_path: Path):
+    objs = render({"presets": {n: {"enabled": False} for n in PRESETS}}, tmp_path)
+    assert not find(objs, "ImageModel")
+    assert one(objs, "Deployment", "remotegpu-gateway")
+
+
+def test_preset_min_above_max_is_refused(tmp_path: Path):
+    out = template({"presets": {"flux-1-dev": {"minReplicas": 3, "maxReplicas": 1}}}, tmp_path, check=False)
+    assert out.returncode != 0 and "minReplicas (3) must not exceed maxReplicas (1)" in out.stderr
+
+
+# ---- secrets, database, storage ----------------------------------------------------------
+
+
+def test_generated_secrets_and_bundled_postgresql():
+    objs = render()
+    token = secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token")
+    assert len(token) >= 32
+    password = secret_value(one(objs, "Secret", "remotegpu-postgresql"), "password")
+    url = secret_value(one(objs, "Secret", "remotegpu-database"), "url")
+    assert url == f"postgresql://remotegpu:{password}@remotegpu-postgresql.imaging.svc:5432/remotegpu"
+    sts = one(objs, "StatefulSet", "remotegpu-postgresql")
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-postgresql", "key": "password"}
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    # Two renders generate different secrets: what keeps them across upgrades is `lookup`
+    # (exercised against the real API server in test_install.py).
+    assert secret_value(one(render(), "Secret", "remotegpu-worker-token"), "token") != token
+
+
+def test_given_worker_token_and_external_database(tmp_path: Path):
+    url = "postgresql://rg:s3cret@db.example:5432/rg"
+    objs = render(
+        {"workerToken": {"value": "tok-123"}, "database": {"url": url}, "postgresql": {"enabled": False}}, tmp_path
+    )
+    assert secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token") == "tok-123"
+    assert secret_value(one(objs, "Secret", "remotegpu-database"), "url") == url
+    assert not find(objs, "StatefulSet") and not find(objs, "Secret", "remotegpu-postgresql")
+    assert not find(objs, "Service", "remotegpu-postgresql")
+
+
+def test_existing_secrets_are_referenced_not_created(tmp_path: Path):
+    objs = render(
+        {
+            "workerToken": {"existingSecret": "my-token", "existingSecretKey": "t"},
+            "database": {"existingSecret": "my-db", "existingSecretKey": "dsn"},
+            "postgresql": {"enabled": False},
+            "gateway": {"existingSigningSecret": "my-signing", "publicUrl": "https://img.example"},
+        },
+        tmp_path,
+    )
+    assert not find(objs, "Secret")
+    env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
+    assert env["REMOTEGPU_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "my-db", "key": "dsn"}
+    assert env["REMOTEGPU_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-token", "key": "t"}
+    assert env["REMOTEGPU_SIGNING_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "my-signing", "key": "secret"}
+    assert env["REMOTEGPU_PUBLIC_URL"]["value"] == "https://img.example"
+    op_env = env_of(one(objs, "Deployment", "remotegpu-operator"))
+    assert op_env["REMOTEGPU_WORKER_TOKEN_SECRET"]["value"] == "my-token"
+    assert op_env["REMOTEGPU_WORKER_TOKEN_SECRET_KEY"]["value"] == "t"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"postgresql": {"enabled": False}},  # no database at all
+        {"database": {"url": "postgresql://a:b@c/d"}},  # an external URL and the bundled one
+    ],
+)
+def test_exactly_one_database_is_required(values, tmp_path: Path):
+    out = template(values, tmp_path, check=False)
+    assert out.returncode != 0 and "set exactly one database" in out.stderr
+
+
+def test_results_without_persistence_and_with_existing_claim(tmp_path: Path):
+    objs = render({"results": {"persistence": {"enabled": False}}, "gateway": {"replicaCount": 2}}, tmp_path)
+    assert not find(objs, "PersistentVolumeClaim")
+    gw = one(objs, "Deployment", "remotegpu-gateway")
+    assert {"name": "data", "emptyDir": {}} in gw["spec"]["template"]["spec"]["volumes"]
+    assert "strategy" not in gw["spec"] and gw["spec"]["replicas"] == 2
+    objs = render({"results": {"persistence": {"existingClaim": "shared", "accessModes": ["ReadWriteMany"]}}}, tmp_path)
+    assert not find(objs, "PersistentVolumeClaim")
+    gw = one(objs, "Deployment", "remotegpu-gateway")
+    vols = {v["name"]: v for v in gw["spec"]["template"]["spec"]["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "shared"
+    assert "strategy" not in gw["spec"]  # ReadWriteMany: rolling updates are fine
+
+
+def test_results_claim_settings(tmp_path: Path):
+    pvc = one(
+        render({"results": {"persistence": {"storageClass": "fast", "size": "10Gi", "keepOnUninstall": True}}}, tmp_path),
+        "PersistentVolumeClaim",
+    )
+    assert pvc["spec"]["storageClassName"] == "fast"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pvc = one(render({"results": {"persistence": {"storageClass": "-"}}}, tmp_path), "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == ""
+
+
+# ---- ingress, monitoring, dashboards -------------------------------------------------------
+
+
+def test_ingress(tmp_path: Path):
+    objs = render(
+        {
+            "gateway": {
+                "ingress": {
+                    "enabled": True,
+                    "className": "nginx",
+                    "hosts": [{"host": "img.example", "paths": [{"path": "/v1", "pathType": "Prefix"}]}],
+                    "tls": [{"secretName": "img-tls", "hosts": ["img.example"]}],
+                }
+            }
+        },
+        tmp_path,
+    )
+    ing = one(objs, "Ingress", "remotegpu-gateway")
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    rule = ing["spec"]["rules"][0]
+    assert rule["host"] == "img.example"
+    path = rule["http"]["paths"][0]
+    assert path["path"] == "/v1"
+    assert path["backend"]["service"] == {"name": "remotegpu-gateway", "port": {"number": 8000}}
+    assert ing["spec"]["tls"][0]["secretName"] == "img-tls"
+
+
+def test_monitoring_objects(tmp_path: Path):
+    objs = render(MONITORING_ON, tmp_path)
+    sms = {o["metadata"]["name"]: o for o in find(objs, "ServiceMonitor")}
+    assert sorted(sms) == ["remotegpu-gateway", "remotegpu-operator"]
+    for name, port in (("remotegpu-gateway", "http"), ("remotegpu-operator", "metrics")):
+        sm = sms[name]
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        assert sm["metadata"]["labels"]["release"] == "kps"
+        assert sm["spec"]["endpoints"][0]["port"] == port and sm["spec"]["endpoints"][0]["path"] == "/metrics"
+        # the ServiceMonitor selects exactly the Service whose port it names
+        svc = [
+            s for s in find(objs, "Service")
+            if all(s["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+        ]  # fmt: skip
+        assert len(svc) == 1 and port in [p["name"] for p in svc[0]["spec"]["ports"]], name
+    pm = one(objs, "PodMonitor")
+    # the worker pods the operator creates carry these labels and this port name
+    from remotegpu_operator import deployment as d
+
+    worker_labels = d.labels("flux-1-dev", ImageModelSpec.model_validate(_catalog_specs()["flux-1-dev"]))
+    assert all(worker_labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    rule = one(objs, "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) >= {
+        "RemoteGPUJobsWaitingTooLong", "RemoteGPUModelStuckStarting", "RemoteGPUHighJobFailureRate",
+        "RemoteGPUNoGPUCapacity",
+    }  # fmt: skip
+    for a in alerts.values():
+        assert a["labels"]["team"] == "imaging" and a["labels"]["severity"] in ("warning", "critical")
+        assert 'namespace="imaging"' in a["expr"]
+        assert a["annotations"]["summary"] and a["annotations"]["description"]
+
+
+def test_monitoring_is_off_by_default():
+    objs = render()
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        assert not find(objs, kind)
+
+
+def test_dashboards_as_configmaps(tmp_path: Path):
+    objs = render()
+    cms = find(objs, "ConfigMap")
+    files = dashboards()
+    assert sorted(files) == ["fleet-overview.json", "model.json"]
+    assert len(cms) == len(files)
+    seen = {}
+    for cm in cms:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        ((fname, text),) = cm["data"].items()
+        seen[fname] = json.loads(text)
+    assert seen == files
+    uids = {d["uid"] for d in files.values()}
+    assert uids == {"remotegpu-fleet", "remotegpu-model"}
+    assert not find(render({"metrics": {"dashboards": {"enabled": False}}}, tmp_path), "ConfigMap")
+
+
+def render_notes(tmp_path: Path, values: dict | None = None) -> str:
+    """NOTES.txt as helm renders it: `helm template` never prints it, so a copy of the chart
+    renders it through `tpl` into a ConfigMap (`helm install` prints it: see test_install.py)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "files" / "NOTES.txt").write_text((CHART / "templates" / "NOTES.txt").read_text())
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ tpl (.Files.Get "files/NOTES.txt") . | toJson }}}\n'
+    )
+    args = ["template", "remotegpu", str(chart), "--namespace", "imaging", "--kube-version", kube_version()]
+    if values:
+        (tmp_path / "notes-values.yaml").write_text(yaml.safe_dump(values))
+        args += ["-f", str(tmp_path / "notes-values.yaml")]
+    out = run_helm(*args, "--show-only", "templates/zz-notes.yaml")
+    return yaml.safe_load(out.stdout)["data"]["notes"]
+
+
+def test_notes_tell_how_to_create_a_key_and_send_a_request(tmp_path: Path):
+    text = render_notes(tmp_path)
+    assert "kubectl exec -n imaging deploy/remotegpu-gateway -- remotegpu keys create --name me --scope inference" in text
+    assert 'curl -s -X POST "$REMOTEGPU_URL/v1/inference/image"' in text
+    assert '"model": "black-forest-labs/FLUX.1-schnell"' in text
+    assert "kubectl port-forward -n imaging svc/remotegpu-gateway 8000:8000" in text
+    assert "flux-1-schnell" in text and "bundled single-instance PostgreSQL" in text
+    text = render_notes(
+        tmp_path / "b",
+        {"gateway": {"ingress": {"enabled": True, "tls": [{"secretName": "t", "hosts": ["img.example"]}],
+                                 "hosts": [{"host": "img.example", "paths": [{"path": "/v1", "pathType": "Prefix"}]}]}}},
+    )  # fmt: skip
+    assert "export REMOTEGPU_URL=https://img.example" in text and "port-forward" not in text
+
+
+# ---- the schema refuses what it must -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"gateway": {"replicaCount": "two"}}, "/gateway/replicaCount"),
+        ({"presets": {"flux-1-dev": {"gpuCount": 1.5}}}, "/presets/flux-1-dev/gpuCount"),
+        ({"presets": {"flux-1-dev": {"enabled": "yes"}}}, "/presets/flux-1-dev/enabled"),
+        ({"presets": {"flux-1-dev": {"maxReplicas": -1}}}, "/presets/flux-1-dev/maxReplicas"),
+        ({"unknownKey": 1}, "unknownKey"),
+        ({"gateway": {"replicas": 2}}, "replicas"),
+        ({"presets": {"flux-3": {"enabled": True}}}, "flux-3"),
+        ({"metrics": {"serviceMonitor": {"enabled": True, "interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+        ({"gateway": {"service": {"type": "Headless"}}}, "/gateway/service/type"),
+        ({"database": {"url": "mysql://x"}, "postgresql": {"enabled": False}}, "/database/url"),
+        ({"results": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}}, "/results/persistence/accessModes"),
+        ({"commonLabels": {"team": 7}}, "/commonLabels/team"),
+    ],
+)
+def test_schema_rejects(values, message, tmp_path: Path):
+    out = template(values, tmp_path, check=False)
+    assert out.returncode != 0, f"accepted {values}"
+    assert "values don't meet the specifications of the schema" in out.stderr or "schema" in out.stderr
+    assert message in out.stderr, out.stderr

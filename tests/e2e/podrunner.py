@@ -1,0 +1,521 @@
+"""A test-only kubelet: runs the pods scheduled on one fake node as local processes.
+
+KWOK simulates every other node's pods without running anything. For the pods the
+scheduler places on the runner's node, this component plays the kubelet:
+
+- maps the container image to the project's own entrypoint (`remotegpu ...` from the
+  virtual environment), resolves the pod's env (values, Secret and ConfigMap refs,
+  the downward API), and gives the pod its own loopback address (127.0.0.x) that its
+  `--host` binds to and that becomes its pod IP;
+- resolves the Service names its env and args use (http://SERVICE:PORT) to the
+  addresses of ready pods behind that Service on this node, since there is no
+  cluster DNS or kube-proxy here;
+- gives the process a service-account kubeconfig (a token from the TokenRequest API)
+  where a real pod would get the mounted token;
+- reports the pod Running, and Ready only while its readiness probe answers;
+- on deletion sends SIGTERM, waits the grace period (then SIGKILL) and removes the pod.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import yaml
+from kubernetes import client, config, watch
+
+RUNNER_LABEL = "remotegpu.ai/pod-runner"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class RunningPod:
+    namespace: str
+    name: str
+    uid: str
+    ip: str
+    proc: subprocess.Popen
+    log_path: Path
+    readiness: dict | None
+    grace_seconds: int
+    ready: bool = False
+    stopping: bool = False
+    started_at: str = field(default_factory=now)
+
+
+class PodRunner:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        node_name: str,
+        workdir: Path,
+        venv_bin: Path,
+        extra_env: dict[str, str] | None = None,
+        first_ip: str = "127.0.0.10",
+    ):
+        self.kubeconfig = kubeconfig
+        self.node_name = node_name
+        self.workdir = workdir
+        self.venv_bin = venv_bin
+        self.extra_env = extra_env or {}
+        self._next_ip = ipaddress.ip_address(first_ip)
+        self._api = config.new_client_from_config(config_file=str(kubeconfig))
+        self.core = client.CoreV1Api(self._api)
+        self.pods: dict[str, RunningPod] = {}  # uid -> pod
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._register_node()
+        for target in (self._watch_pods, self._heartbeat_node, self._probe_loop):
+            t = threading.Thread(target=target, daemon=True, name=f"podrunner-{target.__name__}")
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            pods = list(self.pods.values())
+        for p in pods:
+            self._terminate(p, grace=10)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # -- node --------------------------------------------------------------------------
+    def _register_node(self) -> None:
+        capacity = {"cpu": "64", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "4"}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": self.node_name,
+                "labels": {
+                    RUNNER_LABEL: "true",
+                    "kubernetes.io/hostname": self.node_name,
+                    "kubernetes.io/os": "linux",
+                },
+            },
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }
+        try:
+            self.core.create_node(body)
+        except client.ApiException as e:
+            if e.status != 409:
+                raise
+        self._node_status()
+
+    def _node_status(self) -> None:
+        t = now()
+        conditions = [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "PodRunnerReady",
+                "message": "test pod runner",
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": t,
+            }
+        ]
+        for kind in ("MemoryPressure", "DiskPressure", "PIDPressure"):
+            conditions.append(
+                {
+                    "type": kind,
+                    "status": "False",
+                    "reason": "PodRunner",
+                    "message": "",
+                    "lastHeartbeatTime": t,
+                    "lastTransitionTime": t,
+                }
+            )
+        self.core.patch_node_status(
+            self.node_name,
+            {
+                "status": {
+                    "conditions": conditions,
+                    "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                }
+            },
+        )
+
+    def _heartbeat_node(self) -> None:
+        while not self._stop.wait(10):
+            try:
+                self._node_status()
+            except Exception:  # noqa: BLE001 - keep beating through API hiccups
+                pass
+
+    # -- pods --------------------------------------------------------------------------
+    def _watch_pods(self) -> None:
+        selector = f"spec.nodeName={self.node_name}"
+        while not self._stop.is_set():
+            try:
+                w = watch.Watch()
+                for ev in w.stream(
+                    self.core.list_pod_for_all_namespaces, field_selector=selector, timeout_seconds=30
+                ):
+                    if self._stop.is_set():
+                        w.stop()
+                        break
+                    try:
+                        self._on_pod(ev["type"], ev["object"])
+                    except Exception:  # noqa: BLE001 - one bad pod must not stop the others
+                        self._log(
+                            f"handling {ev['type']} {ev['object'].metadata.name}:\n{traceback.format_exc()}"
+                        )
+            except Exception:  # noqa: BLE001 - re-list after a broken watch
+                self._log(f"watch broke:\n{traceback.format_exc()}")
+                time.sleep(0.5)
+
+    def _on_pod(self, kind: str, pod: client.V1Pod) -> None:
+        uid = pod.metadata.uid
+        with self._lock:
+            running = self.pods.get(uid)
+        if kind == "DELETED":
+            if running:
+                threading.Thread(target=self._terminate, args=(running,), daemon=True).start()
+            return
+        if pod.metadata.deletion_timestamp is not None:
+            if running and not running.stopping:
+                running.stopping = True
+                threading.Thread(target=self._terminate_and_remove, args=(running, pod), daemon=True).start()
+            elif not running:
+                self._remove(pod)
+            return
+        if running is None and pod.status.phase in (None, "Pending"):
+            try:
+                self._start(pod)
+            except Exception as e:  # noqa: BLE001 - report the failure on the pod like a kubelet
+                self._patch_status(
+                    pod.metadata.namespace,
+                    pod.metadata.name,
+                    {"phase": "Failed", "reason": "PodRunnerError", "message": str(e)[:1000]},
+                )
+
+    def _allocate_ip(self) -> str:
+        with self._lock:
+            ip = str(self._next_ip)
+            self._next_ip += 1
+            return ip
+
+    def _start(self, pod: client.V1Pod) -> None:
+        ns, name = pod.metadata.namespace, pod.metadata.name
+        container = pod.spec.containers[0]
+        ip = self._allocate_ip()
+        env = {
+            "PATH": f"{self.venv_bin}:{os.environ['PATH']}",
+            "HOME": os.environ.get("HOME", "/root"),
+            "HF_HUB_OFFLINE": "1",
+            **self.extra_env,
+        }
+        for e in container.env or []:
+            env[e.name] = self._env_value(pod, e)
+        podroot = self.workdir / ns / name
+        podroot.mkdir(parents=True, exist_ok=True)
+        kubeconfig = self._service_account_kubeconfig(pod, podroot)
+        if kubeconfig:
+            env["KUBECONFIG"] = str(kubeconfig)
+            env["REMOTEGPU_NAMESPACE"] = ns
+        # Volumes: each PVC or emptyDir becomes a folder; mounts are rewritten in env and args.
+        mounts = self._mounts(pod, container, podroot)
+        argv = [*(container.command or []), *(container.args or [])]
+        if not argv:
+            raise RuntimeError(f"container {container.name} has no command; the pod runner needs one")
+        argv = [self._rewrite(pod, a, ip, mounts) for a in argv]
+        env = {k: self._rewrite(pod, v, ip, mounts) for k, v in env.items()}
+        if argv[0] == "remotegpu" or argv[0].endswith("/remotegpu"):
+            argv[0] = str(self.venv_bin / "remotegpu")
+        log_path = podroot / "container.log"
+        logf = open(log_path, "ab")
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=podroot,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        running = RunningPod(
+            namespace=ns,
+            name=name,
+            uid=pod.metadata.uid,
+            ip=ip,
+            proc=proc,
+            log_path=log_path,
+            readiness=_probe(container.readiness_probe, container),
+            grace_seconds=pod.spec.termination_grace_period_seconds or 30,
+        )
+        with self._lock:
+            self.pods[pod.metadata.uid] = running
+        self._report(running, pod)
+
+    def _report(self, p: RunningPod, pod: client.V1Pod | None = None) -> None:
+        t = now()
+        exit_code = p.proc.poll()
+        state = (
+            {"running": {"startedAt": p.started_at}}
+            if exit_code is None
+            else {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "finishedAt": t,
+                    "reason": "Error" if exit_code else "Completed",
+                }
+            }
+        )
+        ready = "True" if p.ready else "False"
+        status = {
+            "phase": "Running" if exit_code is None else ("Succeeded" if exit_code == 0 else "Failed"),
+            "podIP": p.ip,
+            "podIPs": [{"ip": p.ip}],
+            "hostIP": "127.0.0.1",
+            "startTime": p.started_at,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": p.started_at},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": p.started_at},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
+                {"type": "Ready", "status": ready, "lastTransitionTime": t},
+            ],
+            "containerStatuses": [
+                {
+                    "name": "main" if pod is None else pod.spec.containers[0].name,
+                    "image": "" if pod is None else pod.spec.containers[0].image,
+                    "imageID": "",
+                    "ready": p.ready,
+                    "restartCount": 0,
+                    "started": exit_code is None,
+                    "state": state,
+                }
+            ],
+        }
+        if pod is None:
+            status.pop("containerStatuses")
+        self._patch_status(p.namespace, p.name, status)
+
+    def _patch_status(self, ns: str, name: str, status: dict) -> None:
+        try:
+            self.core.patch_namespaced_pod_status(name, ns, {"status": status})
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+
+    def _probe_loop(self) -> None:
+        with httpx.Client(timeout=1.0) as http:
+            while not self._stop.wait(0.2):
+                with self._lock:
+                    pods = [p for p in self.pods.values() if not p.stopping]
+                for p in pods:
+                    alive = p.proc.poll() is None
+                    ready = alive and _probe_ok(http, p)
+                    if ready != p.ready or not alive:
+                        p.ready = ready
+                        try:
+                            self._report(p)
+                        except Exception:  # noqa: BLE001
+                            pass
+                        if not alive:
+                            p.stopping = True  # exited on its own; leave the pod Failed/Succeeded
+
+    def _terminate(self, p: RunningPod, grace: int | None = None) -> None:
+        p.stopping = True
+        if p.proc.poll() is None:
+            try:
+                os.killpg(p.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.proc.wait(timeout=grace if grace is not None else p.grace_seconds)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.proc.pid, signal.SIGKILL)
+                p.proc.wait()
+        with self._lock:
+            self.pods.pop(p.uid, None)
+
+    def _terminate_and_remove(self, p: RunningPod, pod: client.V1Pod) -> None:
+        try:
+            grace = pod.metadata.deletion_grace_period_seconds
+            self._terminate(p, grace=grace if grace is not None else p.grace_seconds)
+            self._remove(pod)
+        except Exception:  # noqa: BLE001
+            self._log(f"terminating {p.name}:\n{traceback.format_exc()}")
+
+    def _log(self, msg: str) -> None:
+        with open(self.workdir / "podrunner.log", "a") as f:
+            f.write(f"{now()} {msg}\n")
+
+    def _remove(self, pod: client.V1Pod) -> None:
+        try:
+            self.core.delete_namespaced_pod(
+                pod.metadata.name,
+                pod.metadata.namespace,
+                # In the body: with a body, the API server ignores the query parameters.
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=pod.metadata.uid)
+                ),
+            )
+        except client.ApiException as e:
+            if e.status not in (404, 409):
+                raise
+
+    # -- env, volumes, names -------------------------------------------------------------
+    def _env_value(self, pod: client.V1Pod, e: client.V1EnvVar) -> str:
+        if e.value is not None:
+            return e.value
+        src = e.value_from
+        if src is None:
+            return ""
+        ns = pod.metadata.namespace
+        if src.secret_key_ref:
+            import base64
+
+            secret = self.core.read_namespaced_secret(src.secret_key_ref.name, ns)
+            return base64.b64decode(secret.data[src.secret_key_ref.key]).decode()
+        if src.config_map_key_ref:
+            return self.core.read_namespaced_config_map(src.config_map_key_ref.name, ns).data[
+                src.config_map_key_ref.key
+            ]
+        if src.field_ref:
+            path = src.field_ref.field_path
+            return {
+                "metadata.name": pod.metadata.name,
+                "metadata.namespace": ns,
+                "metadata.uid": pod.metadata.uid,
+                "spec.nodeName": pod.spec.node_name,
+                "spec.serviceAccountName": pod.spec.service_account_name or "default",
+            }.get(path, "")
+        return ""
+
+    def _mounts(self, pod: client.V1Pod, container: client.V1Container, podroot: Path) -> dict[str, str]:
+        by_name = {}
+        for v in pod.spec.volumes or []:
+            if v.persistent_volume_claim:
+                by_name[v.name] = (
+                    self.workdir / "pvc" / pod.metadata.namespace / v.persistent_volume_claim.claim_name
+                )
+            else:
+                by_name[v.name] = podroot / "volumes" / v.name
+        mounts = {}
+        for m in container.volume_mounts or []:
+            if m.name in by_name:
+                by_name[m.name].mkdir(parents=True, exist_ok=True)
+                mounts[m.mount_path] = str(by_name[m.name])
+        return mounts
+
+    def _rewrite(self, pod: client.V1Pod, value: str, ip: str, mounts: dict[str, str]) -> str:
+        if value == "0.0.0.0":
+            return ip
+        for mount_path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+            if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+                return local + value[len(mount_path.rstrip("/")) :]
+        return re.sub(r"(https?://)([a-z0-9][a-z0-9.-]*)(:\d+)?", lambda m: self._resolve(pod, m), value)
+
+    def _resolve(self, pod: client.V1Pod, m: re.Match) -> str:
+        scheme, host, port = m.group(1), m.group(2), m.group(3)
+        parts = host.split(".")
+        svc_name = parts[0]
+        ns = parts[1] if len(parts) > 1 and parts[1] != "svc" else pod.metadata.namespace
+        try:
+            svc = self.core.read_namespaced_service(svc_name, ns)
+        except client.ApiException:
+            return m.group(0)  # not a Service: leave it alone
+        svc_port = int(port[1:]) if port else 80
+        target = svc_port
+        for sp in svc.spec.ports or []:
+            if sp.port == svc_port and sp.target_port is not None and str(sp.target_port).isdigit():
+                target = int(sp.target_port)
+        ip = self._wait_backend(svc, ns)
+        return f"{scheme}{ip}:{target}"
+
+    def _wait_backend(self, svc: client.V1Service, ns: str, timeout: float = 120.0) -> str:
+        """The loopback address of a pod behind the Service on this node (waits for one to start)."""
+        deadline = time.monotonic() + timeout
+        selector = svc.spec.selector or {}
+        while time.monotonic() < deadline and not self._stop.is_set():
+            with self._lock:
+                candidates = list(self.pods.values())
+            for p in candidates:
+                if p.namespace != ns or p.stopping:
+                    continue
+                pod = self.core.read_namespaced_pod(p.name, ns)
+                labels = pod.metadata.labels or {}
+                if all(labels.get(k) == v for k, v in selector.items()):
+                    return p.ip
+            time.sleep(0.2)
+        raise RuntimeError(f"no pod behind Service {ns}/{svc.metadata.name} runs on {self.node_name}")
+
+    def _service_account_kubeconfig(self, pod: client.V1Pod, podroot: Path) -> Path | None:
+        if pod.spec.automount_service_account_token is False:
+            return None
+        sa = pod.spec.service_account_name or "default"
+        ns = pod.metadata.namespace
+        req = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=86400)
+        )
+        token = self.core.create_namespaced_service_account_token(sa, ns, req).status.token
+        path = podroot / "kubeconfig"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "local", "cluster": self._server}],
+                    "users": [{"name": sa, "user": {"token": token}}],
+                    "contexts": [
+                        {"name": "sa", "context": {"cluster": "local", "user": sa, "namespace": ns}}
+                    ],
+                    "current-context": "sa",
+                }
+            )
+        )
+        return path
+
+    def logs(self, namespace: str, name_prefix: str) -> str:
+        out = []
+        for f in sorted((self.workdir / namespace).glob(f"{name_prefix}*/container.log")):
+            out.append(f"--- {f.parent.name}\n{f.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+    def processes(self, namespace: str, name_prefix: str = "") -> list[RunningPod]:
+        with self._lock:
+            return [
+                p for p in self.pods.values() if p.namespace == namespace and p.name.startswith(name_prefix)
+            ]
+
+
+def _probe(probe: client.V1Probe | None, container: client.V1Container) -> dict | None:
+    if probe is None or probe.http_get is None:
+        return None
+    port = probe.http_get.port
+    if not str(port).isdigit():  # a named container port
+        port = next(p.container_port for p in container.ports or [] if p.name == port)
+    return {"path": probe.http_get.path or "/", "port": int(port)}
+
+
+def _probe_ok(http: httpx.Client, p: RunningPod) -> bool:
+    if p.readiness is None:
+        return True
+    try:
+        return http.get(f"http://{p.ip}:{p.readiness['port']}{p.readiness['path']}").status_code < 400
+    except httpx.HTTPError:
+        return False
+
+
+def tempdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="podrunner-"))

@@ -79,4 +79,4 @@ class UrlSigner:
             return False
         if expires < time.time():
             return False
-        return hmac.compare_digest(self.signature(job_id, expires), signature)
+        return hmac.compare_digest(self.signature(job_id, expires).encode(), signature.encode())

@@ -599,7 +599,7 @@ class Store:
         job = self._locked_job(conn, job_id)
         if job is None or job.status != RUNNING or job.lease_token is None:
             raise LeaseLostError(f"job {job_id} is not leased")
-        if not hmac.compare_digest(job.lease_token, token):
+        if not hmac.compare_digest(job.lease_token.encode(), token.encode()):
             raise LeaseLostError(f"job {job_id}: stale lease token")
         return job
 

@@ -75,12 +75,9 @@ def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
     return found[0]
 
 
-def alert_rules(values: dict[str, Any] | None = None, tmp: Path | None = None, namespace: str = "imaging") -> dict:
+def alert_rules(tmp_path: Path, namespace: str = "imaging") -> dict:
     """The `groups:` of the rendered PrometheusRule: a Prometheus rule file."""
-    vals = {"metrics": {"prometheusRule": {"enabled": True}}}
-    if values:
-        vals = {**values, "metrics": {**values.get("metrics", {}), "prometheusRule": {"enabled": True}}}
-    objs = render(vals, tmp, namespace=namespace)
+    objs = render({"metrics": {"prometheusRule": {"enabled": True}}}, tmp_path, namespace=namespace)
     return one(objs, "PrometheusRule")["spec"]
 
 

@@ -71,7 +71,9 @@ def find(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> list
 
 def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     found = find(objs, kind, name)
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    assert len(found) == 1, (
+        f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    )
     return found[0]
 
 

@@ -8,19 +8,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.chart.helm import alert_rules
 
 PROMTOOL = shutil.which("promtool")
-pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: `make system-deps` installs prometheus")
 
 NS = 'namespace="imaging"'
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    assert PROMTOOL
+    assert PROMTOOL, "promtool is missing: `make system-deps` installs Debian's prometheus package"
     return subprocess.run([PROMTOOL, *args], text=True, capture_output=True)
 
 
@@ -56,24 +54,60 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path):
     im = {**m, "imagemodel": "flux-1-dev"}
     series = [
         # Two gateways report the same shared queue; the oldest job ages 60 s per minute.
-        {"series": f'remotegpu_queue_oldest_wait_seconds{{{NS}, model="{m["model"]}", instance="gw-1"}}', "values": "0+60x40"},
-        {"series": f'remotegpu_queue_oldest_wait_seconds{{{NS}, model="{m["model"]}", instance="gw-2"}}', "values": "0+60x40"},
-        {"series": f'remotegpu_queue_oldest_wait_seconds{{{NS}, model="fast", instance="gw-1"}}', "values": "30x40"},
-        {"series": 'remotegpu_queue_oldest_wait_seconds{namespace="other", model="x", instance="gw-9"}', "values": "0+60x40"},
+        {
+            "series": f'remotegpu_queue_oldest_wait_seconds{{{NS}, model="{m["model"]}", instance="gw-1"}}',
+            "values": "0+60x40",
+        },
+        {
+            "series": f'remotegpu_queue_oldest_wait_seconds{{{NS}, model="{m["model"]}", instance="gw-2"}}',
+            "values": "0+60x40",
+        },
+        {
+            "series": f'remotegpu_queue_oldest_wait_seconds{{{NS}, model="fast", instance="gw-1"}}',
+            "values": "30x40",
+        },
+        {
+            "series": 'remotegpu_queue_oldest_wait_seconds{namespace="other", model="x", instance="gw-9"}',
+            "values": "0+60x40",
+        },
         # flux-1-dev stays starting; fast was starting 5 minutes, then ready.
-        {"series": f'remotegpu_operator_model_state{{{NS}, imagemodel="flux-1-dev", model="{m["model"]}", state="starting"}}', "values": "1x40"},
-        {"series": f'remotegpu_operator_model_state{{{NS}, imagemodel="fast", model="fast", state="starting"}}', "values": "1x5 0x35"},
+        {
+            "series": f'remotegpu_operator_model_state{{{NS}, imagemodel="flux-1-dev", model="{m["model"]}", state="starting"}}',
+            "values": "1x40",
+        },
+        {
+            "series": f'remotegpu_operator_model_state{{{NS}, imagemodel="fast", model="fast", state="starting"}}',
+            "values": "1x5 0x35",
+        },
         # 20 % of flux-1-dev's jobs fail, none of fast's.
-        {"series": f'remotegpu_jobs_finished_total{{{NS}, model="{m["model"]}", status="failed"}}', "values": "0+2x40"},
-        {"series": f'remotegpu_jobs_finished_total{{{NS}, model="{m["model"]}", status="succeeded"}}', "values": "0+8x40"},
-        {"series": f'remotegpu_jobs_finished_total{{{NS}, model="fast", status="succeeded"}}', "values": "0+10x40"},
+        {
+            "series": f'remotegpu_jobs_finished_total{{{NS}, model="{m["model"]}", status="failed"}}',
+            "values": "0+2x40",
+        },
+        {
+            "series": f'remotegpu_jobs_finished_total{{{NS}, model="{m["model"]}", status="succeeded"}}',
+            "values": "0+8x40",
+        },
+        {
+            "series": f'remotegpu_jobs_finished_total{{{NS}, model="fast", status="succeeded"}}',
+            "values": "0+10x40",
+        },
         # flux-1-dev's pods cannot be scheduled; fast's can.
-        {"series": f'remotegpu_operator_capacity_available{{{NS}, imagemodel="flux-1-dev", model="{m["model"]}"}}', "values": "0x40"},
-        {"series": f'remotegpu_operator_capacity_available{{{NS}, imagemodel="fast", model="fast"}}', "values": "1x40"},
+        {
+            "series": f'remotegpu_operator_capacity_available{{{NS}, imagemodel="flux-1-dev", model="{m["model"]}"}}',
+            "values": "0x40",
+        },
+        {
+            "series": f'remotegpu_operator_capacity_available{{{NS}, imagemodel="fast", model="fast"}}',
+            "values": "1x40",
+        },
         # Two operator replicas, neither leads.
         {"series": f'remotegpu_operator_leader{{{NS}, instance="op-1"}}', "values": "0x40"},
         {"series": f'remotegpu_operator_leader{{{NS}, instance="op-2"}}', "values": "0x40"},
-        {"series": f'remotegpu_operator_reconcile_errors_total{{{NS}, imagemodel="flux-1-dev"}}', "values": "0+1x40"},
+        {
+            "series": f'remotegpu_operator_reconcile_errors_total{{{NS}, imagemodel="flux-1-dev"}}',
+            "values": "0+1x40",
+        },
         {"series": f'remotegpu_operator_reconcile_errors_total{{{NS}, imagemodel="fast"}}', "values": "3x40"},
     ]
     at_30m = {
@@ -81,9 +115,13 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path):
         "RemoteGPUModelStuckStarting": [_alert("RemoteGPUModelStuckStarting", "warning", **im)],
         "RemoteGPUHighJobFailureRate": [_alert("RemoteGPUHighJobFailureRate", "warning", **m)],
         "RemoteGPUNoGPUCapacity": [_alert("RemoteGPUNoGPUCapacity", "critical", **im)],
-        "RemoteGPUOperatorNotLeading": [_alert("RemoteGPUOperatorNotLeading", "critical", namespace="imaging")],
+        "RemoteGPUOperatorNotLeading": [
+            _alert("RemoteGPUOperatorNotLeading", "critical", namespace="imaging")
+        ],
         "RemoteGPUOperatorReconcileErrors": [
-            _alert("RemoteGPUOperatorReconcileErrors", "warning", namespace="imaging", imagemodel="flux-1-dev")
+            _alert(
+                "RemoteGPUOperatorReconcileErrors", "warning", namespace="imaging", imagemodel="flux-1-dev"
+            )
         ],
     }
     names = [r["alert"] for g in rules["groups"] for r in g["rules"]]

@@ -56,7 +56,9 @@ def test_helm_lint_strict(values, tmp_path: Path):
 
 
 def test_chart_crd_is_the_repository_crd():
-    assert (CHART / "crds" / "imagemodels.yaml").read_bytes() == (REPO / "crds" / "imagemodels.yaml").read_bytes()
+    assert (CHART / "crds" / "imagemodels.yaml").read_bytes() == (
+        REPO / "crds" / "imagemodels.yaml"
+    ).read_bytes()
 
 
 def test_chart_catalog_is_the_repository_catalog():
@@ -108,7 +110,11 @@ def test_every_value_is_documented():
                     pind = len(prev) - len(prev.lstrip())
                     if pind < indent:
                         kk = k - 1
-                        while kk >= 0 and lines[kk].strip().startswith("#") and not lines[kk].strip().startswith("# --"):
+                        while (
+                            kk >= 0
+                            and lines[kk].strip().startswith("#")
+                            and not lines[kk].strip().startswith("# --")
+                        ):
                             kk -= 1
                         if kk >= 0 and lines[kk].strip().startswith("# --"):
                             doc_found = True
@@ -168,8 +174,14 @@ def test_gateway_wiring():
     assert c["image"] == "ghcr.io/remotegpu/remotegpu:0.1.0"
     assert c["args"][:2] == ["gateway", "--host=0.0.0.0"] and "--namespace=imaging" in c["args"]
     env = env_of(gw)
-    assert env["REMOTEGPU_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-database", "key": "url"}
-    assert env["REMOTEGPU_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-worker-token", "key": "token"}
+    assert env["REMOTEGPU_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "remotegpu-database",
+        "key": "url",
+    }
+    assert env["REMOTEGPU_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "remotegpu-worker-token",
+        "key": "token",
+    }
     assert env["REMOTEGPU_RESULTS_DIR"]["value"] == "/data/results"
     assert "REMOTEGPU_PUBLIC_URL" not in env
     vols = {v["name"]: v for v in pod["volumes"]}
@@ -182,7 +194,9 @@ def test_gateway_wiring():
     assert svc["spec"]["selector"] == gw["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["port"] == 8000
     role = one(objs, "Role", "remotegpu-gateway")
-    assert role["rules"] == [{"apiGroups": ["remotegpu.ai"], "resources": ["imagemodels"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {"apiGroups": ["remotegpu.ai"], "resources": ["imagemodels"], "verbs": ["get", "list", "watch"]}
+    ]
 
 
 def test_operator_wiring():
@@ -217,16 +231,24 @@ def _rules(rules: list[dict]) -> list[tuple]:
 
 def test_operator_rbac_equals_operator_rbac_yaml():
     """The chart grants the operator exactly the rules its cluster tests run under."""
-    source = {d["metadata"]["name"]: d for d in yaml.safe_load_all((REPO / "operator" / "rbac.yaml").read_text()) if d}
+    source = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((REPO / "operator" / "rbac.yaml").read_text())
+        if d
+    }
     objs = render()
-    assert _rules(one(objs, "Role", "remotegpu-operator")["rules"]) == _rules(source["remotegpu-operator"]["rules"])
+    assert _rules(one(objs, "Role", "remotegpu-operator")["rules"]) == _rules(
+        source["remotegpu-operator"]["rules"]
+    )
     assert _rules(one(objs, "Role", "remotegpu-operator-leader-election")["rules"]) == _rules(
         source["remotegpu-operator-leader-election"]["rules"]
     )
     for name in ("remotegpu-operator", "remotegpu-operator-leader-election"):
         rb = one(objs, "RoleBinding", name)
         assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
-        assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "remotegpu-operator", "namespace": "imaging"}]
+        assert rb["subjects"] == [
+            {"kind": "ServiceAccount", "name": "remotegpu-operator", "namespace": "imaging"}
+        ]
     # No cluster-wide grants at all.
     assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
 
@@ -234,7 +256,10 @@ def test_operator_rbac_equals_operator_rbac_yaml():
 def test_leader_election_off_drops_its_role(tmp_path: Path):
     objs = render({"operator": {"leaderElection": False}}, tmp_path)
     assert not find(objs, "Role", "remotegpu-operator-leader-election")
-    assert env_of(one(objs, "Deployment", "remotegpu-operator"))["REMOTEGPU_OPERATOR_LEADER_ELECT"]["value"] == "false"
+    assert (
+        env_of(one(objs, "Deployment", "remotegpu-operator"))["REMOTEGPU_OPERATOR_LEADER_ELECT"]["value"]
+        == "false"
+    )
 
 
 # ---- presets ---------------------------------------------------------------------------
@@ -311,7 +336,10 @@ def test_generated_secrets_and_bundled_postgresql():
     assert url == f"postgresql://remotegpu:{password}@remotegpu-postgresql.imaging.svc:5432/remotegpu"
     sts = one(objs, "StatefulSet", "remotegpu-postgresql")
     env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-postgresql", "key": "password"}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "remotegpu-postgresql",
+        "key": "password",
+    }
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
     # Two renders generate different secrets: what keeps them across upgrades is `lookup`
     # (exercised against the real API server in test_install.py).
@@ -321,7 +349,8 @@ def test_generated_secrets_and_bundled_postgresql():
 def test_given_worker_token_and_external_database(tmp_path: Path):
     url = "postgresql://rg:s3cret@db.example:5432/rg"
     objs = render(
-        {"workerToken": {"value": "tok-123"}, "database": {"url": url}, "postgresql": {"enabled": False}}, tmp_path
+        {"workerToken": {"value": "tok-123"}, "database": {"url": url}, "postgresql": {"enabled": False}},
+        tmp_path,
     )
     assert secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token") == "tok-123"
     assert secret_value(one(objs, "Secret", "remotegpu-database"), "url") == url
@@ -343,7 +372,10 @@ def test_existing_secrets_are_referenced_not_created(tmp_path: Path):
     env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
     assert env["REMOTEGPU_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "my-db", "key": "dsn"}
     assert env["REMOTEGPU_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-token", "key": "t"}
-    assert env["REMOTEGPU_SIGNING_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "my-signing", "key": "secret"}
+    assert env["REMOTEGPU_SIGNING_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "my-signing",
+        "key": "secret",
+    }
     assert env["REMOTEGPU_PUBLIC_URL"]["value"] == "https://img.example"
     op_env = env_of(one(objs, "Deployment", "remotegpu-operator"))
     assert op_env["REMOTEGPU_WORKER_TOKEN_SECRET"]["value"] == "my-token"
@@ -368,7 +400,9 @@ def test_results_without_persistence_and_with_existing_claim(tmp_path: Path):
     gw = one(objs, "Deployment", "remotegpu-gateway")
     assert {"name": "data", "emptyDir": {}} in gw["spec"]["template"]["spec"]["volumes"]
     assert "strategy" not in gw["spec"] and gw["spec"]["replicas"] == 2
-    objs = render({"results": {"persistence": {"existingClaim": "shared", "accessModes": ["ReadWriteMany"]}}}, tmp_path)
+    objs = render(
+        {"results": {"persistence": {"existingClaim": "shared", "accessModes": ["ReadWriteMany"]}}}, tmp_path
+    )
     assert not find(objs, "PersistentVolumeClaim")
     gw = one(objs, "Deployment", "remotegpu-gateway")
     vols = {v["name"]: v for v in gw["spec"]["template"]["spec"]["volumes"]}
@@ -378,7 +412,10 @@ def test_results_without_persistence_and_with_existing_claim(tmp_path: Path):
 
 def test_results_claim_settings(tmp_path: Path):
     pvc = one(
-        render({"results": {"persistence": {"storageClass": "fast", "size": "10Gi", "keepOnUninstall": True}}}, tmp_path),
+        render(
+            {"results": {"persistence": {"storageClass": "fast", "size": "10Gi", "keepOnUninstall": True}}},
+            tmp_path,
+        ),
         "PersistentVolumeClaim",
     )
     assert pvc["spec"]["storageClassName"] == "fast"
@@ -492,7 +529,10 @@ def render_notes(tmp_path: Path, values: dict | None = None) -> str:
 
 def test_notes_tell_how_to_create_a_key_and_send_a_request(tmp_path: Path):
     text = render_notes(tmp_path)
-    assert "kubectl exec -n imaging deploy/remotegpu-gateway -- remotegpu keys create --name me --scope inference" in text
+    assert (
+        "kubectl exec -n imaging deploy/remotegpu-gateway -- remotegpu keys create --name me --scope inference"
+        in text
+    )
     assert 'curl -s -X POST "$REMOTEGPU_URL/v1/inference/image"' in text
     assert '"model": "black-forest-labs/FLUX.1-schnell"' in text
     assert "kubectl port-forward -n imaging svc/remotegpu-gateway 8000:8000" in text
@@ -518,10 +558,16 @@ def test_notes_tell_how_to_create_a_key_and_send_a_request(tmp_path: Path):
         ({"unknownKey": 1}, "unknownKey"),
         ({"gateway": {"replicas": 2}}, "replicas"),
         ({"presets": {"flux-3": {"enabled": True}}}, "flux-3"),
-        ({"metrics": {"serviceMonitor": {"enabled": True, "interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+        (
+            {"metrics": {"serviceMonitor": {"enabled": True, "interval": "often"}}},
+            "/metrics/serviceMonitor/interval",
+        ),
         ({"gateway": {"service": {"type": "Headless"}}}, "/gateway/service/type"),
         ({"database": {"url": "mysql://x"}, "postgresql": {"enabled": False}}, "/database/url"),
-        ({"results": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}}, "/results/persistence/accessModes"),
+        (
+            {"results": {"persistence": {"accessModes": ["ReadWriteSometimes"]}}},
+            "/results/persistence/accessModes",
+        ),
         ({"commonLabels": {"team": 7}}, "/commonLabels/team"),
     ],
 )

@@ -88,6 +88,27 @@ def pick_dtype(spec: ImageModelSpec, device: str) -> Any:
     return table[name]
 
 
+def _quiet_progress_bars() -> None:
+    """Loading progress bars are noise in a service log; load time is logged and exported."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def preload_libraries() -> None:
+    """Imports torch, diffusers and the FLUX pipelines (the slow part of a cold start)."""
+    import diffusers
+    import torch  # noqa: F401
+
+    for name in _PIPELINES.values():
+        getattr(diffusers, name)
+
+
 def _cpu_threads(spec: ImageModelSpec, device: str) -> int | None:
     """Intra-op threads for CPU inference: $REMOTEGPU_TORCH_THREADS, else 1 for the tiny
     random-weight models (their ops are too small to gain from threads, and a busy
@@ -169,6 +190,7 @@ class ImageEngine:
         if loc.revision:
             kwargs["revision"] = loc.revision
         log.info("loading %s from %s (%s, %s)", self.spec.model, loc.source, self.device, dtype)
+        _quiet_progress_bars()
         pipe = diffusers.DiffusionPipeline.from_pretrained(loc.source, **kwargs)
         expected = _PIPELINES[self.spec.architecture]
         if type(pipe).__name__ != expected:

@@ -1,0 +1,232 @@
+"""`remotegpu generate` and `remotegpu models list`: a small client of the public API.
+
+    remotegpu generate --model remotegpu/tiny-random-flux1 "a lighthouse at dusk" -o out.png
+        [--size 512x512] [--steps N] [--seed N] [--guidance G] [--negative-prompt TEXT]
+        [--image PATH ...] [--url URL] [--api-key KEY]
+
+The service URL is --url, else $REMOTEGPU_URL, else http://127.0.0.1:8000; the API key
+is --api-key, else $REMOTEGPU_API_KEY. Submits the job, follows its status (with the
+wait and run times) until it ends, and writes the PNG. Ctrl-C while waiting cancels
+the job. Exit codes: 0 written, 1 the job failed or was cancelled, 2 a usage or
+request error, 3 the service could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+HINTS = {
+    401: "create a key with `remotegpu keys create --name me --scope inference` and pass it with "
+    "--api-key or $REMOTEGPU_API_KEY",
+    403: "this key lacks the inference scope; create one with `remotegpu keys create --name me --scope inference`",
+    422: "check the request against `remotegpu models list` (sizes are fixed presets such as 512x512)",
+    400: "check the model's limits with `remotegpu models list`",
+    503: "this model cannot be served here right now; pick another with `remotegpu models list`",
+}
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def _url(args: argparse.Namespace) -> str:
+    return (getattr(args, "url", None) or os.environ.get("REMOTEGPU_URL") or DEFAULT_URL).rstrip("/")
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def _api_error(r: httpx.Response) -> ClientError:
+    try:
+        err = r.json().get("error") or {}
+        msg = err.get("message") or r.text
+        items = err.get("errors") or []
+        if len(items) > 1:
+            msg += "".join(f"\n  - {e.get('field')}: {e.get('message')}" for e in items)
+    except ValueError:
+        msg = r.text[:500] or r.reason_phrase
+    hint = HINTS.get(r.status_code)
+    return ClientError(f"HTTP {r.status_code}: {msg}" + (f"\nhint: {hint}" if hint else ""))
+
+
+def _unreachable(url: str, e: Exception) -> ClientError:
+    return ClientError(
+        f"cannot reach {url} ({e}).\nhint: start the service with `make run` (or `remotegpu serve`), "
+        "or point --url / $REMOTEGPU_URL at it",
+        code=3,
+    )
+
+
+def parse_size(text: str) -> dict[str, int]:
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise ClientError(f"--size {text!r}: expected WIDTHxHEIGHT, for example 512x512")
+    return {"width": int(w), "height": int(h)}
+
+
+def build_request(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": args.prompt, "model": args.model}
+    if args.negative_prompt:
+        body["negative_prompt"] = args.negative_prompt
+    if args.size:
+        body["size"] = parse_size(args.size)
+    if args.steps is not None:
+        body["steps"] = args.steps
+    if args.guidance is not None:
+        body["guidance"] = args.guidance
+    if args.seed is not None:
+        body["seed"] = args.seed
+    images = []
+    for path in args.image or []:
+        try:
+            images.append(base64.b64encode(Path(path).read_bytes()).decode())
+        except OSError as e:
+            raise ClientError(f"--image {path}: {e.strerror or e}") from None
+    if images:
+        body["input_images_base64"] = images
+    return body
+
+
+class _Status:
+    """Status display: one live line on a terminal, one line per change otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def show(self, job: dict[str, Any], elapsed: float) -> None:
+        status = job["status"]
+        text = f"{status:<9} wait {job.get('wait_ms', 0) / 1000:.1f}s  run {job.get('run_ms', 0) / 1000:.1f}s"
+        if status == "warming":
+            text += "  (the model is loading)"
+        if self.tty:
+            sys.stderr.write(f"\r{text}  [{elapsed:.0f}s]\033[K")
+            sys.stderr.flush()
+        elif status != self.last:
+            print(text, file=sys.stderr, flush=True)
+        self.last = status
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def generate(args: argparse.Namespace) -> int:
+    try:
+        return _generate(args)
+    except ClientError as e:
+        _err(str(e))
+        return e.code
+
+
+def _generate(args: argparse.Namespace) -> int:
+    url = _url(args)
+    key = getattr(args, "api_key", None) or os.environ.get("REMOTEGPU_API_KEY")
+    if not key:
+        raise ClientError(
+            "no API key.\nhint: create one with `remotegpu keys create --name me --scope inference` "
+            "(same --data-dir as the service), then export REMOTEGPU_API_KEY=<the secret> or pass --api-key"
+        )
+    body = build_request(args)
+    out = Path(args.output)
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+        try:
+            r = http.post("/v1/inference/image", json=body)
+        except httpx.TransportError as e:
+            raise _unreachable(url, e) from None
+        if r.status_code not in (200, 201, 202):
+            raise _api_error(r)
+        job_id = r.json()["job_id"]
+        print(f"job {job_id} accepted ({args.model})", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        display = _Status()
+        job: dict[str, Any] = {}
+        try:
+            while True:
+                try:
+                    r = http.get(f"/v1/inference/jobs/{job_id}")
+                except httpx.TransportError as e:
+                    raise _unreachable(url, e) from None
+                if r.status_code != 200:
+                    raise _api_error(r)
+                job = r.json()
+                display.show(job, time.monotonic() - started)
+                if job["status"] in TERMINAL:
+                    break
+                time.sleep(0.25 if time.monotonic() - started < 10 else 1.0)
+        except KeyboardInterrupt:
+            display.done()
+            print(f"cancelling job {job_id} ...", file=sys.stderr, flush=True)
+            try:
+                r = http.post(f"/v1/inference/jobs/{job_id}/cancel")
+                print(r.json().get("message", r.text), file=sys.stderr)
+            except (httpx.HTTPError, ValueError) as e:
+                _err(f"could not cancel: {e}")
+            return 130
+        display.done()
+        timings = f"wait {job['wait_ms'] / 1000:.2f}s, run {job['run_ms'] / 1000:.2f}s"
+        if job["status"] != "succeeded":
+            detail = f": {job['error_message']}" if job.get("error_message") else ""
+            _err(f"job {job_id} {job['status']}{detail} ({timings})")
+            return 1
+        try:
+            r = http.get(job["result_url"])
+        except httpx.TransportError as e:
+            raise _unreachable(url, e) from None
+        if r.status_code != 200:
+            raise _api_error(r)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(r.content)
+        print(f"wrote {out} ({len(r.content)} bytes; {timings})", file=sys.stderr, flush=True)
+    return 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    url = _url(args)
+    try:
+        r = httpx.get(f"{url}/v1/inference/models", timeout=30)
+    except httpx.TransportError as e:
+        _err(str(_unreachable(url, e)))
+        return 3
+    if r.status_code != 200:
+        _err(str(_api_error(r)))
+        return 2
+    rows = []
+    for m in r.json().get("image", []):
+        p = m["parameters"]
+        rt = m.get("runtime", {})
+        size = p["size"]["default"]
+        g = p["guidance"]
+        state = rt.get("state", "?") if rt.get("available", True) else "unavailable"
+        rows.append(
+            (
+                m["model"],
+                state,
+                f"{size['width']}x{size['height']}",
+                str(p["steps"]["default"]),
+                f"{g['default']:g}" + (" fixed" if g.get("fixed") else ""),
+                f"{p['input_images']['min']}-{p['input_images']['max']}",
+                "yes" if p["negative_prompt"]["supported"] else "no",
+            )
+        )
+    head = ("MODEL", "STATE", "SIZE", "STEPS", "GUIDANCE", "IMAGES", "NEGATIVE")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
+    for row in (head, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+    return 0

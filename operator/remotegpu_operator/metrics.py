@@ -58,6 +58,8 @@ def set_model(
     for s in RuntimeState:
         STATE.labels(*labels, s.value).set(1 if s is state else 0)
     CAPACITY.labels(*labels).set(1 if capacity_ok else 0)
+    # The error counter reads 0 from the first reconcile on (an alert's rate() needs the series).
+    RECONCILE_ERRORS.labels(ns, name)
 
 
 def forget_model(ns: str, name: str, model: str) -> None:

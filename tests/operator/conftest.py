@@ -3,12 +3,15 @@
 The operator runs as a real `remotegpu operator` process, logged in as a
 ServiceAccount bound to exactly the rules in operator/rbac.yaml (so a missing
 permission fails the tests), against the local control plane with KWOK GPU nodes.
-Queue depth comes from `QueueStub`, which serves only GET /internal/v1/queue
-(remotegpu.protocol.QueueSnapshot, version-based long-poll) as the gateway does.
+Queue depth comes from a real `remotegpu gateway` process (SQLite in a temp dir,
+jobs submitted through the public API, leased and completed through the internal
+API as a worker would). `QueueStub` serves only GET /internal/v1/queue and stays
+for what the gateway does not report yet (`busy_workers`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -18,16 +21,19 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import httpx
 import pytest
 import yaml
+from PIL import Image
 
-from remotegpu.protocol import PREFIX, ModelQueue, QueueSnapshot
+from remotegpu.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, WorkerAPIClient
 from tests.fixtures.cluster import REPO, Kube
 
 TOKEN = "test-worker-token"
@@ -256,13 +262,13 @@ class Operators:
         self.kubeconfig = operator_kubeconfig(kube, namespace, tmp / "operator.kubeconfig")
         self.procs: list[OperatorProc] = []
 
-    def start(self, identity: str | None = None, **env: str) -> OperatorProc:
+    def start(self, identity: str | None = None, gateway_url: str | None = None, **env: str) -> OperatorProc:
         identity = identity or f"op-{len(self.procs)}"
         p = OperatorProc(
             self.kube,
             self.kubeconfig,
             self.namespace,
-            self.gateway_url,
+            gateway_url or self.gateway_url,
             self.tmp / f"{identity}.log",
             identity,
             env,
@@ -322,6 +328,128 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+class GatewayProc:
+    """A real `remotegpu gateway` (SQLite, --models-file) on loopback; stopped by its pid."""
+
+    def __init__(self, tmp: Path, models: list[dict[str, Any]]):
+        self.dir = tmp / f"gateway-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir()
+        models_file = self.dir / "models.yaml"
+        models_file.write_text(yaml.safe_dump_all(models))
+        env = {**os.environ, "REMOTEGPU_WORKER_TOKEN": TOKEN}
+        env.pop("KUBECONFIG", None)
+        data = self.dir / "data"
+        keys = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "remotegpu.cli",
+                "keys",
+                "create",
+                "--name",
+                "test",
+                "--data-dir",
+                str(data),
+            ],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        self.key = keys.stdout.strip().splitlines()[-1]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.dir / "gateway.log"
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "remotegpu.cli",
+                "gateway",
+                "--models-file",
+                str(models_file),
+                "--data-dir",
+                str(data),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+        self.worker = WorkerAPIClient(self.url, TOKEN)
+        wait_for(self._up, 60, "gateway up")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"gateway exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
+            )
+        try:
+            return self.worker.queue().version > 0
+        except httpx.HTTPError:
+            return False
+
+    def submit(self, model: str, n: int = 1) -> list[str]:
+        ids = []
+        for _ in range(n):
+            r = self.http.post(
+                "/v1/inference/image",
+                json={"model": model, "prompt": "a red fox"},
+                headers={"Authorization": f"Bearer {self.key}"},
+            )
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["job_id"])
+        return ids
+
+    def lease(self, model: str, worker_id: str) -> Lease:
+        lease = self.worker.lease(model, worker_id, wait_seconds=5)
+        assert lease is not None, "nothing to lease"
+        return lease
+
+    def complete(self, lease: Lease) -> None:
+        buf = io.BytesIO()
+        Image.new("RGB", (lease.request.width, lease.request.height), (10, 120, 30)).save(buf, format="PNG")
+        self.worker.complete(lease.job_id, lease.lease_token, buf.getvalue())
+
+    def depth(self, model: str) -> int:
+        return self.worker.queue().models.get(model, ModelQueue()).depth
+
+    def stop(self) -> None:
+        self.http.close()
+        self.worker.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._logf.close()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProc]]:
+    """gateway(model, ...) starts a real gateway serving those ImageModels."""
+    started: list[GatewayProc] = []
+
+    def start(*models: dict[str, Any]) -> GatewayProc:
+        g = GatewayProc(tmp_path, list(models))
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        g.stop()
 
 
 def imagemodel(name: str, model: str, **overrides: Any) -> dict[str, Any]:

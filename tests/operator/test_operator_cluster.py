@@ -39,9 +39,10 @@ def state_of(kube: Kube, ns: str, name: str) -> str | None:
     return ((im or {}).get("status") or {}).get("state")
 
 
-def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, operators: Operators):
-    operators.start()
-    apply(kube, namespace, imagemodel("m1", "test/sleepy"))
+def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, operators: Operators, gateway):
+    im = imagemodel("m1", "test/sleepy")
+    operators.start(gateway_url=gateway(im).url)
+    apply(kube, namespace, im)
     im = wait_for(
         lambda: (
             (o := get(kube, namespace, "imagemodel", "m1")) and (o.get("status") or {}).get("state") and o
@@ -69,25 +70,24 @@ def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, oper
 
 
 def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
-    kube, namespace, operators: Operators, queue: QueueStub
+    kube, namespace, operators: Operators, gateway
 ):
-    op = operators.start()
-    apply(
-        kube,
-        namespace,
-        imagemodel(
-            "m2",
-            "test/wake",
-            worker={
-                "image": "example.invalid/worker:test",
-                "gpu": {"count": 1},
-                "podAnnotations": {KWOK_DELAY: "3000"},
-            },
-        ),
+    im = imagemodel(
+        "m2",
+        "test/wake",
+        worker={
+            "image": "example.invalid/worker:test",
+            "gpu": {"count": 1},
+            "podAnnotations": {KWOK_DELAY: "3000"},
+        },
     )
+    gw = gateway(im)
+    op = operators.start(gateway_url=gw.url)
+    apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 30, "sleeping")
-    t0 = queue.set("test/wake", warming=1)
-    wait_for(lambda: replicas_of(kube, namespace, "m2") == 1, 10, "replicas 1")
+    t0 = time.monotonic()
+    gw.submit("test/wake")
+    wait_for(lambda: replicas_of(kube, namespace, "m2") == 1, 10, "replicas 1", every=0.02)
     reacted = time.monotonic() - t0
     assert reacted < 5, f"scale-up took {reacted:.2f}s"
     wait_for(lambda: state_of(kube, namespace, "m2") == "starting", 10, "starting")
@@ -99,10 +99,20 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     assert im["status"]["readyReplicas"] == 1 and condition(im, "Ready")["status"] == "True"
     assert op.metric("remotegpu_operator_ready_replicas", imagemodel="m2") == 1.0
     assert op.metric("remotegpu_operator_model_state", imagemodel="m2", state="ready") == 1.0
-    # The job runs, then finishes; after the idle window (3 s) the model sleeps again.
-    queue.set("test/wake", running=1)
+    # The pod (as its worker would) leases the job, runs it, completes it; after the
+    # idle window (3 s) the model sleeps again.
+    pod = kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m2")["items"][0]["metadata"][
+        "name"
+    ]
+    lease = gw.lease("test/wake", pod)
+    wait_for(
+        lambda: (get(kube, namespace, "imagemodel", "m2")["status"].get("queue") or {}).get("running") == 1,
+        10,
+        "running 1 in status",
+    )
     time.sleep(1)
-    queue.set("test/wake")
+    gw.complete(lease)
+    assert gw.depth("test/wake") == 0
     idle_from = time.monotonic()
     time.sleep(1.5)
     assert replicas_of(kube, namespace, "m2") == 1, "scaled down inside the idle window"
@@ -184,22 +194,20 @@ def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operato
 
 
 def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
-    kube, namespace, operators: Operators, queue: QueueStub
+    kube, namespace, operators: Operators, gateway
 ):
-    operators.start()
     # No node has 3 GPUs: the first pod can never be scheduled.
-    apply(
-        kube,
-        namespace,
-        imagemodel(
-            "m5",
-            "test/huge",
-            worker={"image": "example.invalid/worker:test", "gpu": {"count": 3}},
-            scaling={"maxReplicas": 4, "idleSeconds": 1, "scaleUpLimit": 4},
-        ),
+    im = imagemodel(
+        "m5",
+        "test/huge",
+        worker={"image": "example.invalid/worker:test", "gpu": {"count": 3}},
+        scaling={"maxReplicas": 4, "idleSeconds": 1, "scaleUpLimit": 4},
     )
+    gw = gateway(im)
+    operators.start(gateway_url=gw.url)
+    apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m5") == "sleeping", 30, "sleeping")
-    queue.set("test/huge", warming=4)
+    gw.submit("test/huge", 4)
     im = wait_for(
         lambda: (
             (o := get(kube, namespace, "imagemodel", "m5"))
@@ -226,19 +234,18 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
 
 
 def test_operator_restart_mid_scale_converges_without_duplicates(
-    kube, namespace, operators: Operators, queue: QueueStub
+    kube, namespace, operators: Operators, gateway
 ):
-    op = operators.start("op-a")
-    apply(
-        kube,
-        namespace,
-        imagemodel("m6", "test/restart", scaling={"maxReplicas": 3, "idleSeconds": 300, "scaleUpLimit": 1}),
-    )
+    im = imagemodel("m6", "test/restart", scaling={"maxReplicas": 3, "idleSeconds": 300, "scaleUpLimit": 1})
+    gw = gateway(im)
+    op = operators.start("op-a", gateway_url=gw.url)
+    apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m6") == "sleeping", 30, "sleeping")
-    queue.set("test/restart", warming=3)
-    wait_for(lambda: (replicas_of(kube, namespace, "m6") or 0) >= 1, 10, "first step")
+    gw.submit("test/restart", 3)
+    wait_for(lambda: (replicas_of(kube, namespace, "m6") or 0) >= 1, 10, "first step", every=0.02)
     op.stop(signal.SIGKILL)  # mid-scale: no Lease release, no cleanup
-    operators.start("op-b")
+    assert (replicas_of(kube, namespace, "m6") or 0) < 3, "not mid-scale"
+    operators.start("op-b", gateway_url=gw.url)
     wait_for(lambda: replicas_of(kube, namespace, "m6") == 3, 30, "converged to 3")
     wait_for(lambda: state_of(kube, namespace, "m6") == "ready", 20, "ready")
     deps = kube.get_json("deployments", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m6")["items"]
@@ -248,7 +255,7 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
     # A restart changes nothing that is already right.
     before = get(kube, namespace, "deployment", "m6-worker")["metadata"]["resourceVersion"]
     operators.procs[-1].stop()
-    op_c = operators.start("op-c")
+    op_c = operators.start("op-c", gateway_url=gw.url)
     wait_for(
         lambda: op_c.metric("remotegpu_operator_desired_replicas", imagemodel="m6") == 3.0,
         30,
@@ -258,19 +265,21 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
     assert get(kube, namespace, "deployment", "m6-worker")["metadata"]["resourceVersion"] == before
 
 
-def test_two_operators_do_not_fight(kube, namespace, operators: Operators, queue: QueueStub):
-    a = operators.start("op-a")
-    b = operators.start("op-b")
+def test_two_operators_do_not_fight(kube, namespace, operators: Operators, gateway):
+    im = imagemodel("m7", "test/pair", scaling={"maxReplicas": 2, "idleSeconds": 300})
+    gw = gateway(im)
+    a = operators.start("op-a", gateway_url=gw.url)
+    b = operators.start("op-b", gateway_url=gw.url)
     leader = operators.leader()
     standby = b if leader is a else a
     time.sleep(1)
     assert not standby.is_leader()
     lease = kube.get_json("lease", "remotegpu-operator", "-n", namespace)
     assert lease["spec"]["holderIdentity"] == leader.identity
-    apply(kube, namespace, imagemodel("m7", "test/pair", scaling={"maxReplicas": 2, "idleSeconds": 300}))
+    apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m7") == "sleeping", 30, "sleeping")
     gen0 = get(kube, namespace, "deployment", "m7-worker")["metadata"]["generation"]
-    queue.set("test/pair", warming=1)
+    gw.submit("test/pair")
     wait_for(lambda: replicas_of(kube, namespace, "m7") == 1, 10, "replicas 1")
     time.sleep(3)
     d = get(kube, namespace, "deployment", "m7-worker")
@@ -284,7 +293,7 @@ def test_two_operators_do_not_fight(kube, namespace, operators: Operators, queue
         kube.get_json("lease", "remotegpu-operator", "-n", namespace)["spec"]["holderIdentity"]
         == standby.identity
     )
-    queue.set("test/pair", warming=2)
+    gw.submit("test/pair")
     wait_for(lambda: replicas_of(kube, namespace, "m7") == 2, 15, "replicas 2 by the new leader")
 
 

@@ -25,10 +25,13 @@ router = APIRouter(
 )
 
 
-@router.post("/keys", response_model=KeyWithSecret, status_code=201, summary="Create a key (the secret is shown once)")
+@router.post(
+    "/keys", response_model=KeyWithSecret, status_code=201, summary="Create a key (the secret is shown once)"
+)
 async def create_key(body: KeyCreate, request: Request) -> dict[str, Any]:
     store = gateway(request).store
-    key, secret = await anyio.to_thread.run_sync(store.create_key, body.name, list(body.scopes))
+    scopes: list[str] = list(body.scopes)
+    key, secret = await anyio.to_thread.run_sync(store.create_key, body.name, scopes)
     return {**key.public(), "key": secret}
 
 

@@ -57,7 +57,10 @@ _SMALL_BODY = 64 * 1024
     response_model=EnqueueResponse,
     responses=_errors(400, 401, 403, 413, 422, 500, 503),
     openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": inline_schema(ImageRequest)}}}
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline_schema(ImageRequest)}},
+        }
     },
     summary="Submit an image generation job",
     description=(
@@ -91,7 +94,11 @@ async def submit(request: Request, key: KeyRecord = Depends(inference_key)) -> J
     resolved = validation.check_for_model(req, entry)
     available, reason = gw.registry.availability(entry.spec.model)
     if not available:
-        raise ApiError(503, f"model {entry.spec.model} is unavailable for serving: {reason or 'no reason given'}", "model")
+        raise ApiError(
+            503,
+            f"model {entry.spec.model} is unavailable for serving: {reason or 'no reason given'}",
+            "model",
+        )
     job_id = str(uuid.uuid4())
     image_keys: list[str] = []
     if req.input_images_base64:
@@ -107,10 +114,16 @@ async def submit(request: Request, key: KeyRecord = Depends(inference_key)) -> J
         try:
             await anyio.to_thread.run_sync(put_all)
         except StorageError as e:
-            raise ApiError(500, f"could not store the input images; nothing was queued ({e})", "input_images_base64") from None
+            raise ApiError(
+                500, f"could not store the input images; nothing was queued ({e})", "input_images_base64"
+            ) from None
     await anyio.to_thread.run_sync(
         lambda: gw.store.create_job(
-            owner_key_id=key.id, model=entry.spec.model, request=resolved, input_image_keys=image_keys, job_id=job_id
+            owner_key_id=key.id,
+            model=entry.spec.model,
+            request=resolved,
+            input_image_keys=image_keys,
+            job_id=job_id,
         )
     )
     gw.metrics.jobs_submitted.labels(entry.spec.model).inc()
@@ -129,7 +142,9 @@ async def submit(request: Request, key: KeyRecord = Depends(inference_key)) -> J
     description="`queued`: its model has a ready worker; `warming`: capacity is being acquired. "
     "`wait_ms` is the time before running, `run_ms` the time in running (0 before). Jobs of other keys are 404.",
 )
-async def job_status(job_id: str, request: Request, key: KeyRecord = Depends(inference_key)) -> dict[str, Any]:
+async def job_status(
+    job_id: str, request: Request, key: KeyRecord = Depends(inference_key)
+) -> dict[str, Any]:
     gw = gateway(request)
     job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
     if job is None:
@@ -195,14 +210,20 @@ async def result(
             raise ApiError(403, "this API key does not allow inference APIs", "Authorization")
         owner = key.id
     elif signature is not None or expires is not None:
-        raise ApiError(401, "result URL signature is invalid or expired; get a fresh result_url from the job status", "signature")
+        raise ApiError(
+            401,
+            "result URL signature is invalid or expired; get a fresh result_url from the job status",
+            "signature",
+        )
     else:
         raise ApiError(401, "send the signed result_url or Authorization: Bearer <api-key>", "Authorization")
     job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, owner)
     if job is None:
         raise ApiError(404, f"no job {job_id} for this API key", "job_id")
     if job.status != SUCCEEDED or job.result_key is None:
-        raise ApiError(409, f"job {job_id} is {gw.public_status(job)}; the result exists once it succeeded", "job_id")
+        raise ApiError(
+            409, f"job {job_id} is {gw.public_status(job)}; the result exists once it succeeded", "job_id"
+        )
     result_key = job.result_key
     try:
         data = await anyio.to_thread.run_sync(gw.storage.get, result_key)

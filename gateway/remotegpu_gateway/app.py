@@ -100,7 +100,9 @@ def create_app(
         finally:
             await gw.stop()
 
-    app = FastAPI(title="RemoteGPU Image API", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="RemoteGPU Image API", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
     app.state.gateway = gw
     errors.install(app)
     app.include_router(api.router)

@@ -40,13 +40,20 @@ def require_scope(scope: str) -> Callable[[Request], Awaitable[KeyRecord]]:
     async def dependency(request: Request) -> KeyRecord:
         if bearer(request) is None:
             raise ApiError(
-                401, "missing API key; send Authorization: Bearer <api-key>", "Authorization", headers=_CHALLENGE
+                401,
+                "missing API key; send Authorization: Bearer <api-key>",
+                "Authorization",
+                headers=_CHALLENGE,
             )
         key = await authenticate(request)
         if key is None:
             raise ApiError(401, "invalid, revoked or expired API key", "Authorization", headers=_CHALLENGE)
         if scope not in key.scopes:
-            raise ApiError(403, f"this API key does not allow {scope} APIs (scopes: {', '.join(key.scopes)})", "Authorization")
+            raise ApiError(
+                403,
+                f"this API key does not allow {scope} APIs (scopes: {', '.join(key.scopes)})",
+                "Authorization",
+            )
         return key
 
     return dependency

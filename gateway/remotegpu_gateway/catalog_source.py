@@ -206,7 +206,7 @@ class KubernetesCatalogWatcher:
             from kubernetes.client.exceptions import ApiException
 
             raise ApiException(status=obj.get("code", 500), reason=obj.get("message"))
-        name = (obj.get("metadata") or {}).get("name")
+        name = str((obj.get("metadata") or {}).get("name") or "")
         if kind == "DELETED":
             self.catalog.remove(name)
             model_id = self._states.pop(name, None)

@@ -77,18 +77,23 @@ class Gateway:
         else:
             self.catalog = Catalog(load_models_file())
         self.storage: BlobStorage = storage or LocalDirStorage(settings.resolved_results_dir())
-        secret = settings.signing_secret or self.store.setting("url_signing_secret", lambda: secrets.token_urlsafe(32))
+        secret = settings.signing_secret or self.store.setting(
+            "url_signing_secret", lambda: secrets.token_urlsafe(32)
+        )
         self.signer = UrlSigner(secret)
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.metrics.add_queue_collector(self.queue_snapshot, self._states)
-        self.registry.on_change(lambda: self.notifier.bump())
+        self.registry.on_change(self._bump_all)
         self.registry.on_change(self.metrics.track_cold_starts(self._states))
-        self.catalog.on_change(lambda: self.notifier.bump())
+        self.catalog.on_change(self._bump_all)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stats_cache: tuple[float, dict[str, Any]] = (0.0, {})
         self._listener_stop = threading.Event()
         self._listener: threading.Thread | None = None
+
+    def _bump_all(self) -> None:
+        self.notifier.bump()
 
     # ---- lifecycle ------------------------------------------------------------------------
 

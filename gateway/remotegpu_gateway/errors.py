@@ -1,7 +1,7 @@
 """One error shape for every failure: what was wrong and which field.
 
-    {"error": {"type": "invalid_request", "message": "...", "field": "size",
-               "errors": [{"field": "size", "message": "..."}]}}
+{"error": {"type": "invalid_request", "message": "...", "field": "size",
+           "errors": [{"field": "size", "message": "..."}]}}
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.field = field
-        self.errors = errors if errors is not None else ([{"field": field, "message": message}] if field else [])
+        self.errors = (
+            errors if errors is not None else ([{"field": field, "message": message}] if field else [])
+        )
         self.headers = headers
         self.type = type or _TYPES.get(status, "error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"type": self.type, "message": self.message, "field": self.field, "errors": self.errors}}
+        return {
+            "error": {"type": self.type, "message": self.message, "field": self.field, "errors": self.errors}
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -29,7 +29,9 @@ from remotegpu_gateway.notify import wait_event
 from remotegpu_gateway.storage import StorageError
 from remotegpu_gateway.store import TERMINAL_STATES, JobRecord, LeaseLostError
 
-router = APIRouter(prefix=PREFIX, tags=["internal"], dependencies=[Depends(require_worker)], include_in_schema=False)
+router = APIRouter(
+    prefix=PREFIX, tags=["internal"], dependencies=[Depends(require_worker)], include_in_schema=False
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,7 +46,9 @@ def _finished(gw: Gateway, job: JobRecord) -> None:
     gw.notifier.bump(job.model)
 
 
-@router.post("/lease", response_model=Lease, responses={204: {"description": "nothing to do within wait_seconds"}})
+@router.post(
+    "/lease", response_model=Lease, responses={204: {"description": "nothing to do within wait_seconds"}}
+)
 async def lease(body: LeaseRequest, request: Request) -> Response:
     gw = gateway(request)
     s = gw.settings
@@ -54,13 +58,15 @@ async def lease(body: LeaseRequest, request: Request) -> Response:
         ev = gw.notifier.model_event(body.model)
         job = await anyio.to_thread.run_sync(gw.store.lease, body.model, body.worker_id, s.lease_ttl_seconds)
         if job is not None:
-            gw.metrics.job_wait.labels(job.model).observe(max(0.0, (job.started_at or time.time()) - job.created_at))
+            gw.metrics.job_wait.labels(job.model).observe(
+                max(0.0, (job.started_at or time.time()) - job.created_at)
+            )
             gw.notifier.bump(job.model)
             try:
                 out = await anyio.to_thread.run_sync(gw.build_lease, job)
             except StorageError as e:
                 # Hand the job back rather than let it wait for lease expiry.
-                await anyio.to_thread.run_sync(gw.store.release, job.id, job.lease_token)
+                await anyio.to_thread.run_sync(gw.store.release, job.id, job.lease_token or "")
                 raise ApiError(500, f"input images of job {job.id} unreadable: {e}") from None
             return Response(out.model_dump_json(), media_type="application/json")
         remaining = deadline - time.monotonic()

@@ -25,7 +25,9 @@ class _QueueCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         snap = self._snapshot()
         depth = GaugeMetricFamily(
-            "remotegpu_queue_depth", "Jobs per model and state (queued, warming, running)", labels=["model", "state"]
+            "remotegpu_queue_depth",
+            "Jobs per model and state (queued, warming, running)",
+            labels=["model", "state"],
         )
         oldest = GaugeMetricFamily(
             "remotegpu_queue_oldest_wait_seconds", "Age of the oldest job waiting per model", labels=["model"]
@@ -36,7 +38,9 @@ class _QueueCollector(Collector):
             depth.add_metric([model, "running"], q.running)
             oldest.add_metric([model], q.oldest_wait_seconds)
         runtime = GaugeMetricFamily(
-            "remotegpu_model_runtime_state", "1 for the model's current runtime state", labels=["model", "state"]
+            "remotegpu_model_runtime_state",
+            "1 for the model's current runtime state",
+            labels=["model", "state"],
         )
         for model, state in sorted(self._states().items()):
             for s in ("ready", "starting", "sleeping"):
@@ -80,15 +84,25 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.jobs_submitted = Counter("remotegpu_jobs_submitted", "Jobs accepted by model", ["model"], registry=r)
+        self.jobs_submitted = Counter(
+            "remotegpu_jobs_submitted", "Jobs accepted by model", ["model"], registry=r
+        )
         self.jobs_finished = Counter(
             "remotegpu_jobs_finished", "Jobs that reached a terminal status", ["model", "status"], registry=r
         )
         self.job_wait = Histogram(
-            "remotegpu_job_wait_seconds", "Time from submit to running", ["model"], buckets=JOB_BUCKETS, registry=r
+            "remotegpu_job_wait_seconds",
+            "Time from submit to running",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=r,
         )
         self.job_run = Histogram(
-            "remotegpu_job_run_seconds", "Time in running until finished", ["model"], buckets=JOB_BUCKETS, registry=r
+            "remotegpu_job_run_seconds",
+            "Time in running until finished",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=r,
         )
         self.cold_start = Histogram(
             "remotegpu_model_cold_start_seconds",
@@ -98,7 +112,10 @@ class Metrics:
             registry=r,
         )
         self.http_requests = Counter(
-            "remotegpu_http_requests", "HTTP requests by route, method and code", ["route", "method", "code"], registry=r
+            "remotegpu_http_requests",
+            "HTTP requests by route, method and code",
+            ["route", "method", "code"],
+            registry=r,
         )
         self.http_latency = Histogram(
             "remotegpu_http_request_duration_seconds",
@@ -108,7 +125,9 @@ class Metrics:
             registry=r,
         )
 
-    def add_queue_collector(self, snapshot: Callable[[], QueueSnapshot], states: Callable[[], dict[str, str]]) -> None:
+    def add_queue_collector(
+        self, snapshot: Callable[[], QueueSnapshot], states: Callable[[], dict[str, str]]
+    ) -> None:
         self.registry.register(_QueueCollector(snapshot, states))
 
     def track_cold_starts(self, states: Callable[[], dict[str, str]]) -> Callable[[], None]:

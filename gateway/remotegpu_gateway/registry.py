@@ -64,7 +64,9 @@ class RuntimeRegistry:
     def report_worker(self, model: str, worker_id: str, state: RuntimeState) -> None:
         with self._lock:
             before = self._state_locked(model)
-            self._workers.setdefault(model, {})[worker_id] = _Worker(state=RuntimeState(state), seen=time.monotonic())
+            self._workers.setdefault(model, {})[worker_id] = _Worker(
+                state=RuntimeState(state), seen=time.monotonic()
+            )
             after = self._state_locked(model)
         if before != after:
             self._changed()
@@ -111,7 +113,9 @@ class RuntimeRegistry:
         cluster = self._cluster_state.get(model)
         if cluster == RuntimeState.READY:
             return RuntimeState.READY
-        if cluster == RuntimeState.STARTING or any(w.state == RuntimeState.STARTING for w in workers.values()):
+        if cluster == RuntimeState.STARTING or any(
+            w.state == RuntimeState.STARTING for w in workers.values()
+        ):
             return RuntimeState.STARTING
         return RuntimeState.SLEEPING
 

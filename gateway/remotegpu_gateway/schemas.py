@@ -22,9 +22,13 @@ class ImageRequest(BaseModel):
     prompt: StrictStr = Field(min_length=1, description="Main generation prompt (required)")
     model: StrictStr = Field(min_length=1, description="A model ID from GET /v1/inference/models (required)")
     negative_prompt: StrictStr | None = Field(default=None, description="Only for models that support it")
-    size: SizeIn | None = Field(default=None, description="One of the model's size presets; default: model default")
+    size: SizeIn | None = Field(
+        default=None, description="One of the model's size presets; default: model default"
+    )
     steps: StrictInt | None = Field(default=None, description="Default: the model's default")
-    guidance: Guidance | None = Field(default=None, description="Default: the model's default; fixed on some models")
+    guidance: Guidance | None = Field(
+        default=None, description="Default: the model's default; fixed on some models"
+    )
     seed: StrictInt | None = Field(default=None, ge=0, le=2**32 - 1, description="Default: random")
     input_images_base64: list[StrictStr] | None = Field(
         default=None, description="Source images as raw base64 or data URLs; count within the model's limits"
@@ -111,7 +115,7 @@ class ModelsResponse(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: StrictStr = Field(min_length=1, max_length=200)
-    scopes: list[Literal["inference", "admin"]] = Field(default_factory=lambda: ["inference"], min_length=1)
+    scopes: list[Literal["inference", "admin"]] = Field(default=["inference"], min_length=1)
 
 
 class KeyRotate(BaseModel):

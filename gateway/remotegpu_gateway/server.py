@@ -29,7 +29,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         data_dir=data,
         worker_token=worker_token(data),
         public_url=public,
-        results_dir=Path(os.environ["REMOTEGPU_RESULTS_DIR"]) if os.environ.get("REMOTEGPU_RESULTS_DIR") else None,
+        results_dir=Path(os.environ["REMOTEGPU_RESULTS_DIR"])
+        if os.environ.get("REMOTEGPU_RESULTS_DIR")
+        else None,
         signing_secret=os.environ.get("REMOTEGPU_SIGNING_SECRET") or None,
         models_file=Path(models_file) if models_file else None,
         namespace=namespace,
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
     app = create_app(settings)
-    print(f"gateway listening on http://{args.host}:{args.port} (public URL {settings.public_url})", flush=True)
+    print(
+        f"gateway listening on http://{args.host}:{args.port} (public URL {settings.public_url})", flush=True
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
     return 0

@@ -293,7 +293,9 @@ class Store:
 
     def _notify(self, conn: Connection, model: str) -> None:
         if not self.is_sqlite:
-            conn.execute(sa.text("SELECT pg_notify(:channel, :model)"), {"channel": self.CHANNEL, "model": model})
+            conn.execute(
+                sa.text("SELECT pg_notify(:channel, :model)"), {"channel": self.CHANNEL, "model": model}
+            )
 
     @contextlib.contextmanager
     def _ro(self) -> Iterator[Connection]:
@@ -315,7 +317,9 @@ class Store:
                 if version in done:
                     continue
                 fn(conn)
-                conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=time.time()))
+                conn.execute(
+                    schema_migrations.insert().values(version=version, name=name, applied_at=time.time())
+                )
                 applied_now.append(version)
         return applied_now
 
@@ -326,11 +330,15 @@ class Store:
     def setting(self, name: str, factory: Callable[[], str]) -> str:
         """A value shared by every replica (e.g. the URL signing secret), created once."""
         with self._ro() as conn:
-            value = conn.execute(sa.select(gateway_settings.c.value).where(gateway_settings.c.name == name)).scalar()
+            value = conn.execute(
+                sa.select(gateway_settings.c.value).where(gateway_settings.c.name == name)
+            ).scalar()
         if value is not None:
             return value
         with self._tx() as conn:
-            value = conn.execute(sa.select(gateway_settings.c.value).where(gateway_settings.c.name == name)).scalar()
+            value = conn.execute(
+                sa.select(gateway_settings.c.value).where(gateway_settings.c.name == name)
+            ).scalar()
             if value is None:
                 value = factory()
                 conn.execute(gateway_settings.insert().values(name=name, value=value))
@@ -346,7 +354,9 @@ class Store:
         key_id = "key_" + secrets.token_hex(8)
         with self._tx() as conn:
             conn.execute(
-                api_keys.insert().values(id=key_id, name=name, scopes=",".join(sorted(set(scopes))), created_at=now)
+                api_keys.insert().values(
+                    id=key_id, name=name, scopes=",".join(sorted(set(scopes))), created_at=now
+                )
             )
             token = self._new_secret(conn, key_id, now)
         return self.get_key(key_id), token
@@ -356,7 +366,9 @@ class Store:
         sid = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         conn.execute(
-            api_key_secrets.insert().values(id=sid, key_id=key_id, secret_hash=hash_secret(secret), created_at=now)
+            api_key_secrets.insert().values(
+                id=sid, key_id=key_id, secret_hash=hash_secret(secret), created_at=now
+            )
         )
         return f"{KEY_PREFIX}{sid}.{secret}"
 
@@ -366,12 +378,14 @@ class Store:
             if row is None:
                 raise NotFoundError(key_id)
             secs = conn.execute(
-                sa.select(api_key_secrets).where(api_key_secrets.c.key_id == key_id).order_by(api_key_secrets.c.created_at)
+                sa.select(api_key_secrets)
+                .where(api_key_secrets.c.key_id == key_id)
+                .order_by(api_key_secrets.c.created_at)
             ).all()
         return self._key_record(row, secs)
 
     @staticmethod
-    def _key_record(row: Any, secs: list[Any]) -> KeyRecord:
+    def _key_record(row: Any, secs: Any) -> KeyRecord:
         m = row._mapping
         return KeyRecord(
             id=m["id"],
@@ -413,7 +427,13 @@ class Store:
             if grace_seconds > 0:
                 conn.execute(
                     api_key_secrets.update()
-                    .where(live, sa.or_(api_key_secrets.c.expires_at.is_(None), api_key_secrets.c.expires_at > now + grace_seconds))
+                    .where(
+                        live,
+                        sa.or_(
+                            api_key_secrets.c.expires_at.is_(None),
+                            api_key_secrets.c.expires_at > now + grace_seconds,
+                        ),
+                    )
                     .values(expires_at=now + grace_seconds)
                 )
             else:
@@ -424,9 +444,14 @@ class Store:
         now = time.time()
         with self._tx() as conn:
             n = conn.execute(
-                api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now)
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=now)
             ).rowcount
-            if n == 0 and conn.execute(sa.select(api_keys.c.id).where(api_keys.c.id == key_id)).first() is None:
+            if (
+                n == 0
+                and conn.execute(sa.select(api_keys.c.id).where(api_keys.c.id == key_id)).first() is None
+            ):
                 raise NotFoundError(key_id)
             conn.execute(
                 api_key_secrets.update()
@@ -451,7 +476,9 @@ class Store:
                 .where(api_key_secrets.c.id == sid)
             ).first()
         # Always one constant-time comparison, whether or not the lookup id exists.
-        matches = hmac.compare_digest(hash_secret(secret), row.secret_hash if row is not None else _DUMMY_HASH)
+        matches = hmac.compare_digest(
+            hash_secret(secret), row.secret_hash if row is not None else _DUMMY_HASH
+        )
         if row is None or not matches:
             return None
         now = time.time()
@@ -670,7 +697,9 @@ class Store:
             progress_total=None,
         )
 
-    def _end_attempt(self, conn: Connection, job: JobRecord, now: float, message: str, *, retryable: bool) -> str:
+    def _end_attempt(
+        self, conn: Connection, job: JobRecord, now: float, message: str, *, retryable: bool
+    ) -> str:
         if job.cancel_requested:
             values: dict[str, Any] = {"status": CANCELLED, "completed_at": now, "updated_at": now}
         elif retryable and job.attempt < self.max_attempts:
@@ -678,7 +707,12 @@ class Store:
         else:
             if retryable:
                 message = f"{message} (gave up after {job.attempt} attempts)"
-            values = {"status": FAILED, "completed_at": now, "updated_at": now, "error_message": message[:4000]}
+            values = {
+                "status": FAILED,
+                "completed_at": now,
+                "updated_at": now,
+                "error_message": message[:4000],
+            }
         conn.execute(jobs.update().where(jobs.c.id == job.id).values(**values))
         self._notify(conn, job.model)
         return str(values["status"])
@@ -721,7 +755,9 @@ class Store:
                 q.running = int(count)
         return out
 
-    def recent_finished(self, since: float, limit: int = 5000) -> list[tuple[str, float, float | None, float]]:
+    def recent_finished(
+        self, since: float, limit: int = 5000
+    ) -> list[tuple[str, float, float | None, float]]:
         """(model, created_at, started_at, completed_at) of jobs that succeeded since `since`."""
         with self._ro() as conn:
             rows = conn.execute(

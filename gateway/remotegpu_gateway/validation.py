@@ -58,11 +58,12 @@ def check_request(body: dict[str, Any]) -> ImageRequest:
     legacy = [f for f in LEGACY_FIELDS if f in body]
     if legacy:
         items = [
-            {"field": f, "message": "legacy top-level field; send size: {\"width\": W, \"height\": H}"} for f in legacy
+            {"field": f, "message": 'legacy top-level field; send size: {"width": W, "height": H}'}
+            for f in legacy
         ]
         raise ApiError(
             422,
-            f"legacy top-level {' and '.join(legacy)} are not accepted; send size: {{\"width\": W, \"height\": H}}",
+            f'legacy top-level {" and ".join(legacy)} are not accepted; send size: {{"width": W, "height": H}}',
             legacy[0],
             items,
         )
@@ -71,7 +72,7 @@ def check_request(body: dict[str, Any]) -> ImageRequest:
     try:
         req = ImageRequest.model_validate(rest)
     except ValidationError as e:
-        raise pydantic_errors(list(e.errors())) from None
+        raise pydantic_errors([dict(err) for err in e.errors()]) from None
     if req.size is not None and f"{req.size.width}x{req.size.height}" not in ALL_SIZES:
         raise ApiError(
             422,
@@ -98,11 +99,15 @@ def check_for_model(req: ImageRequest, entry: ImageModel) -> dict[str, Any]:
         width, height = p.size.default.width, p.size.default.height
     if len(req.prompt) > p.prompt.max_length:
         raise ApiError(
-            400, f"prompt is {len(req.prompt)} characters; {model} accepts at most {p.prompt.max_length}", "prompt"
+            400,
+            f"prompt is {len(req.prompt)} characters; {model} accepts at most {p.prompt.max_length}",
+            "prompt",
         )
     if req.negative_prompt is not None:
         if not p.negative_prompt.supported:
-            raise ApiError(400, f"{model} does not support negative_prompt; omit the field", "negative_prompt")
+            raise ApiError(
+                400, f"{model} does not support negative_prompt; omit the field", "negative_prompt"
+            )
         if len(req.negative_prompt) > p.negative_prompt.max_length:
             raise ApiError(
                 400,
@@ -184,7 +189,9 @@ def decode_image(item: str, index: int, allowed: list[str]) -> bytes:
     except Image.DecompressionBombError:
         raise ApiError(400, f"input image is larger than {MAX_INPUT_IMAGE_SIDE} px per axis", field) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ApiError(400, f"input image does not decode to a PNG, JPEG or WebP image ({e})", field) from None
+        raise ApiError(
+            400, f"input image does not decode to a PNG, JPEG or WebP image ({e})", field
+        ) from None
     return raw
 
 

@@ -15,11 +15,11 @@ import httpx
 import pytest
 import uvicorn
 from PIL import Image
-
-from remotegpu.protocol import RuntimeState, WorkerAPIClient, WorkerStatus
 from remotegpu_gateway.app import create_app
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.settings import Settings
+
+from remotegpu.protocol import RuntimeState, WorkerAPIClient, WorkerStatus
 
 WORKER_TOKEN = "test-worker-token"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"
@@ -36,7 +36,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def png_bytes(width: int = 512, height: int = 512, fmt: str = "PNG", color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def png_bytes(
+    width: int = 512, height: int = 512, fmt: str = "PNG", color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buf, format=fmt)
     return buf.getvalue()
@@ -55,7 +57,9 @@ class RunningGateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
         self.gw: Gateway = self.app.state.gateway
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"gateway-{self.port}", daemon=True)
         self.thread.start()

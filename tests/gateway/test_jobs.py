@@ -117,7 +117,8 @@ def test_result_access(gateway: RunningGateway, key: str) -> None:
     # A signature for one job does not open another.
     job2 = gateway.submit(key, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
     r = gateway.http.get(
-        f"/v1/inference/jobs/{job2}/result", params={"expires": q["expires"][0], "signature": q["signature"][0]}
+        f"/v1/inference/jobs/{job2}/result",
+        params={"expires": q["expires"][0], "signature": q["signature"][0]},
     )
     assert r.status_code == 401
 
@@ -149,7 +150,9 @@ def test_cancel_pending_is_immediate(gateway: RunningGateway, key: str) -> None:
     r = cancel(gateway, key, job_id)
     assert r.status_code == 200
     body = r.json()
-    assert body["status"] == "cancelled" and body["cancel"] == "cancelled" and body["completed_at"] is not None
+    assert (
+        body["status"] == "cancelled" and body["cancel"] == "cancelled" and body["completed_at"] is not None
+    )
     assert body["run_ms"] == 0
     # A cancelled job is never leased.
     w = gateway.worker()

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import sqlalchemy as sa
-
 from remotegpu_gateway.store import Store, api_key_secrets, api_keys
+
 from tests.gateway.conftest import SCHNELL, RunningGateway, auth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +102,9 @@ def test_admin_api(gateway: RunningGateway) -> None:
     listing = gateway.http.get("/v1/admin/keys", headers=h).json()
     assert {k["id"] for k in listing} >= {key_id}
     assert token not in str(listing) and token.partition(".")[2] not in str(listing)
-    rotated = gateway.http.post(f"/v1/admin/keys/{key_id}/rotate", json={"grace_seconds": 0}, headers=h).json()
+    rotated = gateway.http.post(
+        f"/v1/admin/keys/{key_id}/rotate", json={"grace_seconds": 0}, headers=h
+    ).json()
     assert gateway.job(token, job_id).status_code == 401
     assert gateway.job(rotated["key"], job_id).status_code == 200
     r = gateway.http.post(f"/v1/admin/keys/{key_id}/revoke", headers=h)
@@ -148,7 +150,9 @@ def test_cli(gateway: RunningGateway, database_url: str) -> None:
 
 
 def test_cli_data_dir(tmp_path: Path) -> None:
-    r = run_cli("create", "--name", "local", "--data-dir", str(tmp_path), env_extra={"REMOTEGPU_DATABASE_URL": ""})
+    r = run_cli(
+        "create", "--name", "local", "--data-dir", str(tmp_path), env_extra={"REMOTEGPU_DATABASE_URL": ""}
+    )
     assert r.returncode == 0, r.stderr
     token = r.stdout.strip().splitlines()[-1]
     store = Store(f"sqlite:///{tmp_path / 'remotegpu.db'}")

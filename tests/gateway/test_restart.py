@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-
 from remotegpu_gateway.store import Store
+
 from tests.gateway.conftest import SCHNELL, auth, png_bytes
 
 

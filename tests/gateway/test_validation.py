@@ -47,14 +47,22 @@ CASES_422: list[tuple[str, dict[str, Any], str]] = [
     ("seed negative", {"prompt": "a", "model": SCHNELL, "seed": -1}, "seed"),
     ("seed too large", {"prompt": "a", "model": SCHNELL, "seed": 2**32}, "seed"),
     ("size not a preset", {"prompt": "a", "model": SCHNELL, "size": {"width": 500, "height": 500}}, "size"),
-    ("size swapped preset", {"prompt": "a", "model": SCHNELL, "size": {"width": 512, "height": 1024}}, "size"),
+    (
+        "size swapped preset",
+        {"prompt": "a", "model": SCHNELL, "size": {"width": 512, "height": 1024}},
+        "size",
+    ),
     ("size missing height", {"prompt": "a", "model": SCHNELL, "size": {"width": 512}}, "size.height"),
     ("size as string", {"prompt": "a", "model": SCHNELL, "size": "512x512"}, "size"),
     ("legacy width", {"prompt": "a", "model": SCHNELL, "width": 512}, "width"),
     ("legacy height", {"prompt": "a", "model": SCHNELL, "height": 512}, "height"),
     ("legacy width and height", {"prompt": "a", "model": SCHNELL, "width": 512, "height": 512}, "width"),
     ("unknown field", {"prompt": "a", "model": SCHNELL, "sampler": "euler"}, "sampler"),
-    ("images not a list", {"prompt": "a", "model": KONTEXT, "input_images_base64": "abc"}, "input_images_base64"),
+    (
+        "images not a list",
+        {"prompt": "a", "model": KONTEXT, "input_images_base64": "abc"},
+        "input_images_base64",
+    ),
     (
         "size preset the model does not allow",
         {"prompt": "a", "model": TINY, "size": {"width": 2048, "height": 2048}},
@@ -80,17 +88,37 @@ CASES_400: list[tuple[str, dict[str, Any], str]] = [
     ("retired remove_bg", {"prompt": "a", "model": SCHNELL, "remove_bg": True}, "remove_bg"),
     ("unknown model", {"prompt": "a", "model": "acme/not-a-model"}, "model"),
     ("prompt too long", {"prompt": "x" * 1025, "model": SCHNELL}, "prompt"),
-    ("negative prompt unsupported", {"prompt": "a", "model": SCHNELL, "negative_prompt": "blur"}, "negative_prompt"),
-    ("negative prompt too long", {"prompt": "a", "model": DEV, "negative_prompt": "x" * 2049}, "negative_prompt"),
+    (
+        "negative prompt unsupported",
+        {"prompt": "a", "model": SCHNELL, "negative_prompt": "blur"},
+        "negative_prompt",
+    ),
+    (
+        "negative prompt too long",
+        {"prompt": "a", "model": DEV, "negative_prompt": "x" * 2049},
+        "negative_prompt",
+    ),
     ("steps below min", {"prompt": "a", "model": SCHNELL, "steps": 0}, "steps"),
     ("steps above max", {"prompt": "a", "model": SCHNELL, "steps": 17}, "steps"),
     ("fixed guidance changed", {"prompt": "a", "model": SCHNELL, "guidance": 1.0}, "guidance"),
     ("klein fixed guidance changed", {"prompt": "a", "model": KLEIN, "guidance": 2}, "guidance"),
     ("guidance above max", {"prompt": "a", "model": DEV, "guidance": 25.0}, "guidance"),
-    ("images on a text-only model", {"prompt": "a", "model": SCHNELL, "input_images_base64": ["x"]}, "input_images_base64"),
+    (
+        "images on a text-only model",
+        {"prompt": "a", "model": SCHNELL, "input_images_base64": ["x"]},
+        "input_images_base64",
+    ),
     ("kontext without its image", {"prompt": "a", "model": KONTEXT}, "input_images_base64"),
-    ("kontext with two images", {"prompt": "a", "model": KONTEXT, "input_images_base64": ["a", "b"]}, "input_images_base64"),
-    ("klein with five images", {"prompt": "a", "model": KLEIN, "input_images_base64": ["a"] * 5}, "input_images_base64"),
+    (
+        "kontext with two images",
+        {"prompt": "a", "model": KONTEXT, "input_images_base64": ["a", "b"]},
+        "input_images_base64",
+    ),
+    (
+        "klein with five images",
+        {"prompt": "a", "model": KLEIN, "input_images_base64": ["a"] * 5},
+        "input_images_base64",
+    ),
 ]
 
 
@@ -101,9 +129,19 @@ def test_400(gateway: RunningGateway, key: str, body: dict[str, Any], field: str
 
 def test_limits_are_inclusive(gateway: RunningGateway, key: str) -> None:
     assert gateway.submit(key, {"prompt": "x" * 1024, "model": SCHNELL}).status_code == 202
-    assert gateway.submit(key, {"prompt": "x" * 4096, "model": "black-forest-labs/FLUX.2-dev"}).status_code == 202
-    assert gateway.submit(key, {"prompt": "a", "model": SCHNELL, "steps": 16, "guidance": 0}).status_code == 202
-    assert gateway.submit(key, {"prompt": "a", "model": DEV, "negative_prompt": "blur", "guidance": 20}).status_code == 202
+    assert (
+        gateway.submit(key, {"prompt": "x" * 4096, "model": "black-forest-labs/FLUX.2-dev"}).status_code
+        == 202
+    )
+    assert (
+        gateway.submit(key, {"prompt": "a", "model": SCHNELL, "steps": 16, "guidance": 0}).status_code == 202
+    )
+    assert (
+        gateway.submit(
+            key, {"prompt": "a", "model": DEV, "negative_prompt": "blur", "guidance": 20}
+        ).status_code
+        == 202
+    )
     r = gateway.submit(key, {"prompt": "a", "model": KLEIN, "input_images_base64": [b64(png_bytes())] * 4})
     assert r.status_code == 202, r.text
 
@@ -130,13 +168,16 @@ def test_input_image_rules(gateway: RunningGateway, key: str, image: str, status
 
 def test_second_image_is_named(gateway: RunningGateway, key: str) -> None:
     r = gateway.submit(
-        key, {"prompt": "a", "model": KLEIN, "input_images_base64": [b64(png_bytes()), b64(png_bytes(333, 333))]}
+        key,
+        {"prompt": "a", "model": KLEIN, "input_images_base64": [b64(png_bytes()), b64(png_bytes(333, 333))]},
     )
     check_error(r, 422, "input_images_base64[1]")
 
 
 def test_image_preset_not_allowed_by_model(gateway: RunningGateway, key: str) -> None:
-    r = gateway.submit(key, {"prompt": "a", "model": TINY_KONTEXT, "input_images_base64": [b64(png_bytes(2048, 2048))]})
+    r = gateway.submit(
+        key, {"prompt": "a", "model": TINY_KONTEXT, "input_images_base64": [b64(png_bytes(2048, 2048))]}
+    )
     check_error(r, 422, "input_images_base64[0]")
 
 
@@ -195,7 +236,14 @@ def test_explicit_values_are_passed(gateway: RunningGateway, key: str) -> None:
     w.close()
     assert lease is not None
     r = lease.request
-    assert (r.width, r.height, r.steps, r.guidance, r.seed, r.negative_prompt) == (1280, 720, 12, 2.5, 42, "blurry")
+    assert (r.width, r.height, r.steps, r.guidance, r.seed, r.negative_prompt) == (
+        1280,
+        720,
+        12,
+        2.5,
+        42,
+        "blurry",
+    )
 
 
 def test_unavailable_model_is_503_with_reason(gateway: RunningGateway, key: str) -> None:
@@ -238,7 +286,9 @@ def test_body_size_is_bounded(start_gateway: Any) -> None:
             yield b"A" * 10_000
         yield b'"]}'
 
-    r = g.http.post("/v1/inference/image", content=chunks(), headers={**auth(key), "Content-Type": "application/json"})
+    r = g.http.post(
+        "/v1/inference/image", content=chunks(), headers={**auth(key), "Content-Type": "application/json"}
+    )
     check_error(r, 413, "body")
 
 
@@ -250,7 +300,9 @@ def test_image_decoding_does_not_block_the_event_loop(gateway: RunningGateway, k
     from PIL import Image
 
     buf = __import__("io").BytesIO()
-    Image.frombytes("RGB", (1536, 1152), os.urandom(1536 * 1152 * 3)).save(buf, format="PNG", compress_level=1)
+    Image.frombytes("RGB", (1536, 1152), os.urandom(1536 * 1152 * 3)).save(
+        buf, format="PNG", compress_level=1
+    )
     img = b64(buf.getvalue())  # incompressible noise: a few MB that take real time to decode
     body = {"prompt": "a", "model": "black-forest-labs/FLUX.2-dev", "input_images_base64": [img] * 6}
     done: list[tuple[int, float]] = []

@@ -36,6 +36,8 @@ import yaml
 from kubernetes import client, config, watch
 
 RUNNER_LABEL = "remotegpu.ai/pod-runner"
+# The project's images and their ENTRYPOINT (Dockerfile, inference-worker/Dockerfile).
+PROJECT_IMAGES = {"ghcr.io/remotegpu/remotegpu": ["remotegpu"], "ghcr.io/remotegpu/worker": ["remotegpu"]}
 
 
 def now() -> str:
@@ -48,13 +50,23 @@ class RunningPod:
     name: str
     uid: str
     ip: str
-    proc: subprocess.Popen
-    log_path: Path
+    argv: list[str]
+    env: dict[str, str]
+    root: Path
+    container: str
+    image: str
     readiness: dict | None
     grace_seconds: int
+    proc: subprocess.Popen | None = None
     ready: bool = False
     stopping: bool = False
+    restarts: int = 0
+    restart_at: float = 0.0  # monotonic time of the next restart after a crash
     started_at: str = field(default_factory=now)
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "container.log"
 
 
 class PodRunner:
@@ -66,7 +78,9 @@ class PodRunner:
         venv_bin: Path,
         extra_env: dict[str, str] | None = None,
         first_ip: str = "127.0.0.10",
+        image_entrypoints: dict[str, list[str]] | None = None,
     ):
+        self.image_entrypoints = image_entrypoints or dict(PROJECT_IMAGES)
         self.kubeconfig = kubeconfig
         self.node_name = node_name
         self.workdir = workdir
@@ -202,6 +216,7 @@ class PodRunner:
             try:
                 self._start(pod)
             except Exception as e:  # noqa: BLE001 - report the failure on the pod like a kubelet
+                self._log(f"starting {pod.metadata.name}:\n{traceback.format_exc()}")
                 self._patch_status(
                     pod.metadata.namespace,
                     pod.metadata.name,
@@ -218,96 +233,94 @@ class PodRunner:
         ns, name = pod.metadata.namespace, pod.metadata.name
         container = pod.spec.containers[0]
         ip = self._allocate_ip()
+        podroot = self.workdir / ns / name
+        podroot.mkdir(parents=True, exist_ok=True)
+        # Volumes: each PVC or emptyDir becomes a folder; mount paths are rewritten in env and args.
+        mounts = self._mounts(pod, container, podroot)
+        entrypoint = container.command or self._entrypoint(container.image)
+        argv = [self._rewrite(pod, a, ip, mounts) for a in [*entrypoint, *(container.args or [])]]
+        if argv[0] == "remotegpu" or argv[0].endswith("/remotegpu"):
+            argv[0] = str(self.venv_bin / "remotegpu")
+        env = {e.name: self._rewrite(pod, self._env_value(pod, e), ip, mounts) for e in container.env or []}
+        # What a real node provides: the image's PATH, and the service account's credentials.
         env = {
             "PATH": f"{self.venv_bin}:{os.environ['PATH']}",
             "HOME": os.environ.get("HOME", "/root"),
             "HF_HUB_OFFLINE": "1",
             **self.extra_env,
+            **env,
         }
-        for e in container.env or []:
-            env[e.name] = self._env_value(pod, e)
-        podroot = self.workdir / ns / name
-        podroot.mkdir(parents=True, exist_ok=True)
         kubeconfig = self._service_account_kubeconfig(pod, podroot)
         if kubeconfig:
             env["KUBECONFIG"] = str(kubeconfig)
-            env["REMOTEGPU_NAMESPACE"] = ns
-        # Volumes: each PVC or emptyDir becomes a folder; mounts are rewritten in env and args.
-        mounts = self._mounts(pod, container, podroot)
-        argv = [*(container.command or []), *(container.args or [])]
-        if not argv:
-            raise RuntimeError(f"container {container.name} has no command; the pod runner needs one")
-        argv = [self._rewrite(pod, a, ip, mounts) for a in argv]
-        env = {k: self._rewrite(pod, v, ip, mounts) for k, v in env.items()}
-        if argv[0] == "remotegpu" or argv[0].endswith("/remotegpu"):
-            argv[0] = str(self.venv_bin / "remotegpu")
-        log_path = podroot / "container.log"
-        logf = open(log_path, "ab")
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=podroot,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
         running = RunningPod(
             namespace=ns,
             name=name,
             uid=pod.metadata.uid,
             ip=ip,
-            proc=proc,
-            log_path=log_path,
+            argv=argv,
+            env=env,
+            root=podroot,
+            container=container.name,
+            image=container.image,
             readiness=_probe(container.readiness_probe, container),
             grace_seconds=pod.spec.termination_grace_period_seconds or 30,
         )
+        self._spawn(running)
         with self._lock:
             self.pods[pod.metadata.uid] = running
-        self._report(running, pod)
+        self._report(running)
 
-    def _report(self, p: RunningPod, pod: client.V1Pod | None = None) -> None:
+    def _spawn(self, p: RunningPod) -> None:
+        with open(p.root / "container.log", "ab") as logf:
+            p.proc = subprocess.Popen(
+                p.argv,
+                env=p.env,
+                cwd=p.root,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        p.started_at = now()
+
+    def _report(self, p: RunningPod) -> None:
         t = now()
+        assert p.proc is not None
         exit_code = p.proc.poll()
-        state = (
-            {"running": {"startedAt": p.started_at}}
-            if exit_code is None
-            else {
-                "terminated": {
-                    "exitCode": exit_code,
-                    "finishedAt": t,
-                    "reason": "Error" if exit_code else "Completed",
-                }
-            }
-        )
+        if exit_code is None:
+            state: dict = {"running": {"startedAt": p.started_at}}
+        else:
+            state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"exited with {exit_code}"}}
         ready = "True" if p.ready else "False"
-        status = {
-            "phase": "Running" if exit_code is None else ("Succeeded" if exit_code == 0 else "Failed"),
-            "podIP": p.ip,
-            "podIPs": [{"ip": p.ip}],
-            "hostIP": "127.0.0.1",
-            "startTime": p.started_at,
-            "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": p.started_at},
-                {"type": "Initialized", "status": "True", "lastTransitionTime": p.started_at},
-                {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
-                {"type": "Ready", "status": ready, "lastTransitionTime": t},
-            ],
-            "containerStatuses": [
-                {
-                    "name": "main" if pod is None else pod.spec.containers[0].name,
-                    "image": "" if pod is None else pod.spec.containers[0].image,
-                    "imageID": "",
-                    "ready": p.ready,
-                    "restartCount": 0,
-                    "started": exit_code is None,
-                    "state": state,
-                }
-            ],
-        }
-        if pod is None:
-            status.pop("containerStatuses")
-        self._patch_status(p.namespace, p.name, status)
+        self._patch_status(
+            p.namespace,
+            p.name,
+            {
+                "phase": "Running",
+                "podIP": p.ip,
+                "podIPs": [{"ip": p.ip}],
+                "hostIP": "127.0.0.1",
+                "startTime": p.started_at,
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": p.started_at},
+                    {"type": "Initialized", "status": "True", "lastTransitionTime": p.started_at},
+                    {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
+                    {"type": "Ready", "status": ready, "lastTransitionTime": t},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": p.container,
+                        "image": p.image,
+                        "imageID": "",
+                        "ready": p.ready,
+                        "restartCount": p.restarts,
+                        "started": exit_code is None,
+                        "state": state,
+                    }
+                ],
+            },
+        )
 
     def _patch_status(self, ns: str, name: str, status: dict) -> None:
         try:
@@ -317,25 +330,32 @@ class PodRunner:
                 raise
 
     def _probe_loop(self) -> None:
+        """Readiness probes, and restarts with back-off (restartPolicy Always) like a kubelet."""
         with httpx.Client(timeout=1.0) as http:
             while not self._stop.wait(0.2):
                 with self._lock:
                     pods = [p for p in self.pods.values() if not p.stopping]
                 for p in pods:
+                    assert p.proc is not None
                     alive = p.proc.poll() is None
+                    if not alive and p.restart_at == 0.0:
+                        p.restart_at = time.monotonic() + min(30.0, 2.0**p.restarts)
+                    elif not alive and time.monotonic() >= p.restart_at and not p.stopping:
+                        p.restarts += 1
+                        p.restart_at = 0.0
+                        self._spawn(p)
+                        alive = True
                     ready = alive and _probe_ok(http, p)
                     if ready != p.ready or not alive:
                         p.ready = ready
                         try:
                             self._report(p)
-                        except Exception:  # noqa: BLE001
+                        except Exception:  # noqa: BLE001 - next round reports again
                             pass
-                        if not alive:
-                            p.stopping = True  # exited on its own; leave the pod Failed/Succeeded
 
     def _terminate(self, p: RunningPod, grace: int | None = None) -> None:
         p.stopping = True
-        if p.proc.poll() is None:
+        if p.proc is not None and p.proc.poll() is None:
             try:
                 os.killpg(p.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -418,7 +438,17 @@ class PodRunner:
                 mounts[m.mount_path] = str(by_name[m.name])
         return mounts
 
+    def _entrypoint(self, image: str) -> list[str]:
+        """The image's ENTRYPOINT, for the images this project builds (see the Dockerfiles)."""
+        repository = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+        if repository in self.image_entrypoints:
+            return list(self.image_entrypoints[repository])
+        raise RuntimeError(f"image {image} has no known entrypoint; give the container a command")
+
     def _rewrite(self, pod: client.V1Pod, value: str, ip: str, mounts: dict[str, str]) -> str:
+        if value.startswith("--") and "=" in value:  # --flag=VALUE
+            flag, _, rest = value.partition("=")
+            return f"{flag}={self._rewrite(pod, rest, ip, mounts)}"
         if value == "0.0.0.0":
             return ip
         for mount_path, local in sorted(mounts.items(), key=lambda kv: -len(kv[0])):

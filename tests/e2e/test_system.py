@@ -1,0 +1,92 @@
+"""End to end on the local cluster: helm install → API key → job → scale from zero → PNG → scale to zero."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import System, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def test_newcomer_path_from_sleeping_to_png_and_back_to_sleeping(system: System):
+    model = system.tiny_models["flux1"]
+    name = "tiny-random-flux1"
+    catalog = system.models()
+    # Every model sleeps before any job; the five FLUX presets and the tiny models are listed.
+    assert {m["runtime"]["state"] for m in catalog.values()} == {"sleeping"}
+    assert "black-forest-labs/FLUX.1-dev" in catalog and model in catalog
+
+    job_id = system.submit(model, seed=7)
+    first = system.job(job_id)
+    assert first["status"] in ("warming", "running", "succeeded"), first
+    # The operator scales the Deployment up from zero, and a worker process starts.
+    wait_for(lambda: system.deployment_replicas(name) >= 1, 30, "the worker Deployment to scale up")
+    wait_for(lambda: system.workers(name), 60, "a worker process")
+    done = system.wait_job(job_id)
+    assert done["status"] == "succeeded", (done, system.logs())
+    assert done["run_ms"] > 0 and done["wait_ms"] > 0
+    png = httpx.get(done["result_url"], timeout=30)
+    assert png.status_code == 200
+    image = Image.open(io.BytesIO(png.content))
+    assert image.format == "PNG" and image.size == (512, 512)
+
+    entry = system.models()[model]
+    assert entry["runtime"]["state"] == "ready"
+    assert (
+        entry["recent_summary_stats"]["total"]["count"] >= 1
+        if "total" in entry["recent_summary_stats"]
+        else True
+    )
+
+    # After the idle window the model sleeps again and its worker process is gone.
+    wait_for(lambda: system.state(model) == "sleeping", 90, "the model to go back to sleeping")
+    wait_for(lambda: not system.workers(name), 60, "the worker process to exit")
+    assert system.deployment_replicas(name) == 0
+
+
+def test_a_worker_killed_mid_job_still_finishes_the_job_once(system: System):
+    model = system.tiny_models["flux1"]
+    name = "tiny-random-flux1"
+    # Enough steps that the job is still running when the worker dies.
+    job_id = system.submit(model, steps=40, size={"width": 1024, "height": 1024}, seed=3)
+    wait_for(lambda: system.job(job_id)["status"] == "running", 120, "the job to run")
+    [worker] = system.workers(name)
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    done = system.wait_job(job_id, timeout=240)
+    assert done["status"] == "succeeded", (done, system.logs())
+    assert httpx.get(done["result_url"], timeout=30).status_code == 200
+
+
+def test_a_burst_across_two_models_scales_both_within_bounds_and_back(system: System):
+    a, b = system.tiny_models["flux1"], system.tiny_models["flux1-kontext"]
+    src = Image.new("RGB", (512, 512), (200, 30, 30))
+    buf = io.BytesIO()
+    src.save(buf, format="PNG")
+    import base64
+
+    image_b64 = base64.b64encode(buf.getvalue()).decode()
+    jobs = [system.submit(a, seed=i) for i in range(4)]
+    jobs += [system.submit(b, seed=i, input_images_base64=[image_b64]) for i in range(3)]
+    peak = {"tiny-random-flux1": 0, "tiny-random-flux1-kontext": 0}
+    deadline = time.monotonic() + 300
+    pending = set(jobs)
+    while pending and time.monotonic() < deadline:
+        for n in peak:
+            peak[n] = max(peak[n], system.deployment_replicas(n))
+        pending = {j for j in pending if system.job(j)["status"] not in ("succeeded", "failed", "cancelled")}
+        time.sleep(0.5)
+    assert not pending, system.logs()
+    assert all(system.job(j)["status"] == "succeeded" for j in jobs)
+    # Both scaled up, never beyond maxReplicas (2).
+    assert peak["tiny-random-flux1"] >= 1 and peak["tiny-random-flux1-kontext"] >= 1
+    assert max(peak.values()) <= 2
+    for n, m in (("tiny-random-flux1", a), ("tiny-random-flux1-kontext", b)):
+        wait_for(lambda m=m: system.state(m) == "sleeping", 120, f"{n} to sleep again")

@@ -1,0 +1,345 @@
+"""Scale from zero on the local control plane: first job -> replicas >= 1, first job -> pod Ready.
+
+Starts its own local cluster (cluster/localcluster.py, KWOK GPU nodes, pod ready
+delay 0), a real gateway (`remotegpu gateway`, SQLite in a temp dir) and the real
+operator (`remotegpu operator`, leader election on), creates one sleeping
+ImageModel (idleSeconds 1), then repeats: submit a job through the public API and
+time, from just before the POST,
+
+  - replicas: the worker Deployment's spec.replicas >= 1 (seen on a watch stream),
+  - ready:    a worker pod Ready (seen on a watch stream);
+
+then a fake worker (this script, as the pod) leases and completes the job, and the
+model is left to go back to sleep (0 replicas, no pods) before the next run.
+Targets (DESIGN.md): replicas under 1 s, pod Ready under 3 s.
+
+    .venv/bin/python bench/scale_from_zero.py [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "operator"))
+
+from remotegpu_operator.kubeapi import _ssl_context, connection_info  # noqa: E402
+
+from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
+from remotegpu.protocol import WorkerAPIClient  # noqa: E402
+
+TOKEN = "bench-worker-token"
+MODEL = "bench/scale-from-zero"
+NAME = "bench"
+NS = "bench"
+STOPPING = threading.Event()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def imagemodel() -> dict[str, Any]:
+    return {
+        "apiVersion": "remotegpu.ai/v1alpha1",
+        "kind": "ImageModel",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {
+            "model": MODEL,
+            "architecture": "flux1",
+            "parameters": {
+                "prompt": {"maxLength": 1024},
+                "size": {"default": {"width": 512, "height": 512}},
+                "steps": {"default": 4},
+                "guidance": {"default": 0.0},
+            },
+            "weights": {"source": "tiny/flux1", "random": True},
+            "worker": {"image": "example.invalid/worker:bench", "gpu": {"count": 1}},
+            "scaling": {"maxReplicas": 1, "idleSeconds": 1},
+        },
+    }
+
+
+class Watch:
+    """Watches one kind in the namespace and records when `cond(obj)` first holds after `arm()`."""
+
+    def __init__(self, http: httpx.Client, path: str, cond: Any):
+        self.http, self.path, self.cond = http, path, cond
+        self.lock = threading.Lock()
+        self.armed_at: float | None = None
+        self.hit_at: float | None = None
+        self.state: dict[str, Any] = {}
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def arm(self) -> None:
+        with self.lock:
+            self.armed_at, self.hit_at = time.monotonic(), None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                listing = self.http.get(self.path).json()
+                rv = listing["metadata"]["resourceVersion"]
+                for obj in listing.get("items", []):
+                    self.state[obj["metadata"]["name"]] = obj
+                with self.http.stream(
+                    "GET",
+                    self.path,
+                    params={"watch": "1", "resourceVersion": rv},
+                    timeout=httpx.Timeout(10, read=None),
+                ) as r:
+                    for line in r.iter_lines():
+                        if not line:
+                            continue
+                        ev = json.loads(line)
+                        obj = ev["object"]
+                        now = time.monotonic()
+                        if ev["type"] == "DELETED":
+                            self.state.pop(obj["metadata"]["name"], None)
+                        else:
+                            self.state[obj["metadata"]["name"]] = obj
+                        with self.lock:
+                            if self.armed_at is not None and self.hit_at is None and self.cond(obj):
+                                self.hit_at = now
+            except Exception as e:  # reconnect
+                if STOPPING.is_set():
+                    return
+                print(f"  (watch {self.path} reconnects: {e})", file=sys.stderr)
+                time.sleep(0.2)
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1)))))
+    return ordered[k]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    cluster = Cluster(tmp / "cluster")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        kubeconfig = cluster.up(ClusterConfig(pod_ready_delay_ms=0))
+        kubectl = [str(cluster.bins / "kubectl"), "--kubeconfig", str(kubeconfig)]
+        subprocess.run(
+            [*kubectl, "apply", "-f", str(REPO / "crds/imagemodels.yaml")], check=True, capture_output=True
+        )
+        subprocess.run(
+            [*kubectl, "wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run([*kubectl, "create", "namespace", NS], check=True, capture_output=True)
+
+        env = {**os.environ, "REMOTEGPU_WORKER_TOKEN": TOKEN, "KUBECONFIG": str(kubeconfig)}
+        models_file = tmp / "models.yaml"
+        models_file.write_text(yaml.safe_dump(imagemodel()))
+        data = tmp / "gateway"
+        gw_env = {k: v for k, v in env.items() if k != "KUBECONFIG"}
+        key = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "remotegpu.cli",
+                    "keys",
+                    "create",
+                    "--name",
+                    "bench",
+                    "--data-dir",
+                    str(data),
+                ],
+                env=gw_env,
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        gw_port, op_port = free_port(), free_port()
+        gw_url = f"http://127.0.0.1:{gw_port}"
+        log = open(tmp / "gateway.log", "ab")
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "remotegpu.cli",
+                    "gateway",
+                    "--models-file",
+                    str(models_file),
+                    "--data-dir",
+                    str(data),
+                    "--port",
+                    str(gw_port),
+                ],
+                env=gw_env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        worker = WorkerAPIClient(gw_url, TOKEN)
+
+        def gateway_up() -> bool:
+            try:
+                return worker.queue().version > 0
+            except httpx.HTTPError:
+                return False
+
+        wait_for(gateway_up, 60, "gateway")
+        oplog = open(tmp / "operator.log", "ab")
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "remotegpu.cli",
+                    "operator",
+                    "--namespace",
+                    NS,
+                    "--gateway-url",
+                    gw_url,
+                    "--port",
+                    str(op_port),
+                ],
+                env=env,
+                cwd=REPO,
+                stdout=oplog,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        subprocess.run(
+            [*kubectl, "apply", "-f", "-"],
+            input=json.dumps(imagemodel()).encode(),
+            check=True,
+            capture_output=True,
+        )
+
+        info = connection_info_for(kubeconfig)
+        kube = httpx.Client(base_url=info.server, verify=_ssl_context(info), timeout=30)
+        deps = Watch(
+            kube,
+            f"/apis/apps/v1/namespaces/{NS}/deployments",
+            lambda d: d["metadata"]["name"] == f"{NAME}-worker" and (d["spec"].get("replicas") or 0) >= 1,
+        )
+        pods = Watch(kube, f"/api/v1/namespaces/{NS}/pods", pod_ready)
+        public = httpx.Client(base_url=gw_url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+
+        def sleeping() -> bool:
+            d = deps.state.get(f"{NAME}-worker")
+            return bool(d and d["spec"].get("replicas") == 0 and not pods.state)
+
+        wait_for(sleeping, 60, "the model to sleep")
+        to_replicas: list[float] = []
+        to_ready: list[float] = []
+        for i in range(args.runs):
+            deps.arm()
+            pods.arm()
+            t0 = time.monotonic()
+            r = public.post("/v1/inference/image", json={"model": MODEL, "prompt": f"run {i}"})
+            assert r.status_code == 202, r.text
+            wait_for(lambda: deps.hit_at and pods.hit_at, 30, "replicas and a ready pod")
+            assert deps.hit_at is not None and pods.hit_at is not None
+            to_replicas.append(deps.hit_at - t0)
+            to_ready.append(pods.hit_at - t0)
+            print(
+                f"run {i + 1:2d}: replicas>=1 {to_replicas[-1] * 1000:7.1f} ms   pod Ready "
+                f"{to_ready[-1] * 1000:7.1f} ms",
+                flush=True,
+            )
+            pod = next(iter(pods.state))
+            lease = worker.lease(MODEL, pod, wait_seconds=10)
+            assert lease is not None
+            buf = io.BytesIO()
+            Image.new("RGB", (lease.request.width, lease.request.height)).save(buf, format="PNG")
+            worker.complete(lease.job_id, lease.lease_token, buf.getvalue())
+            wait_for(sleeping, 60, "the model to sleep again")
+
+        print()
+        print(f"scale from zero over {args.runs} runs (local control plane, KWOK pod ready delay 0):")
+        for label, values, target in (
+            ("first job -> Deployment replicas >= 1", to_replicas, 1.0),
+            ("first job -> worker pod Ready", to_ready, 3.0),
+        ):
+            med, p95 = statistics.median(values), pct(values, 95)
+            verdict = "meets" if p95 < target else "MISSES"
+            print(
+                f"  {label:40s} median {med * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms   max "
+                f"{max(values) * 1000:7.1f} ms   ({verdict} the {target:.0f} s target at p95)"
+            )
+        return 0
+    finally:
+        STOPPING.set()
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+        cluster.down(quiet=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def connection_info_for(kubeconfig: Path) -> Any:
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    try:
+        return connection_info()
+    finally:
+        if old is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old
+
+
+if __name__ == "__main__":
+    sys.exit(main())

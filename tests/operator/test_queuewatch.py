@@ -1,0 +1,70 @@
+"""The event-driven path: the queue watcher wakes a model's daemon within milliseconds of a change."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from remotegpu_operator.main import operator_settings
+from remotegpu_operator.queuewatch import QueueWatcher
+
+from tests.operator.conftest import TOKEN, QueueStub
+
+
+def test_a_queue_change_wakes_only_that_models_daemon_at_once():
+    stub = QueueStub()
+    watcher = QueueWatcher(stub.url, TOKEN, wait_seconds=25)
+    woken = threading.Event()
+    other = threading.Event()
+    watcher.register("m/a", 1, woken.set)
+    watcher.register("m/b", 2, other.set)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 5
+        while watcher.get("m/a") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.get("m/a") is not None and watcher.get("m/a").depth == 0
+        time.sleep(0.2)  # the watcher now sits in a long-poll
+        woken.clear()
+        other.clear()
+        t0 = stub.set("m/a", warming=1)
+        assert woken.wait(2), "not woken"
+        assert time.monotonic() - t0 < 0.5
+        assert watcher.get("m/a").warming == 1
+        assert not other.is_set(), "a model whose queue did not change was woken"
+    finally:
+        watcher.stop()
+        stub.close()
+
+
+def test_an_unreachable_gateway_makes_the_queue_unknown():
+    stub = QueueStub()
+    watcher = QueueWatcher(stub.url, TOKEN, wait_seconds=0.2, stale_after=1.0)
+    try:
+        watcher.start()
+        deadline = time.monotonic() + 5
+        while watcher.get("m/a") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.get("m/a") is not None
+        stub.close()
+        deadline = time.monotonic() + 5
+        while watcher.get("m/a") is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.get("m/a") is None
+    finally:
+        watcher.stop()
+
+
+def test_no_gateway_url_means_no_queue():
+    w = QueueWatcher(None, TOKEN)
+    w.start()
+    assert not w.available and w.get("m/a") is None
+
+
+def test_watch_streams_have_timeouts():
+    # kopf #585/#847: without these a silently dropped watch hangs the operator forever.
+    s = operator_settings()
+    assert s.watching.server_timeout and s.watching.client_timeout
+    assert s.watching.client_timeout > s.watching.server_timeout
+    assert s.watching.connect_timeout
+    assert s.peering.standalone and s.scanning.disabled

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from remotegpu_gateway import validation
-from remotegpu_gateway.auth import authenticate, bearer, gateway, require_scope
+from remotegpu_gateway.auth import authenticate, bearer, check_key, gateway, missing_key, require_scope
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.schemas import (
@@ -48,9 +48,6 @@ def base_url(gw: Gateway, request: Request) -> str:
     return gw.settings.public_url or str(request.base_url)
 
 
-_SMALL_BODY = 64 * 1024
-
-
 @router.post(
     "/image",
     status_code=202,
@@ -76,14 +73,25 @@ _SMALL_BODY = 64 * 1024
         "mode: images are never resized). 500 if storing the images fails; nothing is queued then."
     ),
 )
-async def submit(request: Request, key: KeyRecord = Depends(inference_key)) -> JSONResponse:
+async def submit(request: Request) -> JSONResponse:
     gw = gateway(request)
+    token = bearer(request)
+    if token is None:
+        raise missing_key()
     raw = await request.body()
-    if len(raw) > _SMALL_BODY:
-        body = await anyio.to_thread.run_sync(validation.parse_body, raw)
-    else:
-        body = validation.parse_body(raw)
-    req = validation.check_request(body)
+    # Everything blocking (auth, parsing, image decoding, storage, the insert) in one thread hop.
+    job_id, model = await anyio.to_thread.run_sync(_submit, gw, token, raw, limiter=gw.db_limiter)
+    gw.metrics.jobs_submitted.labels(model).inc()
+    gw.notifier.bump(model)
+    return JSONResponse(
+        {"job_id": job_id, "job_type": "image", "result_url": gw.result_url(job_id, base_url(gw, request))},
+        status_code=202,
+    )
+
+
+def _submit(gw: Gateway, token: str, raw: bytes) -> tuple[str, str]:
+    key = check_key(gw, token, "inference")
+    req = validation.check_request(validation.parse_body(raw))
     entry = gw.catalog.get(req.model)
     if entry is None:
         raise ApiError(
@@ -102,36 +110,23 @@ async def submit(request: Request, key: KeyRecord = Depends(inference_key)) -> J
     job_id = str(uuid.uuid4())
     image_keys: list[str] = []
     if req.input_images_base64:
-        images = await anyio.to_thread.run_sync(
-            validation.decode_images, req.input_images_base64, entry.spec.parameters.size.allowed
-        )
+        images = validation.decode_images(req.input_images_base64, entry.spec.parameters.size.allowed)
         image_keys = [f"inputs/{job_id}/{i}" for i in range(len(images))]
-
-        def put_all() -> None:
+        try:
             for k, data in zip(image_keys, images, strict=True):
                 gw.storage.put(k, data)
-
-        try:
-            await anyio.to_thread.run_sync(put_all)
         except StorageError as e:
             raise ApiError(
                 500, f"could not store the input images; nothing was queued ({e})", "input_images_base64"
             ) from None
-    await anyio.to_thread.run_sync(
-        lambda: gw.store.create_job(
-            owner_key_id=key.id,
-            model=entry.spec.model,
-            request=resolved,
-            input_image_keys=image_keys,
-            job_id=job_id,
-        )
+    gw.store.create_job(
+        owner_key_id=key.id,
+        model=entry.spec.model,
+        request=resolved,
+        input_image_keys=image_keys,
+        job_id=job_id,
     )
-    gw.metrics.jobs_submitted.labels(entry.spec.model).inc()
-    gw.notifier.bump(entry.spec.model)
-    return JSONResponse(
-        {"job_id": job_id, "job_type": "image", "result_url": gw.result_url(job_id, base_url(gw, request))},
-        status_code=202,
-    )
+    return job_id, entry.spec.model
 
 
 @router.get(

@@ -36,25 +36,35 @@ async def authenticate(request: Request) -> KeyRecord | None:
     return await anyio.to_thread.run_sync(gateway(request).store.authenticate, token)
 
 
+def missing_key() -> ApiError:
+    return ApiError(
+        401,
+        "missing API key; send Authorization: Bearer <api-key>",
+        "Authorization",
+        headers=_CHALLENGE,
+    )
+
+
+def check_key(gw: Gateway, token: str, scope: str) -> KeyRecord:
+    """Blocking: the key behind `token` if it is valid and has `scope`, else 401/403."""
+    key = gw.store.authenticate(token)
+    if key is None:
+        raise ApiError(401, "invalid, revoked or expired API key", "Authorization", headers=_CHALLENGE)
+    if scope not in key.scopes:
+        raise ApiError(
+            403,
+            f"this API key does not allow {scope} APIs (scopes: {', '.join(key.scopes)})",
+            "Authorization",
+        )
+    return key
+
+
 def require_scope(scope: str) -> Callable[[Request], Awaitable[KeyRecord]]:
     async def dependency(request: Request) -> KeyRecord:
-        if bearer(request) is None:
-            raise ApiError(
-                401,
-                "missing API key; send Authorization: Bearer <api-key>",
-                "Authorization",
-                headers=_CHALLENGE,
-            )
-        key = await authenticate(request)
-        if key is None:
-            raise ApiError(401, "invalid, revoked or expired API key", "Authorization", headers=_CHALLENGE)
-        if scope not in key.scopes:
-            raise ApiError(
-                403,
-                f"this API key does not allow {scope} APIs (scopes: {', '.join(key.scopes)})",
-                "Authorization",
-            )
-        return key
+        token = bearer(request)
+        if token is None:
+            raise missing_key()
+        return await anyio.to_thread.run_sync(check_key, gateway(request), token, scope)
 
     return dependency
 

@@ -88,6 +88,8 @@ class Gateway:
         self.registry.on_change(self.metrics.track_cold_starts(self._states))
         self.catalog.on_change(self._bump_all)
         self._tasks: list[asyncio.Task[Any]] = []
+        # Submits run in a few threads: more only contend for the GIL and the SQLite write lock.
+        self.db_limiter = anyio.CapacityLimiter(settings.submit_threads)
         self._stats_cache: tuple[float, dict[str, Any]] = (0.0, {})
         self._listener_stop = threading.Event()
         self._listener: threading.Thread | None = None

@@ -36,6 +36,8 @@ class Settings:
     # Long-polls also re-check the database this often, so that a job submitted to
     # another replica is noticed (PostgreSQL also gets LISTEN/NOTIFY wake-ups).
     poll_interval_seconds: float = 1.0
+    # Threads that run submits (auth, validation, image decoding, the insert) at once.
+    submit_threads: int = 8
     extra: dict[str, str] = field(default_factory=dict)
 
     def resolved_results_dir(self) -> Path:

@@ -241,6 +241,19 @@ def normalise_url(url: str) -> str:
 
 _DUMMY_HASH = hash_secret("not a key")
 
+# Hot-path statements, built once (SQLAlchemy then reuses their compiled form).
+_AUTH_QUERY = (
+    sa.select(
+        api_key_secrets.c.secret_hash,
+        api_key_secrets.c.expires_at,
+        api_key_secrets.c.revoked_at.label("secret_revoked_at"),
+        api_keys,
+    )
+    .join(api_keys, api_keys.c.id == api_key_secrets.c.key_id)
+    .where(api_key_secrets.c.id == sa.bindparam("sid"))
+)
+_INSERT_JOB = jobs.insert()
+
 
 class Store:
     """Jobs, queue, leases and API keys on one database (SQLite or PostgreSQL)."""
@@ -465,16 +478,7 @@ class Store:
         parts = split_token(token)
         sid, secret = parts if parts else ("", token)
         with self._ro() as conn:
-            row = conn.execute(
-                sa.select(
-                    api_key_secrets.c.secret_hash,
-                    api_key_secrets.c.expires_at,
-                    api_key_secrets.c.revoked_at.label("secret_revoked_at"),
-                    api_keys,
-                )
-                .join(api_keys, api_keys.c.id == api_key_secrets.c.key_id)
-                .where(api_key_secrets.c.id == sid)
-            ).first()
+            row = conn.execute(_AUTH_QUERY, {"sid": sid}).first()
         # Always one constant-time comparison, whether or not the lookup id exists.
         matches = hmac.compare_digest(
             hash_secret(secret), row.secret_hash if row is not None else _DUMMY_HASH
@@ -525,7 +529,7 @@ class Store:
             cancel_requested=False,
         )
         with self._tx() as conn:
-            conn.execute(jobs.insert().values(**values))
+            conn.execute(_INSERT_JOB, values)
             self._notify(conn, model)
         return JobRecord(
             id=values["id"],  # type: ignore[arg-type]

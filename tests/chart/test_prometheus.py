@@ -1,0 +1,328 @@
+"""A real Prometheus (Debian's) scrapes a running gateway, operator and worker, and every
+metric the chart's dashboards and alerts use is among what it scraped.
+
+The gateway serves its catalog from ImageModels in the test namespace of the local
+control plane; the operator reconciles them there (KWOK plays the worker pod); a real
+worker process serves the tiny random-weight FLUX.1 model on the CPU and runs one job.
+Prometheus runs on a loopback port with its own config and data folder and loads the
+chart's alert rules; everything is stopped by pid at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from remotegpu.catalog import load_models_file
+from tests.chart.helm import REPO, alert_exprs, alert_rules, dashboard_exprs, metric_names
+from tests.fixtures.cluster import Kube
+
+pytestmark = pytest.mark.cluster
+
+TOKEN = "prometheus-test-worker-token"
+MODEL = "remotegpu/tiny-random-flux1"
+CRD = REPO / "crds" / "imagemodels.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def http_json(url: str, data: dict | None = None, headers: dict | None = None, timeout: float = 10) -> Any:
+    body = json.dumps(data).encode() if data is not None else None
+    req = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def http_text(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class Proc:
+    """A process this test started; stopped by its pid (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path):
+        self.name, self.log = name, log
+        self._f = open(log, "wb")
+        self.p = subprocess.Popen(args, env=env, cwd=REPO, stdout=self._f, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)  # fmt: skip
+
+    def alive(self) -> bool:
+        if self.p.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.p.returncode}:\n{self.tail()}")
+        return True
+
+    def tail(self, n: int = 4000) -> str:
+        self._f.flush()
+        return self.log.read_text(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.p.pid, signal.SIGKILL)
+                self.p.wait(timeout=10)
+        self._f.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Callable[..., Proc]]:
+    started: list[Proc] = []
+
+    def start(name: str, args: list[str], env: dict[str, str], log: Path) -> Proc:
+        p = Proc(name, args, env, log)
+        started.append(p)
+        return p
+
+    yield start
+    for p in reversed(started):
+        p.stop()
+
+
+def clean_env(kube: Kube, **extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("REMOTEGPU_") and k != "KUBERNETES_SERVICE_HOST"
+    }
+    env.update(KUBECONFIG=str(kube.kubeconfig), REMOTEGPU_WORKER_TOKEN=TOKEN, PYTHONUNBUFFERED="1",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env.update(extra)
+    return env
+
+
+def tiny_imagemodel(namespace: str) -> dict[str, Any]:
+    (entry,) = [m for m in load_models_file() if m.spec.model == MODEL]
+    res = entry.to_resource(namespace)
+    res["spec"]["worker"]["image"] = "example.invalid/remotegpu-worker:test"  # KWOK runs no image
+    return res
+
+
+class Prometheus:
+    def __init__(self, url: str):
+        self.url = url
+
+    def api(self, path: str, **params: str) -> Any:
+        q = f"?{urllib.parse.urlencode(params)}" if params else ""
+        out = http_json(f"{self.url}/api/v1/{path}{q}")
+        assert out["status"] == "success", out
+        return out["data"]
+
+    def names(self) -> set[str]:
+        return set(self.api("label/__name__/values"))
+
+    def query(self, expr: str) -> list[dict]:
+        return self.api("query", query=expr)["result"]
+
+
+def grafana_to_promql(expr: str, namespace: str) -> str:
+    """A dashboard query as Prometheus runs it once Grafana has filled in its variables."""
+    m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr.strip(), re.S)
+    if m:  # a template variable's query: the series whose label values it lists
+        expr = m.group(1)
+    return expr.replace("$namespace", namespace).replace("$model", ".*").replace("$__rate_interval", "1m")
+
+
+def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
+    kube: Kube, namespace: str, tiny_data_dir: Path, procs: Callable[..., Proc], tmp_path: Path
+):
+    prometheus_bin = shutil.which("prometheus")
+    assert prometheus_bin, "prometheus is missing: `make system-deps` installs Debian's prometheus package"
+    kube.kubectl("apply", "-f", str(CRD))
+    kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
+    gw_port, op_port, wk_port, prom_port = free_port(), free_port(), free_port(), free_port()
+    gateway_url = f"http://127.0.0.1:{gw_port}"
+
+    # Prometheus first, with the chart's alert rules; targets labelled as a ServiceMonitor would.
+    rules = alert_rules(tmp_path, namespace=namespace)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+    target = lambda job, port, **kw: {  # noqa: E731
+        "job_name": job, "scrape_interval": "1s", "scrape_timeout": "900ms", **kw,
+        "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": namespace}}],
+    }  # fmt: skip
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "rules.yaml")],
+        "scrape_configs": [
+            target("gateway", gw_port),
+            target("operator", op_port, honor_labels=True),
+            target("worker", wk_port),
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom_proc = procs(
+        "prometheus",
+        [prometheus_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.tsdb.retention.time=1h"],
+        dict(os.environ), tmp_path / "prometheus.log",
+    )  # fmt: skip
+    prom = Prometheus(f"http://127.0.0.1:{prom_port}")
+    wait_for(lambda: prom_proc.alive() and http_ok(f"{prom.url}/-/ready"), 60, "Prometheus ready")
+
+    remotegpu = [sys.executable, "-m", "remotegpu.cli"]
+    gw_data = tmp_path / "gateway"
+    gateway = procs(
+        "gateway",
+        [*remotegpu, "gateway", "--host", "127.0.0.1", "--port", str(gw_port), "--namespace", namespace,
+         "--data-dir", str(gw_data), "--public-url", gateway_url],
+        clean_env(kube), tmp_path / "gateway.log",
+    )  # fmt: skip
+    wait_for(lambda: gateway.alive() and http_ok(f"{gateway_url}/readyz"), 90, "the gateway")
+    operator = procs(
+        "operator",
+        [*remotegpu, "operator", "--namespace", namespace, "--gateway-url", gateway_url,
+         "--host", "127.0.0.1", "--port", str(op_port)],
+        clean_env(kube, REMOTEGPU_OPERATOR_INTERVAL="0.5", REMOTEGPU_OPERATOR_LEASE_SECONDS="3",
+                  POD_NAME="operator-test", POD_NAMESPACE=namespace),
+        tmp_path / "operator.log",
+    )  # fmt: skip
+    try:
+        kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(tiny_imagemodel(namespace)))
+        wait_for(
+            lambda: operator.alive()
+            and "remotegpu_operator_leader 1.0" in http_text(f"http://127.0.0.1:{op_port}/metrics"),
+            90, "the operator to lead",
+        )  # fmt: skip
+        wait_for(
+            lambda: MODEL in [m["model"] for m in http_json(f"{gateway_url}/v1/inference/models")["image"]]
+            if http_ok(f"{gateway_url}/v1/inference/models") else False,
+            30, "the gateway to serve the ImageModel",
+        )  # fmt: skip
+
+        # A job for the sleeping model: the operator scales from zero, KWOK's pod turns Ready.
+        key = subprocess.run(
+            [*remotegpu, "keys", "create", "--name", "prom", "--scope", "inference", "--data-dir", str(gw_data)],
+            env=clean_env(kube), cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout.strip().splitlines()[-1]  # fmt: skip
+        auth = {"Authorization": f"Bearer {key}"}
+        job = http_json(
+            f"{gateway_url}/v1/inference/image", {"model": MODEL, "prompt": "a fox", "steps": 2}, auth
+        )
+        wait_for(
+            lambda: (kube.get_json("imagemodel", "tiny-random-flux1", "-n", namespace).get("status") or {}).get("state")
+            == "ready",
+            60, "the operator to scale up and report ready",
+        )  # fmt: skip
+
+        # The worker process behind the pod: loads the tiny model and runs the job.
+        worker = procs(
+            "worker",
+            [*remotegpu, "worker", "--model", MODEL, "--gateway-url", gateway_url, "--host", "127.0.0.1",
+             "--port", str(wk_port), "--data-dir", str(tiny_data_dir)],
+            clean_env(kube, REMOTEGPU_DEVICE="cpu", REMOTEGPU_WORKER_ID="tiny-random-flux1-worker-0",
+                      REMOTEGPU_TORCH_THREADS="1"),
+            tmp_path / "worker.log",
+        )  # fmt: skip
+        status = wait_for(
+            lambda: worker.alive()
+            and http_json(f"{gateway_url}/v1/inference/jobs/{job['job_id']}", headers=auth)["status"]
+            in ("succeeded", "failed", "cancelled")
+            and http_json(f"{gateway_url}/v1/inference/jobs/{job['job_id']}", headers=auth)["status"],
+            240, "the job to finish",
+        )  # fmt: skip
+        assert status == "succeeded", worker.tail()
+
+        # Every metric the dashboards and alerts use is in what Prometheus scraped.
+        used = metric_names(dashboard_exprs()) | metric_names(alert_exprs(rules))
+        assert len(used) > 20
+        missing = lambda: used - prom.names()  # noqa: E731
+        try:
+            wait_for(lambda: not missing(), 60, "Prometheus to scrape every metric used")
+        except AssertionError:
+            raise AssertionError(f"used by the chart but never scraped: {sorted(missing())}") from None
+
+        targets = prom.api("targets")["activeTargets"]
+        assert sorted(t["labels"]["job"] for t in targets) == ["gateway", "operator", "worker"]
+        assert all(t["health"] == "up" for t in targets), [
+            (t["labels"]["job"], t["lastError"]) for t in targets
+        ]
+
+        # The alert rules load and evaluate without errors in a real Prometheus.
+        groups = wait_for(
+            lambda: [g for g in prom.api("rules")["groups"] if all(r["lastEvaluation"][:4] != "0001" for r in g["rules"])],
+            30, "the rules to be evaluated",
+        )  # fmt: skip
+        evaluated = [r for g in groups for r in g["rules"]]
+        assert len(evaluated) == len(alert_exprs(rules))
+        assert all(r["health"] == "ok" for r in evaluated), [
+            (r["name"], r.get("lastError")) for r in evaluated
+        ]
+
+        # Each dashboard query runs; the variables' queries find this namespace and model.
+        for expr in dashboard_exprs():
+            promql = grafana_to_promql(expr, namespace)
+            try:
+                prom.query(promql)
+            except urllib.error.HTTPError as e:
+                raise AssertionError(
+                    f"dashboard query refused ({e.code}): {promql}\n{e.read().decode()}"
+                ) from None
+        models = {
+            s["metric"]["model"] for s in prom.query(f'remotegpu_queue_depth{{namespace="{namespace}"}}')
+        }
+        assert MODEL in models
+        # What the dashboards plot has values from this run.
+        for expr, want in [
+            (f'sum(remotegpu_jobs_finished_total{{namespace="{namespace}", status="succeeded"}})', 1),
+            (f'sum(remotegpu_job_wait_seconds_count{{namespace="{namespace}"}})', 1),
+            (f'sum(remotegpu_model_cold_start_seconds_count{{namespace="{namespace}"}})', 1),
+            (f'sum(remotegpu_worker_inference_seconds_count{{namespace="{namespace}"}})', 1),
+            (f'sum(remotegpu_operator_scale_decisions_total{{namespace="{namespace}", direction="up"}})', 1),
+            (f'max(remotegpu_operator_ready_replicas{{namespace="{namespace}"}})', 1),
+        ]:
+            got = wait_for(lambda e=expr: prom.query(e), 30, expr)
+            assert float(got[0]["value"][1]) >= want, (expr, got)
+    finally:
+        # Delete the ImageModel while the operator still runs (it holds a finalizer).
+        kube.kubectl("delete", "imagemodels", "--all", "-n", namespace, "--timeout=30s", check=False)
+        for name in kube.kubectl(
+            "get", "imagemodels", "-n", namespace, "-o", "name", check=False
+        ).stdout.split():
+            kube.kubectl("patch", name, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                         check=False)  # fmt: skip

@@ -41,6 +41,7 @@ system-deps: ## install PostgreSQL and Prometheus from Debian if missing (tests 
 	    echo "==> installing$$missing from Debian's packages"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	    systemctl disable --now prometheus postgresql >/dev/null 2>&1 || true; \
+	    for s in prometheus postgresql; do service $$s stop >/dev/null 2>&1 || true; done; \
 	  fi
 
 cluster-bin: ## build the local control plane binaries into ~/.cache/remotegpu (once)

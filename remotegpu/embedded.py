@@ -245,6 +245,9 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The embedded default serves only weights that are already here (a local folder or
+    # the Hugging Face cache): never reach out to the Hub. Set HF_HUB_OFFLINE=0 to allow it.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import uvicorn
     from remotegpu_gateway.app import create_app
     from remotegpu_gateway.registry import RuntimeRegistry

@@ -191,6 +191,8 @@ def serve_worker(
     try:
         if not stop_requested.is_set():
             loop.run()
+        else:
+            report(RuntimeState.SLEEPING)
     finally:
         metrics.ready.labels(spec.model).set(0)
         state.phase = "stopped"

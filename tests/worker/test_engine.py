@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from remotegpu_worker.engine import BadInput, CancelFlag, ImageEngine, JobCancelled, weights
 from remotegpu_worker.tiny import MARKER, is_built
 
@@ -187,3 +190,49 @@ def test_weights_resolution(tiny_data_dir: Path, tiny_catalog: dict[str, ImageMo
     assert loc.source == "black-forest-labs/FLUX.1-dev" and not loc.is_local
     ok, why = weights.available_locally(dev, tmp_path)
     assert not ok and "Hugging Face cache" in str(why)
+
+
+class _OomPipe:
+    """Wraps a real pipeline; the call raises CUDA's out-of-memory error."""
+
+    def __init__(self, pipe: Any):
+        self._pipe = pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_is_reported_as_such(engines: Any) -> None:
+    from remotegpu_worker.engine import OutOfMemory
+
+    engine = engines("flux1")
+    real = engine.pipe
+    engine.pipe = _OomPipe(real)
+    try:
+        with pytest.raises(OutOfMemory, match="out of host memory generating 1024x768.*20.00 GiB"):
+            engine.generate(req(width=1024, height=768))
+    finally:
+        engine.pipe = real
+    assert png_size(engine.generate(req()).png) == (512, 512)
+
+
+def test_optimisations_keep_the_output(
+    engines: Any, tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]
+) -> None:
+    ref = engines("flux1").generate(req(seed=5)).png
+    opt = ImageEngine(
+        tiny_catalog["flux1"], tiny_data_dir, device="cpu", optimizations=["fused-qkv", "channels-last-vae"]
+    )
+    info = opt.load()
+    assert "optimisation: fused-qkv" in info.notes
+    opt.warm_up()
+    a = np.asarray(Image.open(io.BytesIO(ref)), dtype=np.int16)
+    b = np.asarray(Image.open(io.BytesIO(opt.generate(req(seed=5)).png)), dtype=np.int16)
+    assert np.abs(a - b).max() <= 2
+    with pytest.raises(ValueError, match="unknown optimisation"):
+        ImageEngine(tiny_catalog["flux1"], tiny_data_dir, device="cpu", optimizations=["warp-drive"])

@@ -21,6 +21,7 @@ from typing import Any
 
 from remotegpu.catalog import Architecture, ImageModel, ImageModelSpec, MemoryPlacement
 from remotegpu.protocol import GenerationRequest
+from remotegpu_worker.engine import optimize
 from remotegpu_worker.engine import weights as weights_mod
 from remotegpu_worker.engine.errors import BadInput, EngineNotReady, JobCancelled, OutOfMemory
 
@@ -158,10 +159,13 @@ class ImageEngine:
         model: ImageModel | ImageModelSpec,
         data_dir: Path | None = None,
         device: str | None = None,
+        optimizations: list[str] | None = None,
     ):
         self.spec: ImageModelSpec = model.spec if isinstance(model, ImageModel) else model
         self.data_dir = data_dir
         self.device = pick_device(device)
+        self.optimizations = optimize.from_env() if optimizations is None else list(optimizations)
+        optimize.validate(self.optimizations)
         self.pipe: Any = None
         self.info: LoadInfo | None = None
         self.ready = False
@@ -212,6 +216,8 @@ class ImageEngine:
             pipe.to(self.device)
             if memory is not MemoryPlacement.GPU:
                 notes.append(f"serving.memory={memory.value} has no effect without a GPU")
+        if self.optimizations:
+            notes += [f"optimisation: {o}" for o in optimize.apply(pipe, self.optimizations)]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         self.pipe = pipe
@@ -225,6 +231,23 @@ class ImageEngine:
             notes=notes,
         )
         log.info("loaded %s in %.2fs", self.spec.model, self.info.load_seconds)
+        return self.info
+
+    def attach(self, pipe: Any, load_seconds: float = 0.0) -> LoadInfo:
+        """Uses an already-built pipeline (benchmarks build full-size random weights in memory)."""
+        for component in pipe.components.values():
+            if hasattr(component, "eval"):
+                component.eval()  # what from_pretrained does: no dropout
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.info = LoadInfo(
+            source="(in memory)",
+            device=self.device,
+            dtype=str(pipe.transformer.dtype).removeprefix("torch."),
+            memory=self.spec.serving.memory.value,
+            load_seconds=load_seconds,
+            pipeline=type(pipe).__name__,
+        )
         return self.info
 
     def warm_up(self) -> float:

@@ -408,3 +408,33 @@ def test_invalid_imagemodels_are_rejected_by_the_api_server(kube, namespace, crd
     assert out.returncode != 0
     assert message in out.stderr, out.stderr
     assert get(kube, namespace, "imagemodel", "bad") is None
+
+
+def test_a_foreign_deployment_is_not_taken_over_and_the_failure_is_an_event(
+    kube, namespace, operators: Operators
+):
+    foreign = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "m10-worker", "labels": {"app": "someone-else"}},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "someone-else"}},
+            "template": {
+                "metadata": {"labels": {"app": "someone-else"}},
+                "spec": {"containers": [{"name": "c", "image": "example.invalid/other:1"}]},
+            },
+        },
+    }
+    apply(kube, namespace, foreign)
+    operators.start()
+    apply(kube, namespace, imagemodel("m10", "test/foreign"))
+    ev = wait_for(
+        lambda: next((e for e in events(kube, namespace, "m10") if e["reason"] == "ReconcileFailed"), None),
+        30,
+        "a ReconcileFailed event",
+    )
+    assert ev["type"] == "Warning" and "not managed by the RemoteGPU operator" in ev["message"]
+    d = get(kube, namespace, "deployment", "m10-worker")
+    assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/other:1"
+    assert not d["metadata"].get("ownerReferences")

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ import yaml
 
 from remotegpu.catalog import ImageModelSpec, load_models_file
 from tests.chart.helm import CHART
-from tests.fixtures.cluster import Kube
+from tests.fixtures.cluster import REPO, Kube
 
 pytestmark = pytest.mark.cluster
 
@@ -132,6 +136,68 @@ def leftovers(kube: Kube, namespace: str) -> list[str]:
     return out.stdout.split()
 
 
+def sa_kubeconfig(kube: Kube, namespace: str, sa: str, out: Path) -> Path:
+    """A kubeconfig that acts as one of the release's ServiceAccounts (its RBAC, nothing more)."""
+    token = kube.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    out.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
+                "users": [{"name": sa, "user": {"token": token}}],
+                "contexts": [
+                    {"name": sa, "context": {"cluster": "local", "user": sa, "namespace": namespace}}
+                ],
+                "current-context": sa,
+            }
+        )
+    )
+    return out
+
+
+def run_operator_as_release(kube: Kube, namespace: str, tmp: Path) -> subprocess.Popen:
+    """The real operator process with the installed Deployment's settings, logged in as its
+    ServiceAccount (KWOK runs no containers, so the pod itself does nothing)."""
+    deploy = kube.get_json("deployment", f"{PREFIX}-operator", "-n", namespace)
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("REMOTEGPU_") and k != "KUBERNETES_SERVICE_HOST"
+    }
+    env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    env.update(
+        KUBECONFIG=str(sa_kubeconfig(kube, namespace, f"{PREFIX}-operator", tmp / "operator.kubeconfig")),
+        POD_NAME="operator-0",
+        POD_NAMESPACE=namespace,
+        REMOTEGPU_WORKER_TOKEN=secret(kube, namespace, f"{PREFIX}-worker-token", "token"),
+        REMOTEGPU_OPERATOR_LEASE_SECONDS="3",
+    )
+    args = [a for a in container["args"] if not a.startswith(("--host=", "--port=", "--gateway-url="))]
+    # Nothing serves the gateway here: queue reads fail and the models stay asleep.
+    args += ["--host=127.0.0.1", "--port=0", "--gateway-url=http://127.0.0.1:9"]
+    log = open(tmp / "operator.log", "wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "remotegpu.cli", *args],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 @pytest.fixture
 def volumes(kube: Kube, namespace: str) -> Iterator[None]:
     pvs = [
@@ -243,6 +309,74 @@ def test_install_upgrade_uninstall(
         assert names == sorted(set(PRESETS) - {"flux-1-dev"})
         flux2 = kube.get_json("imagemodel", "flux-2-dev", "-n", namespace)["spec"]
         assert flux2["scaling"]["maxReplicas"] == 4 and flux2["worker"]["gpu"]["count"] == 2
+
+        # The operator (as its ServiceAccount) takes the presets over: finalizers, worker Deployments, status.
+        operator = run_operator_as_release(kube, namespace, tmp_path)
+        try:
+            models = sorted(set(PRESETS) - {"flux-1-dev"})
+
+            def reconciled() -> bool:
+                assert operator.poll() is None, (tmp_path / "operator.log").read_text()[-4000:]
+                items = kube.get_json("imagemodels", "-n", namespace)["items"]
+                return len(items) == len(models) and all(
+                    "remotegpu.ai/operator" in (m["metadata"].get("finalizers") or [])
+                    and (m.get("status") or {}).get("state") == "sleeping"
+                    for m in items
+                )
+
+            wait_for(reconciled, 90, "the operator to reconcile the presets")
+            workers = kube.get_json(
+                "deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker"
+            )
+            assert sorted(d["metadata"]["name"] for d in workers["items"]) == [f"{m}-worker" for m in models]
+
+            # The pre-delete hook, run here as its own ServiceAccount: it deletes the presets
+            # while the operator runs, and the operator lets them go (finalizers, GC of workers).
+            hooks = [
+                d for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout) if d
+            ]
+            assert {h["metadata"]["annotations"]["helm.sh/hook"] for h in hooks} == {"pre-delete"}
+            rbac = [h for h in hooks if h["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
+            kube.kubectl(
+                "apply",
+                "-n",
+                namespace,
+                "-f",
+                "-",
+                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
+            )
+            (job,) = [h for h in hooks if h["kind"] == "Job"]
+            container = job["spec"]["template"]["spec"]["containers"][0]
+            hook_env = {
+                **os.environ,
+                **{e["name"]: e["value"] for e in container["env"]},
+                "TIMEOUT_SECONDS": "60",
+                "KUBECONFIG": str(
+                    sa_kubeconfig(kube, namespace, f"{PREFIX}-uninstall", tmp_path / "hook.kubeconfig")
+                ),
+            }
+            hook_env.pop("KUBERNETES_SERVICE_HOST", None)
+            ran = subprocess.run(
+                [sys.executable, *container["command"][1:], *container["args"]],
+                env=hook_env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert ran.returncode == 0, ran.stdout + ran.stderr
+            assert f"deleted {len(models)} ImageModel(s)" in ran.stdout
+            assert not kube.get_json("imagemodels", "-n", namespace)["items"]
+            wait_for(
+                lambda: not kube.get_json("deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker")["items"],
+                60, "the worker Deployments to be collected",
+            )  # fmt: skip
+            kube.kubectl(
+                "delete",
+                "-n",
+                namespace,
+                "-f",
+                "-",
+                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
+            )
+        finally:
+            stop(operator)
     finally:
         kube.helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "180s", check=False)
 

@@ -135,7 +135,7 @@ def test_defaults_render_every_component(tmp_path: Path):
     objs = render()
     kinds = sorted({o["kind"] for o in objs})
     assert kinds == sorted(
-        ["ConfigMap", "Deployment", "ImageModel", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret",
+        ["ConfigMap", "Deployment", "ImageModel", "Job", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret",
          "Service", "ServiceAccount", "StatefulSet"]
     )  # fmt: skip
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
@@ -576,3 +576,29 @@ def test_schema_rejects(values, message, tmp_path: Path):
     assert out.returncode != 0, f"accepted {values}"
     assert "values don't meet the specifications of the schema" in out.stderr or "schema" in out.stderr
     assert message in out.stderr, out.stderr
+
+
+def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
+    objs = render()
+    hook = [o for o in objs if (o["metadata"].get("annotations") or {}).get("helm.sh/hook")]
+    assert sorted(o["kind"] for o in hook) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    assert all(o["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete" for o in hook)
+    job = one(hook, "Job")
+    weights = {o["kind"]: int(o["metadata"]["annotations"]["helm.sh/hook-weight"]) for o in hook}
+    assert all(weights[k] < weights["Job"] for k in ("ServiceAccount", "Role", "RoleBinding"))
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SELECTOR"] == "app.kubernetes.io/instance=remotegpu,app.kubernetes.io/component=imagemodel"
+    # the selector matches exactly the presets
+    presets = find(objs, "ImageModel")
+    for p in presets:
+        assert all(
+            p["metadata"]["labels"][k] == v for k, v in (kv.split("=") for kv in env["SELECTOR"].split(","))
+        )
+    assert one(hook, "Role")["rules"] == [
+        {"apiGroups": ["remotegpu.ai"], "resources": ["imagemodels"], "verbs": ["list", "delete"]}
+    ]
+    assert (
+        job["spec"]["template"]["spec"]["serviceAccountName"]
+        == one(hook, "ServiceAccount")["metadata"]["name"]
+    )
+    assert not find(render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job")

@@ -10,6 +10,8 @@ Settings beyond the command line come from the environment:
     REMOTEGPU_WORKER_TOKEN_SECRET    Secret holding the workers' token (default remotegpu-worker-token)
     REMOTEGPU_WORKER_TOKEN_SECRET_KEY  its key (default token)
     REMOTEGPU_OPERATOR_INTERVAL      seconds between autoscaler ticks without queue events (default 2)
+    REMOTEGPU_OPERATOR_QUEUE_WAIT_SECONDS  long-poll length (default 25); the queue counts as
+                                     unknown (replicas held) after that plus 5 s without an answer
     REMOTEGPU_OPERATOR_LEADER_ELECT  false to run without a Lease (a single replica)
     REMOTEGPU_OPERATOR_LEASE_NAMESPACE  where the Lease lives (default $POD_NAMESPACE, else the
                                      first --namespace, else default)
@@ -183,7 +185,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     health.role = "leader"
     metrics.LEADER.set(1)
-    watcher = QueueWatcher(gateway_url, token)
+    # Long-poll for up to `wait` s; no answer for `wait` + 5 s makes the queue unknown.
+    wait = _env_float("REMOTEGPU_OPERATOR_QUEUE_WAIT_SECONDS", 25.0)
+    watcher = QueueWatcher(gateway_url, token, wait_seconds=wait, stale_after=wait + 5)
     watcher.start()
     handlers.configure(
         handlers.Context(

@@ -200,6 +200,10 @@ def compute(obs: Observed, previous_conditions: list[dict[str, Any]] | None, now
             "running": obs.queue.running,
             "oldestWaitSeconds": round(obs.queue.oldest_wait_seconds, 1),
         }
+    else:
+        # Unknown, not stale: null removes the last reading (a merge patch).
+        status["queueDepth"] = None
+        status["queue"] = None
     if obs.deployment_current:
         status["observedGeneration"] = obs.generation
     for key, value in (

@@ -199,4 +199,5 @@ def test_transition_time_moves_only_on_flips_and_equal_status_is_not_rewritten()
 
 def test_unknown_queue_is_a_condition():
     st = status.compute(observed(queue=None), None, NOW)
-    assert conds(st)["QueueObserved"]["status"] == "False" and "queueDepth" not in st
+    assert conds(st)["QueueObserved"]["status"] == "False"
+    assert st["queueDepth"] is None and st["queue"] is None  # the merge patch removes the old reading

@@ -438,3 +438,28 @@ def test_a_foreign_deployment_is_not_taken_over_and_the_failure_is_an_event(
     d = get(kube, namespace, "deployment", "m10-worker")
     assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/other:1"
     assert not d["metadata"].get("ownerReferences")
+
+
+def test_an_unreachable_gateway_holds_replicas_and_says_so(kube, namespace, operators: Operators, gateway):
+    im = imagemodel("m11", "test/gone", scaling={"maxReplicas": 2, "idleSeconds": 1})
+    gw = gateway(im)
+    operators.start(gateway_url=gw.url, REMOTEGPU_OPERATOR_QUEUE_WAIT_SECONDS="1")
+    apply(kube, namespace, im)
+    wait_for(lambda: state_of(kube, namespace, "m11") == "sleeping", 30, "sleeping")
+    gw.submit("test/gone")
+    wait_for(lambda: replicas_of(kube, namespace, "m11") == 1, 10, "replicas 1")
+    gw.stop()
+    im_now = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "m11"))
+            and condition(o, "QueueObserved").get("status") == "False"
+            and o
+        ),
+        20,
+        "QueueObserved=False",
+    )
+    assert condition(im_now, "QueueObserved")["reason"] == "GatewayUnreachable"
+    assert "queueDepth" not in im_now["status"]
+    time.sleep(3)  # three idle windows: an unknown queue must not scale the model away
+    assert replicas_of(kube, namespace, "m11") == 1
+    assert any(e["reason"] == "GatewayUnreachable" for e in events(kube, namespace, "m11"))

@@ -111,9 +111,9 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
         "running 1 in status",
     )
     time.sleep(1)
+    idle_from = time.monotonic()  # the queue empties after this instant
     gw.complete(lease)
     assert gw.depth("test/wake") == 0
-    idle_from = time.monotonic()
     time.sleep(1.5)
     assert replicas_of(kube, namespace, "m2") == 1, "scaled down inside the idle window"
     wait_for(lambda: replicas_of(kube, namespace, "m2") == 0, 15, "replicas 0")

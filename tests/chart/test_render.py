@@ -602,3 +602,10 @@ def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
         == one(hook, "ServiceAccount")["metadata"]["name"]
     )
     assert not find(render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job")
+
+
+def test_readme_values_table_is_current():
+    from tests.chart.values_doc import render_readme
+
+    readme = (CHART / "README.md").read_text()
+    assert render_readme(readme) == readme, "run `.venv/bin/python -m tests.chart.values_doc`"

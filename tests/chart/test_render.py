@@ -442,6 +442,8 @@ def test_ingress(tmp_path: Path):
         },
         tmp_path,
     )
+    env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
+    assert env["REMOTEGPU_PUBLIC_URL"]["value"] == "https://img.example"  # result_url through the Ingress
     ing = one(objs, "Ingress", "remotegpu-gateway")
     assert ing["spec"]["ingressClassName"] == "nginx"
     rule = ing["spec"]["rules"][0]

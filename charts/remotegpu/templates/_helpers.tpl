@@ -150,3 +150,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail "set exactly one database: database.url, database.existingSecret, or postgresql.enabled=true (the bundled single-instance PostgreSQL)" }}
 {{- end }}
 {{- end }}
+
+{{/* The public base URL for result_url: gateway.publicUrl, else the Ingress' first host. */}}
+{{- define "remotegpu.publicUrl" -}}
+{{- if .Values.gateway.publicUrl }}
+{{- .Values.gateway.publicUrl | trimSuffix "/" }}
+{{- else if and .Values.gateway.ingress.enabled .Values.gateway.ingress.hosts }}
+{{- $h := index .Values.gateway.ingress.hosts 0 }}
+{{- if $h.host }}
+{{- printf "http%s://%s" (ternary "s" "" (not (empty .Values.gateway.ingress.tls))) $h.host }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -99,6 +99,7 @@ class KubernetesCatalogWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listed = threading.Event()
+        self._watch: Any = None
         self._states: dict[str, str] = {}  # resource name -> model id (for deletes)
 
     def _client(self) -> Any:
@@ -123,6 +124,9 @@ class KubernetesCatalogWatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        watch = self._watch
+        if watch is not None:
+            watch.stop()  # closes the response, which ends a watch blocked on the socket
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_seconds + 5)
 
@@ -171,7 +175,7 @@ class KubernetesCatalogWatcher:
                 rv = self._list(api)
                 backoff = 0.5
                 while not self._stop.is_set():
-                    w = watch.Watch()
+                    w = self._watch = watch.Watch()
                     for event in w.stream(
                         api.list_namespaced_custom_object,
                         API_GROUP,

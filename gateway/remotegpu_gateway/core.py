@@ -124,6 +124,7 @@ class Gateway:
         if self._listener is not None:
             await anyio.to_thread.run_sync(self._listener.join, 5)
         self.store.close()
+        log.info("gateway stopped")
 
     async def _reaper(self) -> None:
         while True:

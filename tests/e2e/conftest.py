@@ -227,7 +227,7 @@ def system(kube: Kube, postgres_url: str, tiny_models_dir: Path, tmp_path_factor
         print(system.logs())
         raise
     finally:
-        kube.helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+        kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
         runner.stop()
         kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         kube.kubectl("delete", "pv", claim, "--wait=false", check=False)

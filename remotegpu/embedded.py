@@ -125,6 +125,7 @@ class ModelWorker:
             self.sup.registry.set_availability(
                 spec.model, False, f"the model failed to load here: {self.error}"
             )
+            self._fail_waiting_jobs(client, worker_id)
             try:
                 client.report_status(
                     WorkerStatus(worker_id=worker_id, model=spec.model, state=RuntimeState.SLEEPING)
@@ -157,6 +158,18 @@ class ModelWorker:
             self.engine = None
         if why == "idle":
             _say(f"{spec.model}: idle for {idle:.0f}s, unloaded (sleeping)")
+
+    def _fail_waiting_jobs(self, client: WorkerAPIClient, worker_id: str) -> None:
+        """The jobs that triggered the load would wait forever: end them with the reason."""
+        message = f"the model could not be loaded: {self.error}"
+        try:
+            while True:
+                lease = client.lease(self.model.spec.model, worker_id, wait_seconds=0)
+                if lease is None:
+                    return
+                client.fail(lease.job_id, lease.lease_token, message[:4000], retryable=False)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not fail the waiting jobs of %s: %s", self.model.spec.model, e)
 
 
 class Supervisor:

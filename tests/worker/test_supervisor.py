@@ -1,0 +1,80 @@
+"""The embedded default's supervisor, in-process against the real gateway: a model loads
+on its first job (warming/starting), serves (ready), unloads when idle (sleeping)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from remotegpu_worker.metrics import WorkerMetrics
+
+from remotegpu.catalog import ImageModel
+from remotegpu.embedded import Supervisor
+from tests.worker.conftest import WORKER_TOKEN, RunningGateway, png_size
+
+TINY = "remotegpu/tiny-random-flux1"
+BROKEN = "remotegpu/broken-weights"
+
+
+def state(gw: RunningGateway, model: str) -> str:
+    for m in gw.http.get("/v1/inference/models").json()["image"]:
+        if m["model"] == model:
+            return str(m["runtime"]["state"])
+    raise KeyError(model)
+
+
+def run_job(gw: RunningGateway, seen: set[str]) -> str:
+    job_id = gw.submit(TINY, "supervised", steps=2, size={"width": 1024, "height": 768})
+    deadline = time.monotonic() + 120
+    while True:
+        job = gw.job(job_id)
+        seen.add(job["status"])
+        seen.add("model:" + state(gw, TINY))
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            assert job["status"] == "succeeded", job
+            return job_id
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_load_on_first_job_serve_then_sleep(
+    tmp_path: Path,
+    tiny_data_dir: Path,
+    tiny_catalog: dict[str, ImageModel],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REMOTEGPU_IDLE_SECONDS", "2")
+    broken = tiny_catalog["flux2"].model_copy(deep=True)
+    broken.name = "broken"
+    broken.spec.model = BROKEN
+    broken.spec.weights.source = "tiny-models/flux1"  # a FluxPipeline where flux2 is expected
+    models = [tiny_catalog["flux1"], broken]
+    gw = RunningGateway(tmp_path, models)
+    sup = Supervisor(gw.url, WORKER_TOKEN, models, tiny_data_dir, gw.gw.registry, WorkerMetrics())
+    try:
+        sup.start()
+        assert state(gw, TINY) == "sleeping"
+        for cycle in range(2):
+            seen: set[str] = set()
+            job_id = run_job(gw, seen)
+            assert "warming" in seen and "model:starting" in seen, (cycle, seen)
+            assert png_size(gw.result(job_id)) == (1024, 768)
+            assert state(gw, TINY) == "ready"
+            # No more jobs: after the idle window the model unloads and sleeps.
+            deadline = time.monotonic() + 30
+            while state(gw, TINY) != "sleeping" or sup.workers[TINY].thread.is_alive():
+                assert time.monotonic() < deadline, "did not go to sleep"
+                time.sleep(0.1)
+            assert sup.workers[TINY].engine is None
+
+        # A model whose weights do not load: its waiting job fails with the reason, and
+        # the model is marked unavailable (503 for new requests).
+        job_id = gw.submit(BROKEN, "x", steps=2)
+        job = gw.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
+        assert job["status"] == "failed" and "could not be loaded" in job["error_message"], job
+        r = gw.http.post("/v1/inference/image", json={"model": BROKEN, "prompt": "x"})
+        assert r.status_code == 503 and "failed to load" in r.text
+    finally:
+        sup.shutdown(grace=0)
+        gw.stop()

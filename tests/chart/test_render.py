@@ -253,6 +253,13 @@ def test_operator_rbac_equals_operator_rbac_yaml():
     assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
 
 
+def test_several_operators_need_leader_election(tmp_path: Path):
+    out = template({"operator": {"replicaCount": 2, "leaderElection": False}}, tmp_path, check=False)
+    assert out.returncode != 0 and "needs operator.leaderElection=true" in out.stderr
+    op = one(render({"operator": {"replicaCount": 2}}, tmp_path), "Deployment", "remotegpu-operator")
+    assert op["spec"]["replicas"] == 2
+
+
 def test_leader_election_off_drops_its_role(tmp_path: Path):
     objs = render({"operator": {"leaderElection": False}}, tmp_path)
     assert not find(objs, "Role", "remotegpu-operator-leader-election")

@@ -227,9 +227,19 @@ def split_token(token: str) -> tuple[str, str] | None:
     if not token.startswith(KEY_PREFIX):
         return None
     sid, dot, secret = token[len(KEY_PREFIX) :].partition(".")
-    if not dot or not sid or not secret or len(sid) > 40:
+    if not dot or not sid or not secret or len(sid) > 40 or not all(c in "0123456789abcdef" for c in sid):
         return None
     return sid, secret
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL; keep both backends identical by replacing it."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _key(value: str) -> bool:
+    """Whether an identifier from a request can exist at all (NUL never does)."""
+    return "\x00" not in value
 
 
 def normalise_url(url: str) -> str:
@@ -368,7 +378,7 @@ class Store:
         with self._tx() as conn:
             conn.execute(
                 api_keys.insert().values(
-                    id=key_id, name=name, scopes=",".join(sorted(set(scopes))), created_at=now
+                    id=key_id, name=_text(name), scopes=",".join(sorted(set(scopes))), created_at=now
                 )
             )
             token = self._new_secret(conn, key_id, now)
@@ -386,6 +396,8 @@ class Store:
         return f"{KEY_PREFIX}{sid}.{secret}"
 
     def get_key(self, key_id: str) -> KeyRecord:
+        if not _key(key_id):
+            raise NotFoundError(key_id)
         with self._ro() as conn:
             row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
             if row is None:
@@ -429,6 +441,8 @@ class Store:
 
     def rotate_key(self, key_id: str, grace_seconds: float = 0) -> str:
         """A new secret for the same key identity; the old ones stop working after the grace period."""
+        if not _key(key_id):
+            raise NotFoundError(key_id)
         now = time.time()
         with self._tx() as conn:
             row = conn.execute(sa.select(api_keys.c.revoked_at).where(api_keys.c.id == key_id)).first()
@@ -454,6 +468,8 @@ class Store:
             return self._new_secret(conn, key_id, now)
 
     def revoke_key(self, key_id: str) -> KeyRecord:
+        if not _key(key_id):
+            raise NotFoundError(key_id)
         now = time.time()
         with self._tx() as conn:
             n = conn.execute(
@@ -552,6 +568,8 @@ class Store:
         )
 
     def get_job(self, job_id: str, owner_key_id: str | None = None) -> JobRecord | None:
+        if not _key(job_id):
+            return None
         q = sa.select(jobs).where(jobs.c.id == job_id)
         if owner_key_id is not None:
             q = q.where(jobs.c.owner_key_id == owner_key_id)
@@ -560,6 +578,8 @@ class Store:
         return JobRecord.from_row(row) if row is not None else None
 
     def _locked_job(self, conn: Connection, job_id: str) -> JobRecord | None:
+        if not _key(job_id):
+            return None
         row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id).with_for_update()).first()
         return JobRecord.from_row(row) if row is not None else None
 
@@ -595,6 +615,9 @@ class Store:
 
     def lease(self, model: str, worker_id: str, ttl: float) -> JobRecord | None:
         """Leases the oldest pending job of `model` to `worker_id`."""
+        if not _key(model):
+            return None
+        worker_id = _text(worker_id)
         now = time.time()
         token = secrets.token_urlsafe(24)
         with self._tx() as conn:
@@ -664,6 +687,7 @@ class Store:
         return JobRecord.from_row(row)
 
     def fail(self, job_id: str, token: str, error_message: str, retryable: bool = False) -> JobRecord:
+        error_message = _text(error_message)
         now = time.time()
         with self._tx() as conn:
             job = self._fenced(conn, job_id, token)

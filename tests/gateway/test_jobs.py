@@ -229,3 +229,21 @@ def test_failed_job_reports_error(gateway: RunningGateway, key: str) -> None:
     w.close()
     st = gateway.job(key, job_id).json()
     assert st["status"] == "failed" and st["error_message"] == "CUDA out of memory"
+
+
+def test_nul_characters_are_handled_alike_on_both_backends(gateway: RunningGateway, key: str) -> None:
+    """PostgreSQL text cannot hold NUL (fuzzing found this): lookups miss, stored text is cleaned."""
+    assert gateway.job(key, "a\x00b").status_code == 404
+    assert gateway.http.post("/v1/inference/jobs/%00/cancel", headers=auth(key)).status_code == 404
+    admin = gateway.key("admin", ["admin"])
+    r = gateway.http.post("/v1/admin/keys", json={"name": "x\x00y"}, headers=auth(admin))
+    assert r.status_code == 201 and r.json()["name"] == "x\ufffdy"
+    assert gateway.http.post("/v1/admin/keys/k%00/revoke", headers=auth(admin)).status_code == 404
+    job_id = gateway.submit(key, {"prompt": "nul \x00 in prompt", "model": SCHNELL}).json()["job_id"]
+    w = gateway.worker()
+    assert w.lease("bad\x00model", "w1", wait_seconds=0) is None
+    lease = w.lease(SCHNELL, "w\x001", wait_seconds=2)
+    assert lease is not None and lease.job_id == job_id and lease.request.prompt == "nul \x00 in prompt"
+    w.fail(job_id, lease.lease_token, "error \x00 text")
+    w.close()
+    assert gateway.job(key, job_id).json()["error_message"] == "error \ufffd text"

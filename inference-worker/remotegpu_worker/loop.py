@@ -87,7 +87,8 @@ class WorkerLoop:
         self._client_factory = client_factory
         self.client = client_factory()
         self._stop = threading.Event()  # stop leasing (drain or stop)
-        self._lock = threading.Lock()
+        # Re-entrant: drain() may run in a signal handler on the thread that holds it.
+        self._lock = threading.RLock()
         self._current: tuple[Lease, CancelFlag] | None = None
         self._drain_timer: threading.Timer | None = None
         self.last_activity = time.monotonic()
@@ -208,7 +209,7 @@ class WorkerLoop:
         done = threading.Event()
         with self._lock:
             self._current = (lease, flag)
-            if self._stop.is_set():  # drain() came between lease and here
+            if self._stop.is_set() and self._drain_timer is None:  # drain() came between lease and here
                 self._drain_timer = threading.Timer(
                     self.settings.drain_grace_seconds, flag.trigger, ("draining",)
                 )

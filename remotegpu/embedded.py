@@ -139,6 +139,8 @@ class ModelWorker:
         settings = LoopSettings.from_env(
             idle_seconds=None if spec.scaling.min_replicas > 0 else idle,
             drain_grace_seconds=10.0,
+            # Short long-polls: Ctrl-C then stops within seconds (loopback polls are cheap).
+            lease_wait_seconds=2.0,
         )
         self.loop = WorkerLoop(
             self.engine, self.sup.client, worker_id=worker_id, metrics=self.sup.metrics, settings=settings

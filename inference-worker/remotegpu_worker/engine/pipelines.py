@@ -101,13 +101,23 @@ def _quiet_progress_bars() -> None:
         pass
 
 
-def preload_libraries() -> None:
-    """Imports torch, diffusers and the FLUX pipelines (the slow part of a cold start)."""
-    import diffusers
-    import torch  # noqa: F401
+_IMPORT_LOCK = threading.Lock()
 
-    for name in _PIPELINES.values():
-        getattr(diffusers, name)
+
+def preload_libraries() -> Any:
+    """Imports torch, diffusers and the FLUX pipelines (the slow part of a cold start).
+
+    Serialised: diffusers resolves its classes lazily, and two threads importing it at
+    once can see a half-initialised module (the embedded default preloads in the
+    background while a model may already be loading)."""
+    with _IMPORT_LOCK:
+        import diffusers
+        import torch  # noqa: F401
+
+        for name in (*_PIPELINES.values(), "DiffusionPipeline"):
+            getattr(diffusers, name)
+        _quiet_progress_bars()
+        return diffusers
 
 
 def _cpu_threads(spec: ImageModelSpec, device: str) -> int | None:
@@ -179,7 +189,7 @@ class ImageEngine:
 
     def load(self) -> LoadInfo:
         """Loads the weights through `from_pretrained` and places them per serving.memory."""
-        import diffusers
+        diffusers = preload_libraries()
         import torch
 
         started = time.monotonic()
@@ -194,7 +204,6 @@ class ImageEngine:
         if loc.revision:
             kwargs["revision"] = loc.revision
         log.info("loading %s from %s (%s, %s)", self.spec.model, loc.source, self.device, dtype)
-        _quiet_progress_bars()
         pipe = diffusers.DiffusionPipeline.from_pretrained(loc.source, **kwargs)
         expected = _PIPELINES[self.spec.architecture]
         if type(pipe).__name__ != expected:

@@ -258,3 +258,60 @@ def test_complete_requires_a_png(gateway: RunningGateway, key: str) -> None:
     assert e.value.response.status_code == 400
     w.complete(job_id, lease.lease_token, png_bytes())
     w.close()
+
+
+@pytest.mark.postgres
+def test_replicas_share_the_queue_and_wake_each_other(postgres_database_url: str, tmp_path: Any) -> None:
+    """Two gateway replicas on one PostgreSQL: LISTEN/NOTIFY wakes long-polls on the other one."""
+    from remotegpu_gateway.settings import Settings
+
+    from tests.gateway.conftest import WORKER_TOKEN
+
+    def settings(name: str) -> Settings:
+        return Settings(
+            database_url=postgres_database_url,
+            data_dir=tmp_path / name,
+            results_dir=tmp_path / "shared-results",  # a volume both replicas mount
+            worker_token=WORKER_TOKEN,
+            poll_interval_seconds=30,  # only NOTIFY can make the wake-ups below fast
+        )
+
+    a, b = RunningGateway(settings("a")), RunningGateway(settings("b"))
+    try:
+        key = a.key()
+        out: dict[str, Any] = {}
+
+        def lease_on_b() -> None:
+            w = b.worker()
+            out["lease"] = w.lease(SCHNELL, "wb", wait_seconds=20)
+            out["lease_at"] = time.monotonic()
+            w.close()
+
+        def queue_on_b() -> None:
+            w = b.worker()
+            out["snap"] = w.queue(since=b.gw.notifier.version, wait_seconds=20)
+            out["snap_at"] = time.monotonic()
+            w.close()
+
+        threads = [threading.Thread(target=lease_on_b), threading.Thread(target=queue_on_b)]
+        threads[0].start()
+        time.sleep(0.5)  # the lease poll marks B's worker ready (a version bump) before we read it
+        threads[1].start()
+        time.sleep(0.5)
+        submitted = time.monotonic()
+        job_id = a.submit(key, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
+        for t in threads:
+            t.join(timeout=25)
+        assert out["lease"] is not None and out["lease"].job_id == job_id
+        assert out["lease_at"] - submitted < 2.0 and 0 <= out["snap_at"] - submitted < 2.0
+        assert out["snap"].models[SCHNELL].depth == 1
+        # The worker completes through B; the owner reads the result through A.
+        w = b.worker()
+        w.complete(job_id, out["lease"].lease_token, png_bytes(8, 8))
+        w.close()
+        st = a.job(key, job_id).json()
+        assert st["status"] == "succeeded"
+        assert httpx.get(st["result_url"]).status_code == 200
+    finally:
+        a.stop()
+        b.stop()

@@ -220,7 +220,17 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
         kopf_stop.set()
 
-    tasks = [asyncio.create_task(forward_stop())]
+    kopf_ready = asyncio.Event()
+
+    async def own_signals() -> None:
+        # kopf installs its own SIGINT/SIGTERM handlers when it starts; put ours back, so a
+        # signal stops kopf through its stop flag (at once) rather than its signal path
+        # (which first waits 5 s for the task that waits on that very stop flag).
+        await kopf_ready.wait()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+    tasks = [asyncio.create_task(forward_stop()), asyncio.create_task(own_signals())]
     if elector is not None:
         tasks.append(asyncio.create_task(keep_lease()))
     log.info(
@@ -236,6 +246,7 @@ async def serve(args: argparse.Namespace) -> int:
             clusterwide=not namespaces,
             namespaces=namespaces,
             stop_flag=kopf_stop,
+            ready_flag=kopf_ready,
         )
     finally:
         kopf_stop.set()

@@ -185,7 +185,10 @@ def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operato
     wait_for(lambda: state_of(kube, namespace, "m4") == "ready", 30, "ready (pinned 1)")
     assert len(kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"]) == 1
     kube.kubectl("delete", "imagemodel", "m4", "-n", namespace, "--timeout=30s")
-    wait_for(lambda: get(kube, namespace, "deployment", "m4-worker") is None, 30, "deployment gone")
+    # The garbage collector (kube-controller-manager) follows the owner reference. It picks up
+    # a new CRD's kind on its discovery resync (every 30 s), so on a fresh cluster this can
+    # take that long.
+    wait_for(lambda: get(kube, namespace, "deployment", "m4-worker") is None, 90, "deployment gone")
     wait_for(
         lambda: not kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"],
         30,

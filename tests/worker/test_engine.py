@@ -236,3 +236,29 @@ def test_optimisations_keep_the_output(
     assert np.abs(a - b).max() <= 2
     with pytest.raises(ValueError, match="unknown optimisation"):
         ImageEngine(tiny_catalog["flux1"], tiny_data_dir, device="cpu", optimizations=["warp-drive"])
+
+
+def test_klein_base_model_takes_a_negative_prompt(
+    tmp_path: Path, tiny_models_dir: Path, tiny_catalog: dict[str, ImageModel]
+) -> None:
+    """A non-distilled klein (real CFG): the negative prompt's embeddings replace the empty one."""
+    import shutil
+
+    folder = tmp_path / "klein-base"
+    shutil.copytree(tiny_models_dir / "flux2-klein", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["is_distilled"] = False
+    (folder / "model_index.json").write_text(json.dumps(index))
+    model = tiny_catalog["flux2-klein"].model_copy(deep=True)
+    model.spec.weights.source = str(folder)
+    model.spec.weights.random = False
+    model.spec.parameters.negative_prompt.supported = True
+    model.spec.parameters.guidance.fixed = False
+    model.spec.parameters.guidance.max = 20.0
+    engine = ImageEngine(model, None, device="cpu")
+    engine.load()
+    engine.warm_up()
+    plain = engine.generate(req(guidance=4.0)).png
+    negative = engine.generate(req(guidance=4.0, negative_prompt="blurry")).png
+    assert png_size(negative) == (512, 512)
+    assert plain != negative

@@ -359,9 +359,10 @@ class ImageEngine:
                 kwargs["negative_prompt"] = request.negative_prompt
                 kwargs["true_cfg_scale"] = TRUE_CFG_SCALE
             elif arch is Architecture.FLUX2_KLEIN and not self.pipe.config.is_distilled:
-                neg, _ids = self.pipe.encode_prompt(
-                    prompt=request.negative_prompt, device=self.pipe._execution_device
-                )
+                with torch.inference_mode():
+                    neg, _ids = self.pipe.encode_prompt(
+                        prompt=request.negative_prompt, device=self.pipe._execution_device
+                    )
                 kwargs["negative_prompt_embeds"] = neg
             else:
                 raise BadInput(f"{spec.model}: the {arch.value} pipeline has no negative prompt")

@@ -315,9 +315,10 @@ async def tick(body: Any, mem: Memory) -> None:
         mem.capacity_blocked = False
         _event(body, "CapacityAvailable", "every wanted worker pod is scheduled again")
 
-    if (queue is None) != (not mem.queue_known):
-        mem.queue_known = queue is not None
-        if queue is None and c.queue.available:
+    unknown = c.queue.why_unknown() if queue is None else None
+    if (unknown is not None and unknown[0] == "GatewayUnreachable") == mem.queue_known:
+        mem.queue_known = not mem.queue_known
+        if not mem.queue_known:
             _event(
                 body,
                 "GatewayUnreachable",
@@ -339,6 +340,7 @@ async def tick(body: Any, mem: Memory) -> None:
         last_active=mem.last_active,
         last_saturated=mem.last_saturated,
         last_scale=mem.last_scale,
+        queue_unknown=unknown or ("", ""),
     )
     new_status = status.compute(observed, mem.last_status.get("conditions"), now)
     patch = status.changed(mem.last_status, new_status)

@@ -40,6 +40,7 @@ class QueueWatcher:
         self._lock = threading.Lock()
         self._snapshot: QueueSnapshot | None = None
         self._fresh_at = 0.0  # monotonic time of the last successful read
+        self._started_at = time.monotonic()
         self._wakers: dict[str, dict[int, Waker]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,11 +66,22 @@ class QueueWatcher:
     def available(self) -> bool:
         return self._client is not None
 
+    def why_unknown(self) -> tuple[str, str]:
+        """(reason, message) for a queue that get() reports as unknown."""
+        if self._client is None:
+            return "NoGateway", "no gateway URL is configured; only minReplicas and spec.replicas apply"
+        with self._lock:
+            never = self._snapshot is None
+        if never and time.monotonic() - self._started_at <= self._stale_after:
+            return "Waiting", "the gateway's queue has not been read yet; replicas are held"
+        return "GatewayUnreachable", "the gateway's queue depth cannot be read; replicas are held"
+
     # -- the thread -------------------------------------------------------------------
     def start(self) -> None:
         if self._client is None:
             log.warning("no gateway URL: queue depth is unknown, only minReplicas/spec.replicas apply")
             return
+        self._started_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="queue-watch", daemon=True)
         self._thread.start()
 

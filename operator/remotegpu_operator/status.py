@@ -8,7 +8,8 @@ only moves when the status flips, observedGeneration):
 - Ready: a worker is ready to take jobs (False with Sleeping / Starting / NoCapacity).
 - CapacityAvailable: every wanted pod could be scheduled; False with InsufficientGPU
   (or Unschedulable) and the scheduler's own message when pods stay Pending.
-- QueueObserved: the gateway's queue depth is being read (False: GatewayUnreachable).
+- QueueObserved: the gateway's queue depth is being read (False: GatewayUnreachable, NoGateway,
+  Waiting for the first read).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class Observed:
     last_saturated: datetime | None = None
     last_scale: datetime | None = None
     deployment_current: bool = True  # the Deployment matches this generation's spec
+    # (reason, message) when `queue` is None
+    queue_unknown: tuple[str, str] = ("GatewayUnreachable", "the gateway's queue depth cannot be read")
 
 
 def _condition(
@@ -166,8 +169,8 @@ def compute(obs: Observed, previous_conditions: list[dict[str, Any]] | None, now
         queue_cond = _condition(
             "QueueObserved",
             False,
-            "GatewayUnreachable",
-            "the gateway's queue depth cannot be read; replicas are held",
+            obs.queue_unknown[0],
+            obs.queue_unknown[1],
             obs.generation,
             prev,
             now,

@@ -68,3 +68,15 @@ def test_watch_streams_have_timeouts():
     assert s.watching.client_timeout > s.watching.server_timeout
     assert s.watching.connect_timeout
     assert s.peering.standalone and s.scanning.disabled
+
+
+def test_why_the_queue_is_unknown():
+    assert QueueWatcher(None, TOKEN).why_unknown()[0] == "NoGateway"
+    w = QueueWatcher("http://127.0.0.1:9", TOKEN, wait_seconds=0.1, stale_after=0.5)
+    w.start()
+    try:
+        assert w.why_unknown()[0] == "Waiting"  # just started, nothing read yet
+        time.sleep(0.8)
+        assert w.get("m/a") is None and w.why_unknown()[0] == "GatewayUnreachable"
+    finally:
+        w.stop()

@@ -193,6 +193,9 @@ class WorkerPod(_Spec):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     pod_annotations: dict[str, str] = Field(default_factory=dict)  # extra annotations on worker pods
+    volumes: list[dict[str, Any]] = Field(default_factory=list)  # e.g. a PVC with the weights cache
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
+    service_account_name: str | None = None
     termination_grace_period_seconds: int = Field(default=300, ge=0)
 
 

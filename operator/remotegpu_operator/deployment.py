@@ -129,6 +129,7 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
         "command": command,
         "env": env,
         "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
+        **({"volumeMounts": list(w.volume_mounts)} if w.volume_mounts else {}),
         "resources": resources,
         # Ready once the weights are loaded and warmed up; alive while loading.
         "readinessProbe": {
@@ -155,6 +156,10 @@ def pod_template(name: str, spec: ImageModelSpec, settings: WorkerSettings) -> d
         pod["nodeSelector"] = dict(w.node_selector)
     if w.tolerations:
         pod["tolerations"] = list(w.tolerations)
+    if w.volumes:
+        pod["volumes"] = list(w.volumes)
+    if w.service_account_name:
+        pod["serviceAccountName"] = w.service_account_name
     return {
         "metadata": {
             "labels": labels(name, spec),

@@ -62,6 +62,9 @@ def test_worker_settings_from_the_spec():
             "tolerations": [{"key": "gpu", "operator": "Exists"}],
             "env": [{"name": "X", "value": "1"}],
             "podAnnotations": {"a": "b"},
+            "volumes": [{"name": "hf", "persistentVolumeClaim": {"claimName": "weights"}}],
+            "volumeMounts": [{"name": "hf", "mountPath": "/cache"}],
+            "serviceAccountName": "worker-sa",
             "resources": {"limits": {"memory": "10Gi"}},
             "terminationGracePeriodSeconds": 7,
         }
@@ -76,6 +79,9 @@ def test_worker_settings_from_the_spec():
     assert pod["spec"]["terminationGracePeriodSeconds"] == 7
     assert c["env"][-1] == {"name": "X", "value": "1"}
     assert pod["metadata"]["annotations"]["a"] == "b"
+    assert pod["spec"]["volumes"] == [{"name": "hf", "persistentVolumeClaim": {"claimName": "weights"}}]
+    assert c["volumeMounts"] == [{"name": "hf", "mountPath": "/cache"}]
+    assert pod["spec"]["serviceAccountName"] == "worker-sa"
 
 
 def test_same_input_same_manifest_and_scaling_changes_do_not_roll():

@@ -52,10 +52,20 @@ class System:
 
     @property
     def gateway_url(self) -> str:
-        [gw] = [
-            p for p in self.runner.processes(self.namespace, f"{RELEASE}-remotegpu-gateway") if not p.stopping
-        ]
-        return f"http://{gw.ip}:8000"
+        """The gateway pod's own address (clients outside the cluster would use an Ingress)."""
+        gw = wait_for(
+            lambda: [
+                p
+                for p in self.runner.processes(self.namespace, f"{RELEASE}-remotegpu-gateway")
+                if p.ready and not p.stopping
+            ],
+            60,
+            "a ready gateway",
+        )
+        return f"http://{gw[0].ip}:8000"
+
+    def pods(self, prefix: str) -> list[str]:
+        return [p.name for p in self.runner.processes(self.namespace, prefix) if not p.stopping]
 
     def http(self) -> httpx.Client:
         return httpx.Client(

@@ -22,6 +22,7 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -57,6 +58,8 @@ class RunningPod:
     image: str
     readiness: dict | None
     grace_seconds: int
+    labels: dict[str, str] = field(default_factory=dict)
+    restart_policy: str = "Always"
     proc: subprocess.Popen | None = None
     ready: bool = False
     stopping: bool = False
@@ -78,6 +81,7 @@ class PodRunner:
         venv_bin: Path,
         extra_env: dict[str, str] | None = None,
         first_ip: str = "127.0.0.10",
+        first_service_ip: str = "127.0.1.10",
         image_entrypoints: dict[str, list[str]] | None = None,
     ):
         self.image_entrypoints = image_entrypoints or dict(PROJECT_IMAGES)
@@ -87,6 +91,8 @@ class PodRunner:
         self.venv_bin = venv_bin
         self.extra_env = extra_env or {}
         self._next_ip = ipaddress.ip_address(first_ip)
+        self._next_service_ip = ipaddress.ip_address(first_service_ip)
+        self._proxies: dict[tuple[str, str, int], ServiceProxy] = {}
         self._api = config.new_client_from_config(config_file=str(kubeconfig))
         self.core = client.CoreV1Api(self._api)
         self.pods: dict[str, RunningPod] = {}  # uid -> pod
@@ -109,6 +115,8 @@ class PodRunner:
             pods = list(self.pods.values())
         for p in pods:
             self._terminate(p, grace=10)
+        for proxy in list(self._proxies.values()):
+            proxy.close()
         for t in self._threads:
             t.join(timeout=5)
 
@@ -265,6 +273,8 @@ class PodRunner:
             image=container.image,
             readiness=_probe(container.readiness_probe, container),
             grace_seconds=pod.spec.termination_grace_period_seconds or 30,
+            labels=dict(pod.metadata.labels or {}),
+            restart_policy=pod.spec.restart_policy or "Always",
         )
         self._spawn(running)
         with self._lock:
@@ -284,12 +294,22 @@ class PodRunner:
             )
         p.started_at = now()
 
-    def _report(self, p: RunningPod) -> None:
+    def _report(self, p: RunningPod, terminal: bool = False) -> None:
         t = now()
         assert p.proc is not None
         exit_code = p.proc.poll()
+        phase = "Running"
         if exit_code is None:
             state: dict = {"running": {"startedAt": p.started_at}}
+        elif terminal:
+            phase = "Succeeded" if exit_code == 0 else "Failed"
+            state = {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "finishedAt": t,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                }
+            }
         else:
             state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"exited with {exit_code}"}}
         ready = "True" if p.ready else "False"
@@ -297,7 +317,7 @@ class PodRunner:
             p.namespace,
             p.name,
             {
-                "phase": "Running",
+                "phase": phase,
                 "podIP": p.ip,
                 "podIPs": [{"ip": p.ip}],
                 "hostIP": "127.0.0.1",
@@ -337,7 +357,14 @@ class PodRunner:
                     pods = [p for p in self.pods.values() if not p.stopping]
                 for p in pods:
                     assert p.proc is not None
-                    alive = p.proc.poll() is None
+                    code = p.proc.poll()
+                    alive = code is None
+                    if not alive and (
+                        p.restart_policy == "Never" or (p.restart_policy == "OnFailure" and code == 0)
+                    ):
+                        p.ready, p.stopping = False, True  # finished for good (a Job's pod)
+                        self._report(p, terminal=True)
+                        continue
                     if not alive and p.restart_at == 0.0:
                         p.restart_at = time.monotonic() + min(30.0, 2.0**p.restarts)
                     elif not alive and time.monotonic() >= p.restart_at and not p.stopping:
@@ -457,6 +484,7 @@ class PodRunner:
         return re.sub(r"(https?://)([a-z0-9][a-z0-9.-]*)(:\d+)?", lambda m: self._resolve(pod, m), value)
 
     def _resolve(self, pod: client.V1Pod, m: re.Match) -> str:
+        """http://SERVICE[.NS[.svc...]]:PORT -> the Service's stable loopback address (see ServiceProxy)."""
         scheme, host, port = m.group(1), m.group(2), m.group(3)
         parts = host.split(".")
         svc_name = parts[0]
@@ -470,25 +498,28 @@ class PodRunner:
         for sp in svc.spec.ports or []:
             if sp.port == svc_port and sp.target_port is not None and str(sp.target_port).isdigit():
                 target = int(sp.target_port)
-        ip = self._wait_backend(svc, ns)
-        return f"{scheme}{ip}:{target}"
+        key = (ns, svc_name, svc_port)
+        with self._lock:
+            proxy = self._proxies.get(key)
+            if proxy is None:
+                ip = str(self._next_service_ip)
+                self._next_service_ip += 1
+                proxy = ServiceProxy(self, ns, svc.spec.selector or {}, ip, svc_port, target)
+                self._proxies[key] = proxy
+        return f"{scheme}{proxy.ip}:{svc_port}"
 
-    def _wait_backend(self, svc: client.V1Service, ns: str, timeout: float = 120.0) -> str:
-        """The loopback address of a pod behind the Service on this node (waits for one to start)."""
-        deadline = time.monotonic() + timeout
-        selector = svc.spec.selector or {}
-        while time.monotonic() < deadline and not self._stop.is_set():
-            with self._lock:
-                candidates = list(self.pods.values())
-            for p in candidates:
-                if p.namespace != ns or p.stopping:
-                    continue
-                pod = self.core.read_namespaced_pod(p.name, ns)
-                labels = pod.metadata.labels or {}
-                if all(labels.get(k) == v for k, v in selector.items()):
-                    return p.ip
-            time.sleep(0.2)
-        raise RuntimeError(f"no pod behind Service {ns}/{svc.metadata.name} runs on {self.node_name}")
+    def backends(self, ns: str, selector: dict[str, str]) -> list[RunningPod]:
+        """Ready pods on this node whose labels match a Service selector."""
+        with self._lock:
+            pods = list(self.pods.values())
+        return [
+            p
+            for p in pods
+            if p.namespace == ns
+            and p.ready
+            and not p.stopping
+            and all(p.labels.get(k) == v for k, v in selector.items())
+        ]
 
     def _service_account_kubeconfig(self, pod: client.V1Pod, podroot: Path) -> Path | None:
         if pod.spec.automount_service_account_token is False:
@@ -527,6 +558,64 @@ class PodRunner:
             return [
                 p for p in self.pods.values() if p.namespace == namespace and p.name.startswith(name_prefix)
             ]
+
+
+class ServiceProxy:
+    """kube-proxy for one Service port: a stable loopback address that forwards each
+    connection to a ready pod behind the Service, so clients survive pod restarts."""
+
+    def __init__(self, runner: PodRunner, ns: str, selector: dict[str, str], ip: str, port: int, target: int):
+        self.runner, self.ns, self.selector = runner, ns, selector
+        self.ip, self.port, self.target = ip, port, target
+        self._server = socket.create_server((ip, port))
+        self._closed = False
+        self._turn = 0
+        threading.Thread(target=self._accept, daemon=True, name=f"svc-{ip}:{port}").start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._forward, args=(conn,), daemon=True).start()
+
+    def _forward(self, conn: socket.socket) -> None:
+        deadline = time.monotonic() + 30  # a restarting backend gets this long to turn Ready
+        while not (backends := self.runner.backends(self.ns, self.selector)):
+            if time.monotonic() > deadline or self._closed:
+                conn.close()
+                return
+            time.sleep(0.1)
+        self._turn += 1
+        backend = backends[self._turn % len(backends)]
+        try:
+            upstream = socket.create_connection((backend.ip, self.target), timeout=5)
+        except OSError:
+            conn.close()
+            return
+        upstream.settimeout(None)
+        threading.Thread(target=_pipe, args=(conn, upstream), daemon=True).start()
+        _pipe(upstream, conn)
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
 
 
 def _probe(probe: client.V1Probe | None, container: client.V1Container) -> dict | None:

@@ -115,7 +115,8 @@ def test_runs_the_pod_as_a_process_ready_only_when_it_answers(kube: Kube, namesp
     env = Path(f"/proc/{proc.proc.pid}/environ").read_bytes().split(b"\0")
     assert f"POD_NAME={pod['metadata']['name']}".encode() in env
 
-    # A client pod's Service URL resolves to the web pod's loopback address.
+    # A client pod's Service URL resolves to the Service's stable loopback address,
+    # which forwards to a ready pod behind it (there is no kube-proxy here).
     kube.kubectl(
         "apply",
         "-n",
@@ -126,8 +127,30 @@ def test_runs_the_pod_as_a_process_ready_only_when_it_answers(kube: Kube, namesp
     )
     wait_for(lambda: ready(the_pod(kube, namespace, "client")), what="client Ready")
     [client_proc] = runner.processes(namespace, "client")
-    env = Path(f"/proc/{client_proc.proc.pid}/environ").read_bytes().split(b"\0")
-    assert f"UPSTREAM=http://{ip}:18080/x".encode() in env
+    env = dict(
+        kv.split(b"=", 1)
+        for kv in Path(f"/proc/{client_proc.proc.pid}/environ").read_bytes().split(b"\0")
+        if kv
+    )
+    upstream = env[b"UPSTREAM"].decode()
+    assert upstream.startswith("http://127.0.1.") and upstream.endswith(":80/x")
+    service_url = upstream.removesuffix("/x") + "/"
+    assert httpx.get(service_url).status_code == 200
+
+    # The Service address survives a restart of the pod behind it (new pod, new IP).
+    kube.kubectl("delete", "pod", "-n", namespace, pod["metadata"]["name"])
+    wait_for(
+        lambda: (
+            (p := the_pod(kube, namespace, "web"))
+            and p["metadata"]["name"] != pod["metadata"]["name"]
+            and ready(p)
+        ),
+        what="a new Ready web pod",
+    )
+    assert proc.proc.poll() is not None, "the deleted pod's process still runs"
+    assert httpx.get(service_url).status_code == 200
+    [proc] = runner.processes(namespace, "web")
+    ip = proc.ip
 
     # Deleting the pod stops the process (SIGTERM) and removes the pod.
     kube.kubectl("scale", "-n", namespace, "deployment/web", "--replicas=0")

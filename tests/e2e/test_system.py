@@ -90,3 +90,76 @@ def test_a_burst_across_two_models_scales_both_within_bounds_and_back(system: Sy
     assert max(peak.values()) <= 2
     for n, m in (("tiny-random-flux1", a), ("tiny-random-flux1-kontext", b)):
         wait_for(lambda m=m: system.state(m) == "sleeping", 120, f"{n} to sleep again")
+
+
+def test_a_gateway_restart_loses_no_job_in_any_state(system: System):
+    model = system.tiny_models["flux1"]
+    done = system.submit(model, seed=11)
+    assert system.wait_job(done)["status"] == "succeeded"
+    running = system.submit(model, steps=40, size={"width": 1024, "height": 1024}, seed=12)
+    wait_for(lambda: system.job(running)["status"] == "running", 120, "a running job")
+    waiting = [system.submit(model, seed=13 + i) for i in range(2)]
+    cancelled = system.submit(model, seed=20)
+    with system.http() as http:
+        assert http.post(f"/v1/inference/jobs/{cancelled}/cancel").status_code == 200
+    before = {j: system.job(j)["status"] for j in [done, running, *waiting, cancelled]}
+    assert before[cancelled] == "cancelled" and before[done] == "succeeded"
+
+    [old] = system.pods("rg-remotegpu-gateway")
+    system.kube.kubectl("delete", "pod", "-n", system.namespace, old, "--wait=false")
+    wait_for(
+        lambda: old not in system.pods("rg-remotegpu-gateway") and system.gateway_url, 120, "a new gateway"
+    )
+
+    after = {j: system.job(j)["status"] for j in before}
+    assert after[done] == "succeeded" and after[cancelled] == "cancelled"
+    for j in [running, *waiting]:
+        assert system.wait_job(j, timeout=300)["status"] == "succeeded", system.logs()
+    assert httpx.get(system.job(done)["result_url"], timeout=30).status_code == 200
+
+
+def test_an_operator_restart_mid_scale_converges_without_duplicates(system: System):
+    model, name = system.tiny_models["flux1-kontext"], "tiny-random-flux1-kontext"
+    wait_for(lambda: system.state(model) == "sleeping", 120, f"{name} asleep")
+    buf = io.BytesIO()
+    Image.new("RGB", (512, 512), (0, 90, 200)).save(buf, format="PNG")
+    import base64
+
+    job = system.submit(model, input_images_base64=[base64.b64encode(buf.getvalue()).decode()])
+    # Restart the operator right as the scale-up decision is due.
+    [old] = system.pods("rg-remotegpu-operator")
+    system.kube.kubectl("delete", "pod", "-n", system.namespace, old, "--wait=false")
+    assert system.wait_job(job, timeout=300)["status"] == "succeeded", system.logs()
+    deployments = system.kube.get_json("deployments", "-n", system.namespace)["items"]
+    owned = [
+        d for d in deployments if any(o["name"] == name for o in d["metadata"].get("ownerReferences", []))
+    ]
+    assert len(owned) == 1, [d["metadata"]["name"] for d in owned]
+    assert (
+        system.imagemodel(name)["status"]["observedGeneration"]
+        == system.imagemodel(name)["metadata"]["generation"]
+    )
+
+
+def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
+    model, name = system.tiny_models["flux1"], "tiny-random-flux1"
+    job = system.submit(model, steps=30, size={"width": 1024, "height": 768}, seed=5)
+    wait_for(lambda: system.job(job)["status"] == "running", 120, "the job to run")
+    # Pin the model to zero workers: the Deployment scales down under the running job.
+    system.kube.kubectl("scale", "imagemodel", name, "-n", system.namespace, "--replicas=0")
+    try:
+        wait_for(lambda: system.deployment_replicas(name) == 0, 30, "the Deployment to scale to 0")
+        done = system.wait_job(job, timeout=120)
+        assert done["status"] == "succeeded", (done, system.logs())
+        wait_for(lambda: not system.workers(name), 60, "the drained worker to exit")
+    finally:
+        system.kube.kubectl(
+            "patch",
+            "imagemodel",
+            name,
+            "-n",
+            system.namespace,
+            "--type=json",
+            "-p",
+            '[{"op": "remove", "path": "/spec/replicas"}]',
+        )

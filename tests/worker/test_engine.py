@@ -262,3 +262,20 @@ def test_klein_base_model_takes_a_negative_prompt(
     negative = engine.generate(req(guidance=4.0, negative_prompt="blurry")).png
     assert png_size(negative) == (512, 512)
     assert plain != negative
+
+
+def test_build_tiny_command_defaults_to_the_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from remotegpu_worker.tiny import build_command
+
+    args = argparse.Namespace(out_dir=None, data_dir=str(tmp_path), force=False)
+    assert build_command(args) == 0
+    for arch in Architecture:
+        assert is_built(tmp_path / "tiny-models" / arch.value)
+    err = capsys.readouterr().err
+    assert "[4/4] flux2-klein" in err and "ready in" in err
+    assert build_command(args) == 0  # a second run finds them built
+    assert "already built" in capsys.readouterr().err

@@ -9,6 +9,8 @@ Chosen per worker with `$REMOTEGPU_OPTIMIZATIONS` (comma-separated, applied in o
     compile               torch.compile the transformer's repeated blocks (regional
                           compilation, quick to build; the warm-up pays the compile)
     compile-full          torch.compile the whole transformer (fullgraph)
+    compile-max-autotune  regional compilation with mode=max-autotune (Triton autotuning and
+                          CUDA graphs; long first compile)
 
 Nothing is on by default: bench/worker_gpu.py measures each on the GPU against the
 plain diffusers pipeline, with the output difference, before one is made a default.
@@ -23,7 +25,7 @@ from typing import Any
 log = logging.getLogger("remotegpu_worker.engine")
 
 ENV = "REMOTEGPU_OPTIMIZATIONS"
-KNOWN = ("attention", "fused-qkv", "channels-last-vae", "compile", "compile-full")
+KNOWN = ("attention", "fused-qkv", "channels-last-vae", "compile", "compile-full", "compile-max-autotune")
 
 
 def from_env() -> list[str]:
@@ -55,6 +57,8 @@ def apply(pipe: Any, names: list[str]) -> list[str]:
             pipe.vae.to(memory_format=torch.channels_last)
         elif key == "compile":
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        elif key == "compile-max-autotune":
+            pipe.transformer.compile_repeated_blocks(fullgraph=True, mode="max-autotune")
         elif key == "compile-full":
             pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
         applied.append(name)

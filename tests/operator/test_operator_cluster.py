@@ -466,3 +466,25 @@ def test_an_unreachable_gateway_holds_replicas_and_says_so(kube, namespace, oper
     time.sleep(3)  # three idle windows: an unknown queue must not scale the model away
     assert replicas_of(kube, namespace, "m11") == 1
     assert any(e["reason"] == "GatewayUnreachable" for e in events(kube, namespace, "m11"))
+
+
+def test_a_deleted_deployment_is_recreated_with_the_replicas_the_queue_needs(
+    kube, namespace, operators, gateway
+):
+    im = imagemodel("m12", "test/recreate", scaling={"maxReplicas": 2, "idleSeconds": 300})
+    gw = gateway(im)
+    operators.start(gateway_url=gw.url)
+    apply(kube, namespace, im)
+    wait_for(lambda: state_of(kube, namespace, "m12") == "sleeping", 30, "sleeping")
+    gw.submit("test/recreate")
+    wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 10, "replicas 1")
+    uid = get(kube, namespace, "deployment", "m12-worker")["metadata"]["uid"]
+    kube.kubectl("delete", "deployment", "m12-worker", "-n", namespace, "--wait=false")
+    new = wait_for(
+        lambda: (d := get(kube, namespace, "deployment", "m12-worker")) and d["metadata"]["uid"] != uid and d,
+        20,
+        "a new Deployment",
+    )
+    assert new["metadata"]["ownerReferences"][0]["name"] == "m12"
+    wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 10, "replicas 1 again")
+    assert len(kube.get_json("deployments", "-n", namespace)["items"]) == 1

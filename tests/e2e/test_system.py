@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import System, wait_for
+from tests.e2e.system import System, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -1,0 +1,132 @@
+"""End-to-end cold start and warm throughput on the local cluster, with the phases.
+
+Installs the chart on a fresh local control plane (real gateway, operator and
+workers as processes on the pod runner's node; tiny random-weight models on the
+CPU; a real PostgreSQL), then measures:
+
+- cold start, repeated: submit to a sleeping model -> succeeded, split into
+  scale decision (Deployment replicas >= 1), pod scheduled, worker process ready,
+  lease (job running) and run;
+- warm throughput: a batch of jobs to a ready model, jobs/s and per-job latency.
+
+    .venv/bin/python bench/e2e.py [--runs 5] [--jobs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
+from tests.e2e.system import System, deploy, wait_for  # noqa: E402
+from tests.fixtures.cluster import Kube  # noqa: E402
+from tests.fixtures.postgres import PostgresServer  # noqa: E402
+
+MODEL_NAME = "tiny-random-flux1"
+
+
+def p95(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))]
+
+
+def cold_start(system: System, model: str) -> dict[str, float]:
+    wait_for(lambda: system.state(model) == "sleeping" and not system.workers(MODEL_NAME), 180, "sleeping")
+    t0 = time.monotonic()
+    job = system.submit(model, seed=1)
+    marks: dict[str, float] = {}
+    while True:
+        now = time.monotonic() - t0
+        if "scale decision" not in marks and system.deployment_replicas(MODEL_NAME) >= 1:
+            marks["scale decision"] = now
+        if "scale decision" in marks and "pod scheduled" not in marks:
+            dep = system.imagemodel(MODEL_NAME)["status"].get("deployment")
+            pods = system.kube.get_json("pods", "-n", system.namespace)["items"]
+            if any(p["metadata"]["name"].startswith(dep or "?") and p["spec"].get("nodeName") for p in pods):
+                marks["pod scheduled"] = now
+        if "process ready" not in marks and any(p.ready for p in system.workers(MODEL_NAME)):
+            marks["process ready"] = now
+        status = system.job(job)
+        if "leased" not in marks and status["status"] in ("running", "succeeded"):
+            marks["leased"] = now
+        if status["status"] in ("succeeded", "failed", "cancelled"):
+            assert status["status"] == "succeeded", status
+            marks["succeeded"] = now
+            marks["run (run_ms)"] = status["run_ms"] / 1000
+            marks["wait (wait_ms)"] = status["wait_ms"] / 1000
+            return marks
+        if now > 300:
+            raise TimeoutError(f"cold start did not finish: {marks}")
+        time.sleep(0.05)
+
+
+def warm_throughput(system: System, model: str, jobs: int) -> tuple[float, list[float]]:
+    system.wait_job(system.submit(model, seed=0))  # make sure a worker is ready
+    t0 = time.monotonic()
+    ids = {system.submit(model, seed=i): time.monotonic() for i in range(jobs)}
+    latencies: list[float] = []
+    pending = dict(ids)
+    while pending:
+        for job_id, submitted in list(pending.items()):
+            s = system.job(job_id)
+            if s["status"] in ("succeeded", "failed", "cancelled"):
+                assert s["status"] == "succeeded", s
+                latencies.append(time.monotonic() - submitted)
+                del pending[job_id]
+        time.sleep(0.05)
+    return jobs / (time.monotonic() - t0), latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5, help="cold starts to measure")
+    parser.add_argument("--jobs", type=int, default=20, help="jobs in the warm batch")
+    args = parser.parse_args()
+
+    from remotegpu_worker import tiny
+
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    print("building tiny models...", flush=True)
+    tiny.build_all(work / "tiny-models", progress=None)
+    cluster = Cluster(work / "cluster")
+    pg = PostgresServer().start()
+    try:
+        kubeconfig = cluster.up(ClusterConfig())
+        kube = Kube(kubeconfig, cluster.bins)
+        with deploy(kube, pg.url, work / "tiny-models", work / "e2e") as system:
+            model = system.tiny_models["flux1"]
+            phases: dict[str, list[float]] = {}
+            for i in range(args.runs):
+                marks = cold_start(system, model)
+                print(
+                    f"cold start {i + 1}/{args.runs}: " + ", ".join(f"{k} {v:.2f}s" for k, v in marks.items())
+                )
+                for k, v in marks.items():
+                    phases.setdefault(k, []).append(v)
+            rate, lat = warm_throughput(system, model, args.jobs)
+    finally:
+        cluster.down(quiet=True)
+        pg.stop()
+
+    print(f"\ncold start on the local cluster, {args.runs} runs (seconds since submit; tiny model on CPU)")
+    print(f"{'phase':<18}{'median':>9}{'p95':>9}")
+    for k, v in phases.items():
+        print(f"{k:<18}{statistics.median(v):>9.2f}{p95(v):>9.2f}")
+    print(
+        f"\nwarm: {args.jobs} jobs to a ready model: {rate:.2f} jobs/s; "
+        f"latency median {statistics.median(lat):.2f}s p95 {p95(lat):.2f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -100,10 +100,13 @@ async def load(url: str, key: str, seconds: float, concurrency: int) -> dict[str
             nonlocal errors
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                r = await client.post("/v1/inference/image", json=BODY, headers=headers)
+                try:
+                    r = await client.post("/v1/inference/image", json=BODY, headers=headers)
+                    ok = r.status_code == 202
+                except httpx.HTTPError:
+                    ok = False
                 latencies.append(time.perf_counter() - t0)
-                if r.status_code != 202:
-                    errors += 1
+                errors += not ok
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -132,10 +135,12 @@ def run_load(url: str, key: str, seconds: float, concurrency: int) -> dict[str, 
             "--concurrency",
             str(concurrency),
         ],
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
     )
+    if out.returncode:
+        raise RuntimeError(f"load generator failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 

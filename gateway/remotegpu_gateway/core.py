@@ -154,7 +154,8 @@ class Gateway:
                     conn.execute(f"LISTEN {self.store.CHANNEL}")
                     while not self._listener_stop.is_set():
                         for n in conn.notifies(timeout=0.5):
-                            self.notifier.bump(*([n.payload] if n.payload else []))
+                            if n.pid not in self.store.own_backend_pids:
+                                self.notifier.bump(*([n.payload] if n.payload else []))
             except Exception as e:  # noqa: BLE001
                 log.warning("PostgreSQL LISTEN failed (%s); retrying", e)
                 self._listener_stop.wait(1.0)

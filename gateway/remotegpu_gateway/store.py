@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import queue
 import secrets
 import threading
 import time
@@ -265,6 +266,63 @@ _AUTH_QUERY = (
 _INSERT_JOB = jobs.insert()
 
 
+class _InsertBatcher:
+    """Group commit for job inserts: concurrent submits share one transaction.
+
+    Each caller blocks until its row is committed (or raises). One thread takes whatever
+    is waiting, inserts it with one executemany, notifies once per model and commits;
+    if the batch fails, its rows are retried one by one so only a bad row fails.
+    """
+
+    def __init__(self, store: Store, max_batch: int = 256):
+        self._store = store
+        self._max = max_batch
+        self._queue: queue.SimpleQueue[tuple[dict[str, Any], threading.Event, list[BaseException]]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def insert(self, values: dict[str, Any]) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="job-inserts", daemon=True)
+                    self._thread.start()
+        done = threading.Event()
+        error: list[BaseException] = []
+        self._queue.put((values, done, error))
+        done.wait()
+        if error:
+            raise error[0]
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self._max:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write([v for v, _, _ in batch])
+            except Exception:  # noqa: BLE001 - retry alone, so one bad row fails alone
+                for item in batch:
+                    try:
+                        self._write([item[0]])
+                    except Exception as e:  # noqa: BLE001
+                        item[2].append(e)
+            for _, done, _ in batch:
+                done.set()
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        store = self._store
+        with store._tx() as conn:
+            conn.execute(_INSERT_JOB, rows)
+            for model in sorted({r["model"] for r in rows}):
+                store._notify(conn, model)
+
+
 class Store:
     """Jobs, queue, leases and API keys on one database (SQLite or PostgreSQL)."""
 
@@ -275,21 +333,37 @@ class Store:
         self.url = normalise_url(url)
         self.max_attempts = max_attempts
         self.is_sqlite = self.url.startswith("sqlite")
+        self.own_backend_pids: set[int] = set()
         if self.is_sqlite:
             self._read = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
             self._write = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
-            for eng, begin in ((self._read, "BEGIN"), (self._write, "BEGIN IMMEDIATE")):
-                self._sqlite_setup(eng, begin)
+            # Reads run statement by statement (autocommit); writes take the write lock up front.
+            self._sqlite_setup(self._read, None)
+            self._sqlite_setup(self._write, "BEGIN IMMEDIATE")
         else:
-            self._read = sa.create_engine(self.url, pool_size=10, max_overflow=30, pool_pre_ping=True)
-            self._write = self._read
+            # No pre-ping (a round trip per checkout); connections are recycled hourly instead.
+            self._write = sa.create_engine(self.url, pool_size=10, max_overflow=30, pool_recycle=3600)
+            # Reads need no transaction: no BEGIN/ROLLBACK round trips.
+            self._read = self._write.execution_options(isolation_level="AUTOCOMMIT")
+            self._pg_setup(self._write)
+        self._batcher = _InsertBatcher(self)
         # SQLite allows one writer; serialise ours instead of spinning on SQLITE_BUSY.
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         )
 
+    def _pg_setup(self, engine: Engine) -> None:
+        @sa.event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            # Our own sessions' NOTIFYs need no wake-up through LISTEN: we woke ourselves.
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT pg_backend_pid()")
+            self.own_backend_pids.add(cur.fetchone()[0])
+            cur.close()
+            dbapi_conn.commit()
+
     @staticmethod
-    def _sqlite_setup(engine: Engine, begin: str) -> None:
+    def _sqlite_setup(engine: Engine, begin: str | None) -> None:
         @sa.event.listens_for(engine, "connect")
         def _connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
@@ -300,14 +374,15 @@ class Store:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
-        @sa.event.listens_for(engine, "begin")
-        def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql(begin)
+        if begin is not None:
+
+            @sa.event.listens_for(engine, "begin")
+            def _begin(conn: Connection) -> None:
+                conn.exec_driver_sql(begin)
 
     def close(self) -> None:
         self._read.dispose()
-        if self._write is not self._read:
-            self._write.dispose()
+        self._write.dispose()
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -544,9 +619,7 @@ class Store:
             attempt=0,
             cancel_requested=False,
         )
-        with self._tx() as conn:
-            conn.execute(_INSERT_JOB, values)
-            self._notify(conn, model)
+        self._batcher.insert(values)
         return JobRecord(
             id=values["id"],  # type: ignore[arg-type]
             owner_key_id=owner_key_id,

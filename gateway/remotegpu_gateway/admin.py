@@ -31,7 +31,7 @@ router = APIRouter(
 async def create_key(body: KeyCreate, request: Request) -> dict[str, Any]:
     store = gateway(request).store
     scopes: list[str] = list(body.scopes)
-    key, secret = await anyio.to_thread.run_sync(store.create_key, body.name, scopes)
+    key, secret = await anyio.to_thread.run_sync(store.create_key, body.name, scopes, body.expires_in_seconds)
     return {**key.public(), "key": secret}
 
 

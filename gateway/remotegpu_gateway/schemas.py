@@ -116,6 +116,9 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: StrictStr = Field(min_length=1, max_length=200)
     scopes: list[Literal["inference", "admin"]] = Field(default=["inference"], min_length=1)
+    expires_in_seconds: StrictInt | None = Field(
+        default=None, ge=1, le=10 * 365 * 24 * 3600, description="The secret expires this long after creation"
+    )
 
 
 class KeyRotate(BaseModel):

@@ -444,7 +444,10 @@ class Store:
 
     # ---- API keys -------------------------------------------------------------------------
 
-    def create_key(self, name: str, scopes: list[str]) -> tuple[KeyRecord, str]:
+    def create_key(
+        self, name: str, scopes: list[str], expires_in_seconds: float | None = None
+    ) -> tuple[KeyRecord, str]:
+        """A new key identity and its first secret (optionally expiring); returns (key, token)."""
         bad = [s for s in scopes if s not in SCOPES]
         if bad or not scopes:
             raise ValueError(f"scopes must be a non-empty subset of {list(SCOPES)}, got {scopes}")
@@ -456,16 +459,17 @@ class Store:
                     id=key_id, name=_text(name), scopes=",".join(sorted(set(scopes))), created_at=now
                 )
             )
-            token = self._new_secret(conn, key_id, now)
+            expires = now + expires_in_seconds if expires_in_seconds is not None else None
+            token = self._new_secret(conn, key_id, now, expires)
         return self.get_key(key_id), token
 
     @staticmethod
-    def _new_secret(conn: Connection, key_id: str, now: float) -> str:
+    def _new_secret(conn: Connection, key_id: str, now: float, expires_at: float | None = None) -> str:
         sid = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         conn.execute(
             api_key_secrets.insert().values(
-                id=sid, key_id=key_id, secret_hash=hash_secret(secret), created_at=now
+                id=sid, key_id=key_id, secret_hash=hash_secret(secret), created_at=now, expires_at=expires_at
             )
         )
         return f"{KEY_PREFIX}{sid}.{secret}"

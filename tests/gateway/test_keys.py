@@ -159,3 +159,16 @@ def test_cli_data_dir(tmp_path: Path) -> None:
     key = store.authenticate(token)
     assert key is not None and key.name == "local" and key.scopes == ["inference"]
     store.close()
+
+
+def test_expiring_key(gateway: RunningGateway) -> None:
+    admin = gateway.key("root", ["admin"])
+    r = gateway.http.post(
+        "/v1/admin/keys", json={"name": "temp", "expires_in_seconds": 1}, headers=auth(admin)
+    )
+    assert r.status_code == 201 and r.json()["secrets"][0]["expires_at"] is not None
+    token = r.json()["key"]
+    assert status(gateway, token) == 404
+    time.sleep(1.2)
+    r = gateway.http.get("/v1/inference/jobs/none", headers=auth(token))
+    assert r.status_code == 401 and "expired" in r.json()["error"]["message"]

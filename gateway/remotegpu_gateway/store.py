@@ -266,6 +266,9 @@ _AUTH_QUERY = (
 _INSERT_JOB = jobs.insert()
 
 
+_STOP = object()
+
+
 class _InsertBatcher:
     """Group commit for job inserts: concurrent submits share one transaction.
 
@@ -296,14 +299,28 @@ class _InsertBatcher:
         if error:
             raise error[0]
 
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(_STOP)  # type: ignore[arg-type]
+            self._thread.join(timeout=10)
+            self._thread = None
+
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
             while len(batch) < self._max:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
             try:
                 self._write([v for v, _, _ in batch])
             except Exception:  # noqa: BLE001 - retry alone, so one bad row fails alone
@@ -314,6 +331,8 @@ class _InsertBatcher:
                         item[2].append(e)
             for _, done, _ in batch:
                 done.set()
+            if stop:
+                return
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         store = self._store
@@ -381,6 +400,7 @@ class Store:
                 conn.exec_driver_sql(begin)
 
     def close(self) -> None:
+        self._batcher.close()
         self._read.dispose()
         self._write.dispose()
 

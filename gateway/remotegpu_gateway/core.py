@@ -207,6 +207,7 @@ class Gateway:
                 else:
                     q.warming = c.pending
                 q.running = c.running
+                q.busy_workers = sorted(c.busy_workers)
                 if c.oldest_pending_created_at is not None:
                     q.oldest_wait_seconds = max(0.0, now - c.oldest_pending_created_at)
             models[model_id] = q

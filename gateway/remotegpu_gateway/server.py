@@ -21,9 +21,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if not models_file and not namespace and os.environ.get("KUBERNETES_SERVICE_HOST"):
         namespace = os.environ.get("REMOTEGPU_NAMESPACE") or _pod_namespace()
     public = getattr(args, "public_url", None) or os.environ.get("REMOTEGPU_PUBLIC_URL")
-    if not public:
-        host = args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        public = f"http://{host}:{args.port}"
+    if not public and args.host not in ("0.0.0.0", "::"):
+        public = f"http://{args.host}:{args.port}"
+    # Listening on every address: result_url follows each request's own base URL.
     return Settings(
         database_url=config.database_url(getattr(args, "database_url", None), data),
         data_dir=data,
@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
     app = create_app(settings)
-    print(
-        f"gateway listening on http://{args.host}:{args.port} (public URL {settings.public_url})", flush=True
-    )
+    base = settings.public_url or "each request's own URL"
+    print(f"gateway listening on http://{args.host}:{args.port} (result URLs based on {base})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
     return 0

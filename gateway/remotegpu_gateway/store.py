@@ -211,6 +211,8 @@ class QueueCount:
     pending: int = 0
     running: int = 0
     oldest_pending_created_at: float | None = None
+    # Workers (pod names) holding a lease: the operator keeps those pods on scale-down.
+    busy_workers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -870,6 +872,11 @@ class Store:
                 .where(jobs.c.status.in_([PENDING, RUNNING]))
                 .group_by(jobs.c.model, jobs.c.status)
             ).all()
+            busy = conn.execute(
+                sa.select(jobs.c.model, jobs.c.worker_id)
+                .where(jobs.c.status == RUNNING, jobs.c.worker_id.is_not(None))
+                .distinct()
+            ).all()
         out: dict[str, QueueCount] = {}
         for model, status, count, oldest in rows:
             q = out.setdefault(model, QueueCount())
@@ -878,6 +885,8 @@ class Store:
                 q.oldest_pending_created_at = oldest
             else:
                 q.running = int(count)
+        for model, worker_id in busy:
+            out.setdefault(model, QueueCount()).busy_workers.append(worker_id)
         return out
 
     def recent_finished(

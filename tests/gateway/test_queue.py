@@ -225,6 +225,10 @@ def test_queue_snapshot_counts(gateway: RunningGateway, key: str) -> None:
     assert s.oldest_wait_seconds >= 0.2 and d.depth == 2
     # Every catalog model is listed, also with an empty queue.
     assert snap.models["remotegpu/tiny-random-flux1"].depth == 0
+    # The worker holding the lease is named, so the operator keeps its pod on scale-down.
+    assert d.busy_workers == ["wd"] and s.busy_workers == []
+    w.complete(lease.job_id, lease.lease_token, png_bytes(color=(3, 3, 3)))
+    assert w.queue().models[DEV].busy_workers == []
     w.close()
 
 

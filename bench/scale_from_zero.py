@@ -46,6 +46,7 @@ from remotegpu_operator.kubeapi import _ssl_context, connection_info  # noqa: E4
 
 from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
 from remotegpu.protocol import WorkerAPIClient  # noqa: E402
+from tests.waiting import wait_for  # noqa: E402
 
 TOKEN = "bench-worker-token"
 MODEL = "bench/scale-from-zero"
@@ -58,16 +59,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 def imagemodel() -> dict[str, Any]:

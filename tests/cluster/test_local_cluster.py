@@ -11,6 +11,7 @@ import yaml
 
 from cluster.localcluster import POD_READY_DELAY_ANNOTATION
 from tests.fixtures.cluster import REPO, Kube
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -39,16 +40,6 @@ def gpu_deployment(name: str, gpus: int, annotations: dict | None = None) -> str
             },
         }
     )
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def pods(kube: Kube, namespace: str, app: str) -> list[dict]:

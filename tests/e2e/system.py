@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,21 +25,12 @@ from remotegpu.catalog import load_models_file
 from tests.e2e.podrunner import PodRunner
 from tests.fixtures.cluster import REPO, Kube
 from tests.fixtures.postgres import create_database, drop_database
+from tests.waiting import wait_for
 
 RELEASE = "rg"
 VENV_BIN = Path(sys.executable).parent
 # Short idle windows so scale-to-zero happens within a test.
 IDLE_SECONDS = 6
-
-
-def wait_for(cond, timeout: float = 120.0, what: str = "condition", interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @dataclass
@@ -99,7 +89,7 @@ class System:
             lambda: (j := self.job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
             timeout,
             f"job {job_id} to finish",
-            interval=0.3,
+            every=0.3,
         )
 
     def imagemodel(self, name: str) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -13,18 +12,9 @@ import yaml
 
 from tests.e2e.podrunner import PodRunner
 from tests.fixtures.cluster import Kube
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-def wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +18,11 @@ from remotegpu.catalog import API_GROUP, API_VERSION, PLURAL, load_models_file
 from remotegpu.protocol import RuntimeState
 from tests.fixtures.cluster import REPO, Kube
 from tests.gateway.conftest import WORKER_TOKEN, RunningGateway
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
 CRD = REPO / "crds" / "imagemodels.yaml"
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -35,23 +35,11 @@ from PIL import Image
 
 from remotegpu.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, WorkerAPIClient
 from tests.fixtures.cluster import REPO, Kube
+from tests.waiting import wait_for
 
 TOKEN = "test-worker-token"
 RBAC = REPO / "operator" / "rbac.yaml"
 CRD = REPO / "crds" / "imagemodels.yaml"
-
-
-def wait_for(
-    cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", every: float = 0.1
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def free_port() -> int:

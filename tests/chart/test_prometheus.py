@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +31,7 @@ import yaml
 from remotegpu.catalog import load_models_file
 from tests.chart.helm import REPO, alert_exprs, alert_rules, dashboard_exprs, metric_names
 from tests.fixtures.cluster import Kube
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -44,17 +44,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def http_json(url: str, data: dict | None = None, headers: dict | None = None, timeout: float = 10) -> Any:

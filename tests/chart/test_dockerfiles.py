@@ -1,0 +1,26 @@
+"""The images' Dockerfiles pass hadolint (they cannot be built here: no Docker engine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.cluster import REPO
+
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "inference-worker/Dockerfile"])
+def test_dockerfile_passes_hadolint(dockerfile: str):
+    out = subprocess.run([str(HADOLINT), str(REPO / dockerfile)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path: Path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN cd /tmp && apt-get install curl\n")
+    out = subprocess.run([str(HADOLINT), str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0 and "DL" in out.stdout

@@ -40,11 +40,14 @@ def test_newcomer_path_from_sleeping_to_png_and_back_to_sleeping(system: System)
 
     entry = system.models()[model]
     assert entry["runtime"]["state"] == "ready"
-    assert (
-        entry["recent_summary_stats"]["total"]["count"] >= 1
-        if "total" in entry["recent_summary_stats"]
-        else True
+    # Fresh stats: the job just finished counts (the gateway caches stats for 2 s).
+    stats = wait_for(
+        lambda: (s := system.models()[model]["recent_summary_stats"])["total_ms"]["count"] >= 1 and s,
+        10,
+        "the finished job in the recent stats",
     )
+    assert stats["run_ms"]["count"] >= 1 and stats["run_ms"]["p50"] > 0
+    assert stats["total_ms"]["p50"] >= stats["run_ms"]["p50"]
 
     # After the idle window the model sleeps again and its worker process is gone.
     wait_for(lambda: system.state(model) == "sleeping", 90, "the model to go back to sleeping")

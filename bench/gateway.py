@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,11 @@ from fastapi.responses import JSONResponse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cluster.localcluster import free_port  # noqa: E402
+
 MODEL = "black-forest-labs/FLUX.1-schnell"
 BODY = {"prompt": "a lighthouse at dusk, oil painting", "model": MODEL, "steps": 4, "seed": 7}
 TOKEN = "bench-worker-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- servers (run in child processes) ------------------------------------------------------

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,8 +43,13 @@ sys.path.insert(0, str(REPO / "operator"))
 
 from remotegpu_operator.kubeapi import _ssl_context, connection_info  # noqa: E402
 
-from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
+from cluster.localcluster import (  # noqa: E402
+    Cluster,
+    ClusterConfig,
+    free_port,  # noqa: E402
+)
 from remotegpu.protocol import WorkerAPIClient  # noqa: E402
+from tests.operator.resources import imagemodel as operator_imagemodel  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 
 TOKEN = "bench-worker-token"
@@ -55,31 +59,15 @@ NS = "bench"
 STOPPING = threading.Event()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def imagemodel() -> dict[str, Any]:
-    return {
-        "apiVersion": "remotegpu.ai/v1alpha1",
-        "kind": "ImageModel",
-        "metadata": {"name": NAME, "namespace": NS},
-        "spec": {
-            "model": MODEL,
-            "architecture": "flux1",
-            "parameters": {
-                "prompt": {"maxLength": 1024},
-                "size": {"default": {"width": 512, "height": 512}},
-                "steps": {"default": 4},
-                "guidance": {"default": 0.0},
-            },
-            "weights": {"source": "tiny/flux1", "random": True},
-            "worker": {"image": "example.invalid/worker:bench", "gpu": {"count": 1}},
-            "scaling": {"maxReplicas": 1, "idleSeconds": 1},
-        },
-    }
+    obj = operator_imagemodel(
+        NAME,
+        MODEL,
+        worker={"image": "example.invalid/worker:bench", "gpu": {"count": 1}},
+        scaling={"maxReplicas": 1, "idleSeconds": 1},
+    )
+    obj["metadata"]["namespace"] = NS
+    return obj
 
 
 class Watch:

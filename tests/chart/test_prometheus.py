@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cluster.localcluster import free_port
 from remotegpu.catalog import load_models_file
 from tests.chart.helm import REPO, alert_exprs, alert_rules, dashboard_exprs, metric_names
 from tests.fixtures.cluster import Kube
@@ -38,12 +38,6 @@ pytestmark = pytest.mark.cluster
 TOKEN = "prometheus-test-worker-token"
 MODEL = "remotegpu/tiny-random-flux1"
 CRD = REPO / "crds" / "imagemodels.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_json(url: str, data: dict | None = None, headers: dict | None = None, timeout: float = 10) -> Any:

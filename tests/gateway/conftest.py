@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from remotegpu_gateway.app import create_app
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.settings import Settings
 
+from cluster.localcluster import free_port
 from remotegpu.protocol import RuntimeState, WorkerAPIClient, WorkerStatus
 
 WORKER_TOKEN = "test-worker-token"
@@ -28,12 +28,6 @@ KONTEXT = "black-forest-labs/FLUX.1-Kontext-dev"
 KLEIN = "black-forest-labs/FLUX.2-klein-9B"
 FLUX2 = "black-forest-labs/FLUX.2-dev"
 TINY = "remotegpu/tiny-random-flux1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png_bytes(

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from cluster.localcluster import free_port
 from remotegpu.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, WorkerAPIClient
 from tests.fixtures.cluster import REPO, Kube
 from tests.waiting import wait_for
@@ -40,12 +40,6 @@ from tests.waiting import wait_for
 TOKEN = "test-worker-token"
 RBAC = REPO / "operator" / "rbac.yaml"
 CRD = REPO / "crds" / "imagemodels.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class QueueStub:
@@ -438,30 +432,6 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProc]]:
     yield start
     for g in started:
         g.stop()
-
-
-def imagemodel(name: str, model: str, **overrides: Any) -> dict[str, Any]:
-    """A small valid ImageModel; `overrides` replace top-level spec keys."""
-    spec: dict[str, Any] = {
-        "model": model,
-        "architecture": "flux1",
-        "parameters": {
-            "prompt": {"maxLength": 1024},
-            "size": {"default": {"width": 512, "height": 512}},
-            "steps": {"default": 4},
-            "guidance": {"default": 0.0},
-        },
-        "weights": {"source": "tiny/flux1", "random": True},
-        "worker": {"image": "example.invalid/worker:test", "gpu": {"count": 1}},
-        "scaling": {"maxReplicas": 2, "idleSeconds": 3},
-    }
-    spec.update(overrides)
-    return {
-        "apiVersion": "remotegpu.ai/v1alpha1",
-        "kind": "ImageModel",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
 
 
 def apply(kube: Kube, namespace: str, obj: dict[str, Any]) -> None:

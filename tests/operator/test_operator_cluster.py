@@ -16,9 +16,9 @@ from tests.operator.conftest import (
     condition,
     events,
     get,
-    imagemodel,
-    wait_for,
 )
+from tests.operator.resources import imagemodel
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,18 +18,13 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from cluster.localcluster import free_port
 from remotegpu.catalog import ImageModel
 from remotegpu.protocol import WorkerAPIClient
 
 WORKER_TOKEN = "worker-test-token"
 REPO = Path(__file__).resolve().parents[2]
 REMOTEGPU = str(REPO / ".venv" / "bin" / "remotegpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png_b64(width: int = 512, height: int = 512, color: tuple[int, int, int] = (200, 30, 30)) -> str:

@@ -95,8 +95,8 @@ SMALL = {  # the same structure, narrow and shallow: for the CPU run
 def build_pipeline(cfg: dict[str, Any], device: str, dtype: Any) -> Any:
     """A FluxPipeline with random weights, created directly on `device` in `dtype`."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from remotegpu_worker.tiny import _clip_tokenizer, _t5_tokenizer
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from remotegpu_worker.tiny import _clip_tokenizer, _t5_tokenizer, flux1_scheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
@@ -127,14 +127,7 @@ def build_pipeline(cfg: dict[str, Any], device: str, dtype: Any) -> Any:
     finally:
         torch.set_default_dtype(previous)
     pipe: Any = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=256,
-            base_shift=0.5,
-            max_image_seq_len=4096,
-            max_shift=1.15,
-            shift=3.0,
-            use_dynamic_shifting=True,
-        ),
+        scheduler=flux1_scheduler(),
         vae=vae,
         text_encoder=clip,
         tokenizer=_clip_tokenizer(),

@@ -201,8 +201,22 @@ def _vae_blocks(n: int = 4) -> dict[str, Any]:
     }
 
 
+def flux1_scheduler() -> Any:
+    """FLUX.1's flow-matching scheduler as published (scheduler/scheduler_config.json)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    )
+
+
 def _flux1_components(progress: Progress) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     progress("  transformer (FluxTransformer2DModel)")
@@ -257,14 +271,7 @@ def _flux1_components(progress: Progress) -> dict[str, Any]:
         )
     )
     return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=256,
-            base_shift=0.5,
-            max_image_seq_len=4096,
-            max_shift=1.15,
-            shift=3.0,
-            use_dynamic_shifting=True,
-        ),
+        "scheduler": flux1_scheduler(),
         "vae": vae,
         "text_encoder": clip,
         "tokenizer": _clip_tokenizer(),

@@ -18,6 +18,7 @@ scheduler places on the runner's node, this component plays the kubelet:
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -430,8 +431,6 @@ class PodRunner:
             return ""
         ns = pod.metadata.namespace
         if src.secret_key_ref:
-            import base64
-
             secret = self.core.read_namespaced_secret(src.secret_key_ref.name, ns)
             return base64.b64decode(secret.data[src.secret_key_ref.key]).decode()
         if src.config_map_key_ref:

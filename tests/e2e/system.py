@@ -85,12 +85,16 @@ class System:
             return r.json()
 
     def wait_job(self, job_id: str, timeout: float = 180.0) -> dict:
-        return wait_for(
-            lambda: (j := self.job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
-            timeout,
-            f"job {job_id} to finish",
-            every=0.3,
-        )
+        """The finished job; on timeout, fails with its last state and every pod's log."""
+        try:
+            return wait_for(
+                lambda: (j := self.job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+                timeout,
+                f"job {job_id} to finish",
+                every=0.3,
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nlast state: {self.job(job_id)}\n{self.logs()}") from None
 
     def imagemodel(self, name: str) -> dict:
         return self.kube.get_json("imagemodel", name, "-n", self.namespace)
@@ -126,7 +130,7 @@ def tiny_imagemodels(models_dir: Path, node: str) -> tuple[list[dict], dict[str,
         spec["worker"] = {
             "gpu": {"count": 0},
             "nodeSelector": {"kubernetes.io/hostname": node},
-            "terminationGracePeriodSeconds": 30,
+            "terminationGracePeriodSeconds": 60,  # the worker drains for 45 s
         }
         spec["scaling"] = {
             "minReplicas": 0,

@@ -146,7 +146,10 @@ def test_an_operator_restart_mid_scale_converges_without_duplicates(system: Syst
 
 def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
     model, name = system.tiny_models["flux1"], "tiny-random-flux1"
-    job = system.submit(model, steps=30, size={"width": 1024, "height": 768}, seed=5)
+    # From sleep, so the job's worker is the only one: an idle worker that earlier tests left
+    # behind could be draining already, and would hand the job straight back to the queue.
+    wait_for(lambda: system.state(model) == "sleeping", 120, f"{name} asleep")
+    job = system.submit(model, steps=50, size={"width": 1024, "height": 1024}, seed=5)
     wait_for(lambda: system.job(job)["status"] == "running", 120, "the job to run")
     # Pin the model to zero workers: the Deployment scales down under the running job.
     system.kube.kubectl("scale", "imagemodel", name, "-n", system.namespace, "--replicas=0")
@@ -154,6 +157,10 @@ def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
         wait_for(lambda: system.deployment_replicas(name) == 0, 30, "the Deployment to scale to 0")
         done = system.wait_job(job, timeout=120)
         assert done["status"] == "succeeded", (done, system.logs())
+        # The worker was told to stop while the job ran, and finished it instead of handing it back.
+        logs = system.logs()
+        drained_at = logs.find(f"draining: job {job}")
+        assert drained_at >= 0 and f"job {job}: succeeded" in logs[drained_at:], logs
         wait_for(lambda: not system.workers(name), 60, "the drained worker to exit")
     finally:
         system.kube.kubectl(

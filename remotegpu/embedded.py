@@ -316,6 +316,7 @@ def serve(args: argparse.Namespace) -> int:
                 try:
                     sup.shutdown(grace)
                 finally:
+                    gw.notifier.close()
                     self.should_exit = True
 
             threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()

@@ -70,7 +70,7 @@ async def lease(body: LeaseRequest, request: Request) -> Response:
                 raise ApiError(500, f"input images of job {job.id} unreadable: {e}") from None
             return Response(out.model_dump_json(), media_type="application/json")
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or await request.is_disconnected():
+        if remaining <= 0 or gw.notifier.closing or await request.is_disconnected():
             return Response(status_code=204)
         await wait_event(ev, min(remaining, s.poll_interval_seconds))
 
@@ -154,7 +154,7 @@ async def queue(
     """Queue depth per model; with `since`, waits until the version moves past it (or wait_seconds)."""
     gw = gateway(request)
     deadline = time.monotonic() + wait_seconds
-    while since is not None:
+    while since is not None and not gw.notifier.closing:
         ev = gw.notifier.any_event()
         if gw.notifier.version > since:
             break

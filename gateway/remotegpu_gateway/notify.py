@@ -2,6 +2,8 @@
 
 `bump()` may be called from any thread; waiters live on the server's event loop. The
 version is seeded from the clock so that it keeps increasing across gateway restarts.
+`close()` (on SIGTERM) ends every long-poll at once, so a shutting-down gateway does not
+wait out workers' lease polls before it exits.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class Notifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._any = asyncio.Event()
         self._models: dict[str, asyncio.Event] = {}
+        self.closing = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -38,6 +41,13 @@ class Notifier:
         else:
             loop.call_soon_threadsafe(self._wake, models)
         return version
+
+    def close(self) -> None:
+        """Ends every long-poll now and every later one at once. Safe in a signal handler."""
+        self.closing = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake, ())
 
     def _wake(self, models: tuple[str, ...]) -> None:
         self._any.set()

@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
 from remotegpu import config
 from remotegpu_gateway.app import create_app
+from remotegpu_gateway.notify import Notifier
 from remotegpu_gateway.settings import Settings, worker_token
 
 
@@ -52,5 +54,21 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings)
     base = settings.public_url or "each request's own URL"
     print(f"gateway listening on http://{args.host}:{args.port} (result URLs based on {base})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
+    )
+    GatewayServer(config, app.state.gateway.notifier).run()
     return 0
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn that ends the workers' and operators' long-polls when told to stop: otherwise
+    each open poll holds the shutdown for up to its wait (a rolling restart stalls)."""
+
+    def __init__(self, config: uvicorn.Config, notifier: Notifier):
+        super().__init__(config)
+        self.notifier = notifier
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.notifier.close()
+        super().handle_exit(sig, frame)

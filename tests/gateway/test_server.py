@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,32 +31,20 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_gateway_command(tmp_path: Path, database_url: str) -> None:
+def start_gateway(
+    tmp_path: Path, database_url: str, models: list[str], *flags: str
+) -> tuple[subprocess.Popen[str], str, Path, dict[str, str]]:
+    """A `remotegpu gateway` process serving `models`; returns it once /healthz answers."""
     data = tmp_path / "data"
     models_file = tmp_path / "models.yaml"
-    chosen = [m for m in load_models_file() if m.spec.model in (SCHNELL, "remotegpu/tiny-random-flux1")]
+    chosen = [m for m in load_models_file() if m.spec.model in models]
     models_file.write_text(yaml.safe_dump_all([m.to_resource() for m in chosen]))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in (WORKER_TOKEN_ENV, "REMOTEGPU_DATABASE_URL")}
+    argv = ["gateway", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data)]
+    argv += ["--database-url", database_url, "--models-file", str(models_file), *flags]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "remotegpu.cli",
-            "gateway",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data),
-            "--database-url",
-            database_url,
-            "--models-file",
-            str(models_file),
-            "--public-url",
-            "https://gw.example.test",
-        ],
+        [sys.executable, "-m", "remotegpu.cli", *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -63,23 +52,32 @@ def test_gateway_command(tmp_path: Path, database_url: str) -> None:
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url, data, env
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"gateway did not start:\n{proc.communicate()[0]}")
+        time.sleep(0.1)
+
+
+def test_gateway_command(tmp_path: Path, database_url: str) -> None:
+    chosen = [SCHNELL, "remotegpu/tiny-random-flux1"]
+    proc, url, data, env = start_gateway(
+        tmp_path, database_url, chosen, "--public-url", "https://gw.example.test"
+    )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.1)
         token_file = data / "worker-token"
         assert token_file.exists() and oct(token_file.stat().st_mode & 0o777) == "0o600"
         token = token_file.read_text().strip()
         created = cli("keys", "create", "--name", "t", "--database-url", database_url, env=env)
         key = created.stdout.strip().splitlines()[-1]
         models = httpx.get(f"{url}/v1/inference/models").json()["image"]
-        assert sorted(m["model"] for m in models) == sorted(m.spec.model for m in chosen)
+        assert sorted(m["model"] for m in models) == sorted(chosen)
         r = httpx.post(f"{url}/v1/inference/image", json={"prompt": "a", "model": SCHNELL}, headers=auth(key))
         assert r.status_code == 202 and r.json()["result_url"].startswith(
             "https://gw.example.test/v1/inference/"
@@ -101,3 +99,39 @@ def test_gateway_command(tmp_path: Path, database_url: str) -> None:
     # uvicorn shuts down gracefully, then re-raises SIGTERM as its exit status.
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "generated a worker token" in out and "gateway stopped" in out
+
+
+def test_sigterm_ends_open_long_polls_instead_of_waiting_them_out(tmp_path: Path, database_url: str) -> None:
+    """Workers hold 20 s lease polls and operators queue polls: a rolling restart of the
+    gateway must not wait for them (uvicorn would, up to its 10 s graceful timeout)."""
+    proc, url, data, _env = start_gateway(tmp_path, database_url, [SCHNELL])
+    token = (data / "worker-token").read_text().strip()
+    answers: dict[str, object] = {}
+
+    def lease() -> None:
+        w = WorkerAPIClient(url, token, timeout=90)
+        answers["lease"] = w.lease(SCHNELL, "w-draining", wait_seconds=60)
+        w.close()
+
+    def queue() -> None:
+        snap = httpx.get(f"{url}/internal/v1/queue", headers=auth(token), timeout=90).json()
+        r = httpx.get(
+            f"{url}/internal/v1/queue",
+            params={"since": snap["version"], "wait_seconds": 60},
+            headers=auth(token),
+            timeout=90,
+        )
+        answers["queue"] = r.status_code
+
+    polls = [threading.Thread(target=f) for f in (lease, queue)]
+    for t in polls:
+        t.start()
+    time.sleep(1.5)  # both polls are open and waiting
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    took = time.monotonic() - stopped
+    for t in polls:
+        t.join(10)
+    assert answers == {"lease": None, "queue": 200}, out
+    assert took < 5, f"shutdown took {took:.1f}s: it waited for the long-polls\n{out}"

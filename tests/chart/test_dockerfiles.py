@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,13 @@ def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path: Path):
     bad.write_text("FROM python\nRUN cd /tmp && apt-get install curl\n")
     out = subprocess.run([str(HADOLINT), str(bad)], capture_output=True, text=True)
     assert out.returncode != 0 and "DL" in out.stdout
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "inference-worker/Dockerfile"])
+def test_image_python_is_the_one_the_lock_was_compiled_for(dockerfile: str):
+    """The lock pins wheels for one Python; an image on another one installs untested builds."""
+    lock = (REPO / "requirements.lock").read_text()
+    locked = re.search(r"--python-version (\d+\.\d+)", lock)
+    base = re.search(r"^FROM python:(\d+\.\d+)-", (REPO / dockerfile).read_text(), re.MULTILINE)
+    assert locked and base, "expected `--python-version X.Y` in the lock and `FROM python:X.Y-…`"
+    assert base.group(1) == locked.group(1)

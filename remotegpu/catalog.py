@@ -177,6 +177,10 @@ class Serving(_Spec):
     memory: MemoryPlacement = MemoryPlacement.GPU
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     warmup_steps: int = Field(default=1, ge=0)
+    # Text-encoder tokens the prompt is cut to (FLUX.1-schnell was trained on 256); unset: 512.
+    max_sequence_length: int | None = Field(default=None, ge=1, le=512)
+    # Strength of a negative prompt on FLUX.1 models (true CFG: a second pass per step).
+    true_cfg_scale: float = Field(default=4.0, gt=1.0)
 
 
 class GPU(_Spec):

@@ -110,6 +110,31 @@ def test_prompt_negative_prompt_steps_and_guidance_change_the_image(engines: Any
     assert engine.generate(req(guidance=7.0)).png != base
 
 
+def test_serving_settings_cut_the_prompt_and_scale_the_negative_prompt(engines: Any) -> None:
+    """serving.maxSequenceLength (schnell: 256) and serving.trueCfgScale reach the pipeline."""
+    engine = engines("flux1")
+    serving = engine.spec.serving
+    head = "a lighthouse on a cliff at dusk, " * 8  # past CLIP's 77 tokens as well
+    a, b = req(prompt=head + "painted in oils"), req(prompt=head + "as a pencil sketch")
+    assert engine.generate(a).png != engine.generate(b).png  # the whole prompt counts
+    negative = engine.generate(req(negative_prompt="blurry")).png
+    try:
+        serving.max_sequence_length = 32
+        assert engine.generate(a).png == engine.generate(b).png  # only the shared start counts
+        serving.true_cfg_scale = 9.0
+        assert engine.generate(req(negative_prompt="blurry")).png != negative
+    finally:
+        serving.max_sequence_length, serving.true_cfg_scale = None, 4.0
+
+
+def test_schnell_reads_its_prompt_up_to_256_tokens() -> None:
+    from remotegpu.catalog import load_models_file
+
+    schnell = next(m for m in load_models_file() if m.spec.model.endswith("FLUX.1-schnell"))
+    engine = ImageEngine(schnell, device="cpu")
+    assert engine.call_kwargs(req(guidance=0.0), [])["max_sequence_length"] == 256
+
+
 def test_fixed_guidance_is_the_catalog_value(engines: Any) -> None:
     engine = engines("flux2-klein")  # guidance fixed at 1.0 in the catalog
     kwargs = engine.call_kwargs(req(guidance=9.0), [])

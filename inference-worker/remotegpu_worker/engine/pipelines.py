@@ -30,7 +30,6 @@ log = logging.getLogger("remotegpu_worker.engine")
 # FLUX.1 pipelines run a negative prompt as true classifier-free guidance: a second
 # transformer pass per step, mixed with this scale (must be > 1 to take effect). The
 # request's `guidance` keeps its meaning (the distilled guidance embedding).
-TRUE_CFG_SCALE = 4.0
 
 StepCallback = Callable[[int, int], None]
 
@@ -352,16 +351,24 @@ class ImageEngine:
             # A CPU generator: the same seed gives the same initial noise on any device.
             "generator": torch.Generator(device="cpu").manual_seed(request.seed % 2**64),
         }
+        if spec.serving.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = spec.serving.max_sequence_length
         if request.negative_prompt:
             if not p.negative_prompt.supported:
                 raise BadInput(f"{spec.model} does not support negative_prompt")
             if arch in (Architecture.FLUX1, Architecture.FLUX1_KONTEXT):
                 kwargs["negative_prompt"] = request.negative_prompt
-                kwargs["true_cfg_scale"] = TRUE_CFG_SCALE
+                kwargs["true_cfg_scale"] = spec.serving.true_cfg_scale
             elif arch is Architecture.FLUX2_KLEIN and not self.pipe.config.is_distilled:
                 with torch.inference_mode():
                     neg, _ids = self.pipe.encode_prompt(
-                        prompt=request.negative_prompt, device=self.pipe._execution_device
+                        prompt=request.negative_prompt,
+                        device=self.pipe._execution_device,
+                        **(
+                            {"max_sequence_length": kwargs["max_sequence_length"]}
+                            if "max_sequence_length" in kwargs
+                            else {}
+                        ),
                     )
                 kwargs["negative_prompt_embeds"] = neg
             else:

@@ -20,6 +20,7 @@ from remotegpu.protocol import (
     LeaseRequest,
     QueueSnapshot,
     Release,
+    RuntimeState,
     WorkerStatus,
 )
 from remotegpu_gateway.auth import gateway, require_worker
@@ -54,7 +55,8 @@ async def lease(body: LeaseRequest, request: Request) -> Response:
     s = gw.settings
     deadline = time.monotonic() + body.wait_seconds
     while True:
-        gw.registry.worker_seen(body.model, body.worker_id)
+        if not gw.registry.worker_seen(body.model, body.worker_id):
+            return Response(status_code=204)  # a draining worker: its poll ends now, without a job
         ev = gw.notifier.model_event(body.model)
         job = await anyio.to_thread.run_sync(gw.store.lease, body.model, body.worker_id, s.lease_ttl_seconds)
         if job is not None:
@@ -169,4 +171,6 @@ async def queue(
 async def worker_status(body: WorkerStatus, request: Request) -> dict[str, str]:
     gw = gateway(request)
     gw.registry.report_worker(body.model, body.worker_id, body.state)
+    if body.state == RuntimeState.SLEEPING:
+        gw.notifier.bump(body.model)  # wakes that worker's lease poll, which then ends
     return {"state": gw.registry.state(body.model).value}

@@ -71,9 +71,15 @@ class RuntimeRegistry:
         if before != after:
             self._changed()
 
-    def worker_seen(self, model: str, worker_id: str) -> None:
-        """A lease poll: the worker is loaded and serving."""
+    def worker_seen(self, model: str, worker_id: str) -> bool:
+        """A lease poll: the worker is loaded and serving. False for a worker that has said
+        it is going away (it reported `sleeping`): it must not be given a job."""
+        with self._lock:
+            w = self._workers.get(model, {}).get(worker_id)
+            if w is not None and w.state == RuntimeState.SLEEPING:
+                return False
         self.report_worker(model, worker_id, RuntimeState.READY)
+        return True
 
     def forget_worker(self, model: str, worker_id: str) -> None:
         with self._lock:

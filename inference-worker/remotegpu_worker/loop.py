@@ -117,6 +117,9 @@ class WorkerLoop:
         with self._lock:
             current = self._current
             if current is None:
+                # Idle in a lease long-poll: saying so ends the poll at once, so the process
+                # exits now (not after the poll) and no job is leased only to be handed back.
+                threading.Thread(target=self._say_leaving, name="leaving", daemon=True).start()
                 return
             lease, flag = current
             log.info("draining: job %s gets %.0fs to finish before it is handed back", lease.job_id, grace)
@@ -126,6 +129,17 @@ class WorkerLoop:
                 self._drain_timer = threading.Timer(grace, flag.trigger, args=("draining",))
                 self._drain_timer.daemon = True
                 self._drain_timer.start()
+
+    def _say_leaving(self) -> None:
+        client = self._client_factory()  # not self.client: the loop's thread is polling with it
+        try:
+            client.report_status(
+                WorkerStatus(worker_id=self.worker_id, model=self.model, state=RuntimeState.SLEEPING)
+            )
+        except Exception as e:  # noqa: BLE001 - the poll then ends by itself
+            log.debug("status report failed: %s", e)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         """Stop now: the current job stops at its next step and is released."""

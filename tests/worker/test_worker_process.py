@@ -43,11 +43,13 @@ def start_worker(
             str(data_dir),
         ],
         base_env(
-            REMOTEGPU_WORKER_TOKEN=WORKER_TOKEN,
-            REMOTEGPU_LEASE_WAIT_SECONDS="1",
-            REMOTEGPU_HEARTBEAT_SECONDS="0.5",
-            REMOTEGPU_DEVICE="cpu",
-            **env,
+            **{
+                "REMOTEGPU_WORKER_TOKEN": WORKER_TOKEN,
+                "REMOTEGPU_LEASE_WAIT_SECONDS": "1",
+                "REMOTEGPU_HEARTBEAT_SECONDS": "0.5",
+                "REMOTEGPU_DEVICE": "cpu",
+                **env,
+            }
         ),
         log,
     )
@@ -73,6 +75,28 @@ def test_sigterm_finishes_the_current_job_then_exits(
     assert job["status"] == "succeeded", (job, p.log()[-3000:])
     assert png_size(gateway.result(job_id)) == (1024, 1024)
     assert "draining" in p.log()
+
+
+def test_sigterm_on_an_idle_worker_ends_its_lease_poll_at_once(
+    procs: Callable[..., Proc], gateway: RunningGateway, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """An idle worker waits in a long lease poll (20 s in a pod); told to stop, it says so and
+    the gateway ends the poll: it exits promptly, and a job that arrives meanwhile is not
+    leased to it only to be handed back."""
+    p, _ = start_worker(
+        procs, gateway, tiny_data_dir, tmp_path / "worker.log", REMOTEGPU_LEASE_WAIT_SECONDS="60"
+    )
+    time.sleep(1.0)  # in its poll
+    stopped = time.monotonic()
+    p.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    job_id = gateway.submit(TINY, "not for a leaving worker")
+    assert p.wait(timeout=90) == 0, p.log()[-3000:]
+    took = time.monotonic() - stopped
+    leases = gateway.gw.metrics.registry.get_sample_value("remotegpu_job_wait_seconds_count", {"model": TINY})
+    assert not leases, f"the job was leased {leases:.0f} time(s) by the leaving worker\n{p.log()[-3000:]}"
+    assert gateway.gw.store.get_job(job_id, None).status == "pending"
+    assert took < 10, f"the worker took {took:.1f}s to stop: it waited out its 60 s poll"
 
 
 def test_sigterm_past_the_grace_hands_the_job_back(

@@ -27,6 +27,15 @@ def _state_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _retention_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--retention-hours",
+        type=float,
+        help="delete finished jobs and their images this long after they end; 0 keeps them "
+        "(default $REMOTEGPU_RETENTION_HOURS or 168, the life of a signed result_url)",
+    )
+
+
 def _action_state_options(p: argparse.ArgumentParser) -> None:
     """The state flags also after the action (`keys create --data-dir D`); absent ones leave the parent's."""
     p.add_argument("--data-dir", default=argparse.SUPPRESS, help="state folder")
@@ -49,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _server_options(p, 8000)
     _state_options(p)
     p.add_argument("--models-file", help="catalog file of ImageModel resources (default: the bundled one)")
+    _retention_option(p)
     p.add_argument(
         "--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start"
     )
@@ -62,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--namespace", help="namespace whose ImageModel resources make the catalog")
     p.add_argument("--public-url", help="absolute base URL used in result_url (default http://HOST:PORT)")
+    _retention_option(p)
     p.set_defaults(func=_handler("remotegpu_gateway.server:run"))
 
     p = sub.add_parser("worker", help="an inference worker for one model")

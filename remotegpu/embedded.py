@@ -266,7 +266,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from remotegpu_gateway.app import create_app
     from remotegpu_gateway.registry import RuntimeRegistry
-    from remotegpu_gateway.settings import Settings, worker_token
+    from remotegpu_gateway.settings import Settings, retention_seconds, worker_token
     from remotegpu_worker.engine import weights
     from remotegpu_worker.metrics import WorkerMetrics
 
@@ -295,6 +295,7 @@ def serve(args: argparse.Namespace) -> int:
         worker_token=token,
         public_url=os.environ.get("REMOTEGPU_PUBLIC_URL") or base_url,
         models=models,
+        retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
     )
     app = create_app(settings, registry=registry)
     gw = app.state.gateway

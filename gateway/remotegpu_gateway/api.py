@@ -135,7 +135,8 @@ def _submit(gw: Gateway, token: str, raw: bytes) -> tuple[str, str]:
     responses=_errors(401, 403, 404),
     summary="Job status (lightweight; result_url only once succeeded)",
     description="`queued`: its model has a ready worker; `warming`: capacity is being acquired. "
-    "`wait_ms` is the time before running, `run_ms` the time in running (0 before). Jobs of other keys are 404.",
+    "`wait_ms` is the time before running, `run_ms` the time in running (0 before). Jobs of other keys are 404, "
+    "and so are finished jobs past the retention period (default 7 days).",
 )
 async def job_status(
     job_id: str, request: Request, key: KeyRecord = Depends(inference_key)

@@ -24,7 +24,7 @@ from remotegpu_gateway.metrics import Metrics
 from remotegpu_gateway.notify import Notifier
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
-from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, UrlSigner
+from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, StorageError, UrlSigner
 from remotegpu_gateway.store import PENDING, TERMINAL_STATES, JobRecord, Store
 
 log = logging.getLogger("remotegpu_gateway")
@@ -105,6 +105,8 @@ class Gateway:
         if self.watcher is not None:
             await anyio.to_thread.run_sync(self.watcher.start)
         self._tasks.append(asyncio.create_task(self._reaper(), name="lease-reaper"))
+        if self.settings.retention_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._purger(), name="retention"))
         if not self.store.is_sqlite:
             self._listener = threading.Thread(target=self._listen, name="pg-listen", daemon=True)
             self._listener.start()
@@ -142,6 +144,35 @@ class Gateway:
         if changed:
             self.notifier.bump(*{job.model for job, _ in changed})
         return len(changed)
+
+    async def _purger(self) -> None:
+        while True:
+            try:
+                await self.purge()
+            except Exception:  # noqa: BLE001 - try again next round
+                log.exception("deleting jobs past the retention period failed")
+            await asyncio.sleep(self.settings.purge_interval_seconds)
+
+    async def purge(self) -> int:
+        """Deletes finished jobs older than the retention period, with their images."""
+        before = time.time() - self.settings.retention_seconds
+        total = 0
+        while True:
+            purged = await anyio.to_thread.run_sync(self.store.purge_finished, before)
+            for job in purged:
+                keys = [*job.input_image_keys, *([job.result_key] if job.result_key else [])]
+                for key in keys:
+                    try:
+                        await anyio.to_thread.run_sync(self.storage.delete, key)
+                    except StorageError as e:
+                        log.warning("job %s: %s (left in storage)", job.id, e)
+            total += len(purged)
+            self.metrics.jobs_purged.inc(len(purged))
+            if len(purged) < 500:
+                break
+        if total:
+            log.info("deleted %d finished job(s) past the retention period, with their images", total)
+        return total
 
     def _listen(self) -> None:
         """PostgreSQL LISTEN: wakes long-polls for jobs submitted through other replicas."""

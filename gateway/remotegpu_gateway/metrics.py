@@ -90,6 +90,11 @@ class Metrics:
         self.jobs_finished = Counter(
             "remotegpu_jobs_finished", "Jobs that reached a terminal status", ["model", "status"], registry=r
         )
+        self.jobs_purged = Counter(
+            "remotegpu_jobs_purged",
+            "Finished jobs deleted with their images after the retention period",
+            registry=r,
+        )
         self.job_wait = Histogram(
             "remotegpu_job_wait_seconds",
             "Time from submit to running",

@@ -13,7 +13,7 @@ import uvicorn
 from remotegpu import config
 from remotegpu_gateway.app import create_app
 from remotegpu_gateway.notify import Notifier
-from remotegpu_gateway.settings import Settings, worker_token
+from remotegpu_gateway.settings import Settings, retention_seconds, worker_token
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -38,6 +38,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         models_file=Path(models_file) if models_file else None,
         namespace=namespace,
         kubeconfig=os.environ.get("KUBECONFIG") or None,
+        retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
     )
 
 

@@ -32,6 +32,10 @@ class Settings:
     result_url_ttl_seconds: int = 7 * 24 * 3600
     stats_window_seconds: float = 3600.0
     reaper_interval_seconds: float = 1.0
+    # Finished jobs are deleted with their input images and result this long after they
+    # ended (0: kept forever). Default: the life of a signed result_url.
+    retention_seconds: float = 7 * 24 * 3600
+    purge_interval_seconds: float = 600.0
     worker_stale_seconds: float = 90.0
     # Long-polls also re-check the database this often, so that a job submitted to
     # another replica is noticed (PostgreSQL also gets LISTEN/NOTIFY wake-ups).
@@ -42,6 +46,26 @@ class Settings:
 
     def resolved_results_dir(self) -> Path:
         return self.results_dir or (self.data_dir / "results")
+
+
+RETENTION_ENV = "REMOTEGPU_RETENTION_HOURS"
+
+
+def retention_seconds(hours: float | None = None) -> float:
+    """--retention-hours, else $REMOTEGPU_RETENTION_HOURS, else 7 days; 0 keeps jobs forever."""
+    if hours is None:
+        env = os.environ.get(RETENTION_ENV)
+        if not env:
+            return Settings.retention_seconds
+        try:
+            hours = float(env)
+        except ValueError:
+            raise SystemExit(
+                f"${RETENTION_ENV}={env!r}: expected a number of hours (0 keeps jobs forever)"
+            ) from None
+    if hours < 0:
+        raise SystemExit("the retention must be 0 (keep forever) or a positive number of hours")
+    return hours * 3600
 
 
 def worker_token(data_dir: Path, announce: bool = True) -> str:

@@ -58,10 +58,16 @@ class LocalDirStorage:
             raise StorageError(f"could not read {key}: {e}") from e
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as e:
             raise StorageError(f"could not delete {key}: {e}") from e
+        if path.parent != self.root:  # the job's own folder (inputs/ID, results/ID), once empty
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass  # not empty, or already gone
 
 
 class UrlSigner:

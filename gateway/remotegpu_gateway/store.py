@@ -865,6 +865,22 @@ class Store:
                 changed.append((job, status))
         return changed
 
+    def purge_finished(self, before: float, limit: int = 500) -> list[JobRecord]:
+        """Deletes up to `limit` finished jobs that ended before `before`, oldest first, and
+        returns them: their stored images are the caller's to delete."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.status.in_(TERMINAL_STATES), jobs.c.completed_at < before)
+                .order_by(jobs.c.completed_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            purged = [JobRecord.from_row(row) for row in rows]
+            if purged:
+                conn.execute(sa.delete(jobs).where(jobs.c.id.in_([j.id for j in purged])))
+        return purged
+
     def queue_counts(self) -> dict[str, QueueCount]:
         with self._ro() as conn:
             rows = conn.execute(

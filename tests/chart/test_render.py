@@ -371,7 +371,11 @@ def test_existing_secrets_are_referenced_not_created(tmp_path: Path):
             "workerToken": {"existingSecret": "my-token", "existingSecretKey": "t"},
             "database": {"existingSecret": "my-db", "existingSecretKey": "dsn"},
             "postgresql": {"enabled": False},
-            "gateway": {"existingSigningSecret": "my-signing", "publicUrl": "https://img.example"},
+            "gateway": {
+                "existingSigningSecret": "my-signing",
+                "publicUrl": "https://img.example",
+                "retentionHours": 24,
+            },
         },
         tmp_path,
     )
@@ -384,6 +388,7 @@ def test_existing_secrets_are_referenced_not_created(tmp_path: Path):
         "key": "secret",
     }
     assert env["REMOTEGPU_PUBLIC_URL"]["value"] == "https://img.example"
+    assert env["REMOTEGPU_RETENTION_HOURS"]["value"] == "24"
     op_env = env_of(one(objs, "Deployment", "remotegpu-operator"))
     assert op_env["REMOTEGPU_WORKER_TOKEN_SECRET"]["value"] == "my-token"
     assert op_env["REMOTEGPU_WORKER_TOKEN_SECRET_KEY"]["value"] == "t"
@@ -578,6 +583,7 @@ def test_notes_tell_how_to_create_a_key_and_send_a_request(tmp_path: Path):
             "/results/persistence/accessModes",
         ),
         ({"commonLabels": {"team": 7}}, "/commonLabels/team"),
+        ({"gateway": {"retentionHours": -1}}, "/gateway/retentionHours"),
     ],
 )
 def test_schema_rejects(values, message, tmp_path: Path):

@@ -36,10 +36,11 @@ and names the offending field.
 
 Choices where the contract is silent: submit answers 202 Accepted; unknown request
 fields are rejected (422); an unknown model is 400; timestamps are UTC ISO 8601
-(`YYYY-MM-DDTHH:MM:SSZ`); `result_url` is signed and valid for 7 days, or the owner's
-key can fetch it; a random seed is chosen when none is sent. Finished jobs are kept
-for the gateway's retention period (7 days unless the operator of this service chose
-otherwise), then deleted with their images: their status and result are 404 from then on.
+(`YYYY-MM-DDTHH:MM:SSZ`); `result_url` is signed and valid for 7 days (never past the
+job's deletion, below), or the owner's key can fetch it; a random seed is chosen when
+none is sent. Finished jobs are kept for the gateway's retention period (7 days unless
+the operator of this service chose otherwise), then deleted with their images: their
+status and result are 404 from then on.
 """
 
 

@@ -198,8 +198,11 @@ class Gateway:
             return "queued" if self.registry.has_ready_worker(job.model) else "warming"
         return job.status
 
-    def result_url(self, job_id: str, base_url: str) -> str:
+    def result_url(self, job_id: str, base_url: str, completed_at: float | None = None) -> str:
         expires = int(time.time()) + self.settings.result_url_ttl_seconds
+        if completed_at is not None and self.settings.retention_seconds > 0:
+            # Never promise longer than the result is kept.
+            expires = min(expires, int(completed_at + self.settings.retention_seconds))
         sig = self.signer.signature(job_id, expires)
         return f"{base_url.rstrip('/')}/v1/inference/jobs/{job_id}/result?expires={expires}&signature={sig}"
 
@@ -217,7 +220,9 @@ class Gateway:
             "completed_at": iso(job.completed_at),
             "wait_ms": job.wait_ms(now),
             "run_ms": job.run_ms(now),
-            "result_url": self.result_url(job.id, base_url) if status == "succeeded" else None,
+            "result_url": self.result_url(job.id, base_url, job.completed_at)
+            if status == "succeeded"
+            else None,
             "error_message": job.error_message,
         }
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from remotegpu_gateway.settings import RETENTION_ENV, retention_seconds
@@ -36,6 +38,11 @@ def test_finished_jobs_are_deleted_with_their_images_after_the_retention(
     assert any(f.startswith(f"results/{done}/") for f in before)
     result = f"/v1/inference/jobs/{done}/result"
     assert gw.http.get(result, headers=auth(key)).status_code == 200
+    # The signed URL expires no later than the result is deleted.
+    status = gw.job(key, done).json()
+    expires = int(parse_qs(urlparse(status["result_url"]).query)["expires"][0])
+    completed = datetime.fromisoformat(status["completed_at"].replace("Z", "+00:00")).timestamp()
+    assert completed < expires <= completed + 2.0 + 1
 
     wait_for(lambda: gw.job(key, done).status_code == 404, 20, "the finished job to be deleted")
     assert gw.http.get(result, headers=auth(key)).status_code == 404

@@ -29,6 +29,8 @@ from remotegpu_gateway.store import PENDING, TERMINAL_STATES, JobRecord, Store
 
 log = logging.getLogger("remotegpu_gateway")
 
+PURGE_BATCH = 500  # jobs deleted per transaction by the retention sweep
+
 
 def iso(ts: float | None) -> str | None:
     if ts is None:
@@ -158,7 +160,7 @@ class Gateway:
         before = time.time() - self.settings.retention_seconds
         total = 0
         while True:
-            purged = await anyio.to_thread.run_sync(self.store.purge_finished, before)
+            purged = await anyio.to_thread.run_sync(self.store.purge_finished, before, PURGE_BATCH)
             for job in purged:
                 keys = [*job.input_image_keys, *([job.result_key] if job.result_key else [])]
                 for key in keys:
@@ -168,7 +170,7 @@ class Gateway:
                         log.warning("job %s: %s (left in storage)", job.id, e)
             total += len(purged)
             self.metrics.jobs_purged.inc(len(purged))
-            if len(purged) < 500:
+            if len(purged) < PURGE_BATCH:
                 break
         if total:
             log.info("deleted %d finished job(s) past the retention period, with their images", total)

@@ -27,10 +27,6 @@ from remotegpu_worker.engine.errors import BadInput, EngineNotReady, JobCancelle
 
 log = logging.getLogger("remotegpu_worker.engine")
 
-# FLUX.1 pipelines run a negative prompt as true classifier-free guidance: a second
-# transformer pass per step, mixed with this scale (must be > 1 to take effect). The
-# request's `guidance` keeps its meaning (the distilled guidance embedding).
-
 StepCallback = Callable[[int, int], None]
 
 
@@ -357,6 +353,9 @@ class ImageEngine:
             if not p.negative_prompt.supported:
                 raise BadInput(f"{spec.model} does not support negative_prompt")
             if arch in (Architecture.FLUX1, Architecture.FLUX1_KONTEXT):
+                # True classifier-free guidance: a second transformer pass per step, mixed
+                # at serving.trueCfgScale (> 1). `guidance` keeps its meaning (the distilled
+                # guidance embedding).
                 kwargs["negative_prompt"] = request.negative_prompt
                 kwargs["true_cfg_scale"] = spec.serving.true_cfg_scale
             elif arch is Architecture.FLUX2_KLEIN and not self.pipe.config.is_distilled:
@@ -364,11 +363,7 @@ class ImageEngine:
                     neg, _ids = self.pipe.encode_prompt(
                         prompt=request.negative_prompt,
                         device=self.pipe._execution_device,
-                        **(
-                            {"max_sequence_length": kwargs["max_sequence_length"]}
-                            if "max_sequence_length" in kwargs
-                            else {}
-                        ),
+                        max_sequence_length=kwargs.get("max_sequence_length", 512),  # 512: its default
                     )
                 kwargs["negative_prompt_embeds"] = neg
             else:

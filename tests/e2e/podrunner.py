@@ -546,10 +546,12 @@ class PodRunner:
         )
         return path
 
-    def logs(self, namespace: str, name_prefix: str) -> str:
+    def logs(self, namespace: str, name_prefix: str, tail: int | None = 4000) -> str:
+        """Each matching pod's log (its last `tail` characters; None: all of it)."""
         out = []
         for f in sorted((self.workdir / namespace).glob(f"{name_prefix}*/container.log")):
-            out.append(f"--- {f.parent.name}\n{f.read_text(errors='replace')[-4000:]}")
+            text = f.read_text(errors="replace")
+            out.append(f"--- {f.parent.name}\n{text if tail is None else text[-tail:]}")
         return "\n".join(out)
 
     def processes(self, namespace: str, name_prefix: str = "") -> list[RunningPod]:

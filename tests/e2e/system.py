@@ -114,8 +114,8 @@ class System:
         dep = self.imagemodel(name).get("status", {}).get("deployment") or name
         return [p for p in self.runner.processes(self.namespace, dep) if not p.stopping]
 
-    def logs(self) -> str:
-        return self.runner.logs(self.namespace, "")
+    def logs(self, tail: int | None = 4000) -> str:
+        return self.runner.logs(self.namespace, "", tail)
 
 
 def tiny_imagemodels(models_dir: Path, node: str) -> tuple[list[dict], dict[str, str]]:

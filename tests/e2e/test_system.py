@@ -158,7 +158,7 @@ def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
         done = system.wait_job(job, timeout=120)
         assert done["status"] == "succeeded", (done, system.logs())
         # The worker was told to stop while the job ran, and finished it instead of handing it back.
-        logs = system.logs()
+        logs = system.logs(tail=None)
         drained_at = logs.find(f"draining: job {job}")
         assert drained_at >= 0 and f"job {job}: succeeded" in logs[drained_at:], logs
         wait_for(lambda: not system.workers(name), 60, "the drained worker to exit")

@@ -22,13 +22,10 @@ Targets (DESIGN.md): replicas under 1 s, job leased under 3 s.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,16 +41,12 @@ sys.path.insert(0, str(REPO / "operator"))
 
 from remotegpu_operator.kubeapi import _ssl_context, connection_info  # noqa: E402
 
-from cluster.localcluster import (  # noqa: E402
-    Cluster,
-    ClusterConfig,
-    free_port,  # noqa: E402
-)
-from remotegpu.protocol import WorkerAPIClient  # noqa: E402
+from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
+from tests.fixtures.cluster import Kube  # noqa: E402
+from tests.operator.conftest import GatewayProc, OperatorProc  # noqa: E402
 from tests.operator.resources import imagemodel as operator_imagemodel  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 
-TOKEN = "bench-worker-token"
 MODEL = "bench/scale-from-zero"
 NAME = "bench"
 NS = "bench"
@@ -143,116 +134,39 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     cluster = Cluster(tmp / "cluster")
-    procs: list[subprocess.Popen[bytes]] = []
+    gateway: GatewayProc | None = None
+    operator: OperatorProc | None = None
     try:
         kubeconfig = cluster.up(ClusterConfig(pod_ready_delay_ms=0))
-        kubectl = [str(cluster.bins / "kubectl"), "--kubeconfig", str(kubeconfig)]
-        subprocess.run(
-            [*kubectl, "apply", "-f", str(REPO / "crds/imagemodels.yaml")], check=True, capture_output=True
+        kube = Kube(kubeconfig=kubeconfig, bins=cluster.bins)
+        kube.kubectl("apply", "-f", str(REPO / "crds/imagemodels.yaml"))
+        kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai")
+        kube.kubectl("create", "namespace", NS)
+        # The same gateway and operator processes as the operator's cluster tests, with the
+        # operator's production timings (the tests shorten them).
+        gateway = GatewayProc(tmp, [imagemodel()])
+        operator = OperatorProc(
+            kube,
+            kubeconfig,
+            NS,
+            gateway.url,
+            tmp / "operator.log",
+            "bench",
+            {"REMOTEGPU_OPERATOR_INTERVAL": "2", "REMOTEGPU_OPERATOR_LEASE_SECONDS": "15"},
         )
-        subprocess.run(
-            [*kubectl, "wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai"],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run([*kubectl, "create", "namespace", NS], check=True, capture_output=True)
-
-        env = {**os.environ, "REMOTEGPU_WORKER_TOKEN": TOKEN, "KUBECONFIG": str(kubeconfig)}
-        models_file = tmp / "models.yaml"
-        models_file.write_text(yaml.safe_dump(imagemodel()))
-        data = tmp / "gateway"
-        gw_env = {k: v for k, v in env.items() if k != "KUBECONFIG"}
-        key = (
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "remotegpu.cli",
-                    "keys",
-                    "create",
-                    "--name",
-                    "bench",
-                    "--data-dir",
-                    str(data),
-                ],
-                env=gw_env,
-                cwd=REPO,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        gw_port, op_port = free_port(), free_port()
-        gw_url = f"http://127.0.0.1:{gw_port}"
-        log = open(tmp / "gateway.log", "ab")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "remotegpu.cli",
-                    "gateway",
-                    "--models-file",
-                    str(models_file),
-                    "--data-dir",
-                    str(data),
-                    "--port",
-                    str(gw_port),
-                ],
-                env=gw_env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        worker = WorkerAPIClient(gw_url, TOKEN)
-
-        def gateway_up() -> bool:
-            try:
-                return worker.queue().version > 0
-            except httpx.HTTPError:
-                return False
-
-        wait_for(gateway_up, 60, "gateway")
-        oplog = open(tmp / "operator.log", "ab")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "remotegpu.cli",
-                    "operator",
-                    "--namespace",
-                    NS,
-                    "--gateway-url",
-                    gw_url,
-                    "--port",
-                    str(op_port),
-                ],
-                env=env,
-                cwd=REPO,
-                stdout=oplog,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        subprocess.run(
-            [*kubectl, "apply", "-f", "-"],
-            input=json.dumps(imagemodel()).encode(),
-            check=True,
-            capture_output=True,
-        )
+        kube.kubectl("apply", "-f", "-", input=json.dumps(imagemodel()))
 
         info = connection_info_for(kubeconfig)
-        kube = httpx.Client(base_url=info.server, verify=_ssl_context(info), timeout=30)
+        api = httpx.Client(base_url=info.server, verify=_ssl_context(info), timeout=30)
         deps = Watch(
-            kube,
+            api,
             f"/apis/apps/v1/namespaces/{NS}/deployments",
             lambda d: d["metadata"]["name"] == f"{NAME}-worker" and (d["spec"].get("replicas") or 0) >= 1,
         )
-        pods = Watch(kube, f"/api/v1/namespaces/{NS}/pods", pod_ready)
-        public = httpx.Client(base_url=gw_url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+        pods = Watch(api, f"/api/v1/namespaces/{NS}/pods", pod_ready)
+        public = httpx.Client(
+            base_url=gateway.url, timeout=30, headers={"Authorization": f"Bearer {gateway.key}"}
+        )
 
         def sleeping() -> bool:
             d = deps.state.get(f"{NAME}-worker")
@@ -273,17 +187,14 @@ def main() -> int:
             to_replicas.append(deps.hit_at - t0)
             to_ready.append(pods.hit_at - t0)
             pod = next(iter(pods.state))
-            lease = worker.lease(MODEL, pod, wait_seconds=10)
-            assert lease is not None
+            lease = gateway.lease(MODEL, pod)
             to_leased.append(time.monotonic() - t0)
             print(
                 f"run {i + 1:2d}: replicas>=1 {to_replicas[-1] * 1000:7.1f} ms   pod Ready "
                 f"{to_ready[-1] * 1000:7.1f} ms   leased {to_leased[-1] * 1000:7.1f} ms",
                 flush=True,
             )
-            buf = io.BytesIO()
-            Image.new("RGB", (lease.request.width, lease.request.height)).save(buf, format="PNG")
-            worker.complete(lease.job_id, lease.lease_token, buf.getvalue())
+            gateway.complete(lease)
             wait_for(sleeping, 60, "the model to sleep again")
 
         print()
@@ -302,14 +213,10 @@ def main() -> int:
         return 0
     finally:
         STOPPING.set()
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
+        if operator is not None:
+            operator.stop()
+        if gateway is not None:
+            gateway.stop()
         cluster.down(quiet=True)
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 from remotegpu.catalog import ImageModelSpec, load_models_file
 from tests.chart.helm import CHART
 from tests.fixtures.cluster import REPO, Kube
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -80,17 +80,6 @@ def monitoring_crds(kube: Kube) -> Iterator[None]:
     yield
     for name in created:
         kube.kubectl("delete", "crd", name, "--wait=false", check=False)
-
-
-def wait_for(cond, timeout: float, what: str, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def persistent_volume(name: str, namespace: str, claim: str) -> dict[str, Any]:
@@ -324,7 +313,7 @@ def test_install_upgrade_uninstall(
                     for m in items
                 )
 
-            wait_for(reconciled, 90, "the operator to reconcile the presets")
+            wait_for(reconciled, 90, "the operator to reconcile the presets", every=0.5)
             workers = kube.get_json(
                 "deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker"
             )
@@ -365,7 +354,7 @@ def test_install_upgrade_uninstall(
             assert not kube.get_json("imagemodels", "-n", namespace)["items"]
             wait_for(
                 lambda: not kube.get_json("deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker")["items"],
-                60, "the worker Deployments to be collected",
+                60, "the worker Deployments to be collected", every=0.5,
             )  # fmt: skip
             kube.kubectl(
                 "delete",

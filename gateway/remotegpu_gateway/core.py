@@ -160,14 +160,7 @@ class Gateway:
         before = time.time() - self.settings.retention_seconds
         total = 0
         while True:
-            purged = await anyio.to_thread.run_sync(self.store.purge_finished, before, PURGE_BATCH)
-            for job in purged:
-                keys = [*job.input_image_keys, *([job.result_key] if job.result_key else [])]
-                for key in keys:
-                    try:
-                        await anyio.to_thread.run_sync(self.storage.delete, key)
-                    except StorageError as e:
-                        log.warning("job %s: %s (left in storage)", job.id, e)
+            purged = await anyio.to_thread.run_sync(self._purge_batch, before)
             total += len(purged)
             self.metrics.jobs_purged.inc(len(purged))
             if len(purged) < PURGE_BATCH:
@@ -175,6 +168,18 @@ class Gateway:
         if total:
             log.info("deleted %d finished job(s) past the retention period, with their images", total)
         return total
+
+    def _purge_batch(self, before: float) -> list[JobRecord]:
+        """One batch, off the event loop: the rows first, then their files (a failed file
+        delete leaves an orphan file, never a job whose image is gone)."""
+        purged = self.store.purge_finished(before, PURGE_BATCH)
+        for job in purged:
+            for key in [*job.input_image_keys, *([job.result_key] if job.result_key else [])]:
+                try:
+                    self.storage.delete(key)
+                except StorageError as e:
+                    log.warning("job %s: %s (left in storage)", job.id, e)
+        return purged
 
     def _listen(self) -> None:
         """PostgreSQL LISTEN: wakes long-polls for jobs submitted through other replicas."""

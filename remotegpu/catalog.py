@@ -31,6 +31,9 @@ SIZE_PRESETS: dict[str, list[tuple[int, int]]] = {
 }
 ALL_SIZES: list[str] = [f"{w}x{h}" for sizes in SIZE_PRESETS.values() for w, h in sizes]
 MAX_INPUT_IMAGE_SIDE = 8192
+# Text-encoder tokens a prompt may take when serving.maxSequenceLength is unset: what
+# every FLUX pipeline's encoder reads by default.
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
 
 def size_name(width: int, height: int) -> str:
@@ -52,11 +55,29 @@ class Architecture(StrEnum):
 
 
 class MemoryPlacement(StrEnum):
-    """Where the weights live while serving; FLUX.2-dev needs offload on one 80 GB GPU."""
+    """Where the weights live while serving (inference-worker/README.md: what fits where)."""
 
-    GPU = "gpu"
-    MODEL_CPU_OFFLOAD = "model-cpu-offload"
-    SEQUENTIAL_CPU_OFFLOAD = "sequential-cpu-offload"
+    AUTO = "auto"  # chosen at load time from the pipeline's size and the GPU's memory
+    GPU = "gpu"  # everything resident
+    # Transformer and VAE resident; the text encoder streamed in from pinned host memory
+    # for each prompt (FLUX.2-dev in bf16 on an 80 GB GPU).
+    TEXT_ENCODER_OFFLOAD = "text-encoder-offload"
+    MODEL_CPU_OFFLOAD = "model-cpu-offload"  # each model moved in whole when it runs
+    SEQUENTIAL_CPU_OFFLOAD = "sequential-cpu-offload"  # layer by layer; slowest, smallest
+
+
+class Quantization(StrEnum):
+    """Lossy, opt-in: the image changes (bench/worker_gpu.py reports the PSNR against bf16)."""
+
+    NONE = "none"
+    FP8 = "fp8"  # torchao float8 weights and activations (per-row scales) in the transformer
+
+
+class StepCacheType(StrEnum):
+    """diffusers' step caches: skip transformer work on steps that change little. Lossy."""
+
+    FIRST_BLOCK = "first-block"  # First-Block-Cache
+    TAYLORSEER = "taylorseer"  # TaylorSeer: predict blocks' outputs from earlier steps
 
 
 class _Spec(BaseModel):
@@ -140,10 +161,11 @@ class Parameters(_Spec):
     guidance: GuidanceParams
     input_images: InputImageParams = Field(default_factory=InputImageParams)
 
-    def public(self) -> dict[str, Any]:
+    def public(self, max_tokens: int) -> dict[str, Any]:
         """The snake_case rendering served by GET /v1/inference/models."""
         return {
-            "prompt": {"required": True, "max_length": self.prompt.max_length},
+            # max_tokens (an extension): the text-encoder token limit behind max_length
+            "prompt": {"required": True, "max_length": self.prompt.max_length, "max_tokens": max_tokens},
             "negative_prompt": {
                 "supported": self.negative_prompt.supported,
                 "max_length": self.negative_prompt.max_length if self.negative_prompt.supported else None,
@@ -173,12 +195,27 @@ class Weights(_Spec):
     random: bool = False
 
 
+class StepCache(_Spec):
+    type: StepCacheType
+    # first-block: relative change of the first block's residual under which a step reuses
+    # the cached rest of the transformer (higher: faster, further from the full image).
+    threshold: float = Field(default=0.05, gt=0)
+    # taylorseer: denoising steps between two full computations.
+    interval: int = Field(default=5, ge=1)
+
+
 class Serving(_Spec):
     memory: MemoryPlacement = MemoryPlacement.GPU
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
     warmup_steps: int = Field(default=1, ge=0)
-    # Text-encoder tokens the prompt is cut to (FLUX.1-schnell was trained on 256); unset: 512.
+    # The longest prompt in text-encoder tokens (FLUX.1-schnell was trained on 256); unset:
+    # 512. A longer prompt fails the job with `bad input`, never silently cut.
     max_sequence_length: int | None = Field(default=None, ge=1, le=512)
+    # Lossless speed-ups (remotegpu_worker.engine.optimize); unset: the measured defaults
+    # for the architecture on a GPU, [] none. $REMOTEGPU_OPTIMIZATIONS overrides both.
+    optimizations: list[str] | None = None
+    quantization: Quantization = Quantization.NONE
+    step_cache: StepCache | None = None
     # Strength of a negative prompt on FLUX.1 models (true CFG: a second pass per step).
     true_cfg_scale: float = Field(default=4.0, gt=1.0)
 
@@ -229,6 +266,13 @@ class ImageModelSpec(_Spec):
     serving: Serving = Field(default_factory=Serving)
     worker: WorkerPod = Field(default_factory=WorkerPod)
     scaling: Scaling = Field(default_factory=Scaling)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.serving.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
+
+    def public_parameters(self) -> dict[str, Any]:
+        return self.parameters.public(max_tokens=self.max_prompt_tokens)
 
 
 class ImageModel(BaseModel):

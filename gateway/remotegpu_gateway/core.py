@@ -289,7 +289,7 @@ class Gateway:
                 {
                     "model": m.spec.model,
                     "description": m.spec.description,
-                    "parameters": m.spec.parameters.public(),
+                    "parameters": m.spec.public_parameters(),
                     "runtime": self.registry.runtime(m.spec.model).public(),
                     "recent_summary_stats": stats[m.spec.model],
                 }

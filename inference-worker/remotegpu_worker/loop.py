@@ -36,6 +36,7 @@ from remotegpu.protocol import (
     WorkerStatus,
 )
 from remotegpu_worker.engine import BadInput, CancelFlag, ImageEngine, JobCancelled, OutOfMemory
+from remotegpu_worker.engine.pipelines import Rendered
 from remotegpu_worker.metrics import WorkerMetrics
 
 log = logging.getLogger("remotegpu_worker.loop")
@@ -179,6 +180,7 @@ class WorkerLoop:
         self.last_activity = time.monotonic()
         backoff = 0.5
         why = "drained"
+        finishing: threading.Thread | None = None
         try:
             while not self._stop.is_set():
                 wait = self.settings.lease_wait_seconds
@@ -207,9 +209,15 @@ class WorkerLoop:
                     self._release(lease, "worker draining")
                     self.metrics.jobs.labels(self.model, "released").inc()
                     break
-                self.run_job(lease)
+                finish = self._begin(lease)
+                if finishing is not None:
+                    finishing.join()  # at most one job encoding and delivering at a time
+                finishing = threading.Thread(target=finish, name=f"finish-{lease.job_id[:8]}", daemon=True)
+                finishing.start()
                 self.last_activity = time.monotonic()
         finally:
+            if finishing is not None:
+                finishing.join()  # never exit with a rendered job undelivered
             self.state = RuntimeState.SLEEPING
             self._stop.set()
             self.report(RuntimeState.SLEEPING)
@@ -218,6 +226,12 @@ class WorkerLoop:
 
     def run_job(self, lease: Lease) -> str:
         """Runs one leased job to an outcome: succeeded, failed, cancelled, released, lost."""
+        return self._begin(lease)()
+
+    def _begin(self, lease: Lease) -> Callable[[], str]:
+        """Renders a leased job (the engine's lock, the GPU) and returns what finishes it:
+        PNG encoding and delivery, which need no GPU, so run() lets them overlap the
+        next job's denoising. The lease's heartbeat runs until the job is finished."""
         flag = CancelFlag()
         progress: list[Progress | None] = [None]
         done = threading.Event()
@@ -253,47 +267,63 @@ class WorkerLoop:
         def on_step(step: int, total: int) -> None:
             progress[0] = Progress(step=step, total_steps=total)
 
+        rendered: Rendered | None = None
         outcome = "failed"
         try:
-            try:
-                result = self.engine.generate(req, flag, on_step)
-            except JobCancelled as e:
-                outcome = self._stopped(lease, flag, e)
-            except BadInput as e:
-                outcome = self._fail(lease, f"bad input: {e}")
-            except OutOfMemory as e:
-                outcome = self._fail(lease, f"{e}; try a smaller size or fewer input images")
-            except Exception as e:  # noqa: BLE001 - report, never crash the loop
-                log.exception("job %s failed", lease.job_id)
-                outcome = self._fail(lease, f"inference error: {type(e).__name__}: {e}")
-            else:
-                m.inference_seconds.labels(self.model).observe(result.seconds)
-                m.steps_per_second.labels(self.model).set(result.steps_per_second)
-                m.denoise_steps.labels(self.model).inc(result.steps)
-                m.denoise_seconds.labels(self.model).inc(result.denoise_seconds)
-                if flag.is_set() and flag.reason == "lease lost":
-                    outcome = "lost"
-                else:
-                    outcome = self._complete(lease, result.png)
-                log.info(
-                    "job %s: %s in %.2fs (%.1f steps/s)",
-                    lease.job_id,
-                    outcome,
-                    result.seconds,
-                    result.steps_per_second,
-                )
+            rendered = self.engine.render(req, flag, on_step)
+        except JobCancelled as e:
+            outcome = self._stopped(lease, flag, e)
+        except BadInput as e:
+            outcome = self._fail(lease, f"bad input: {e}")
+        except OutOfMemory as e:
+            outcome = self._fail(lease, f"{e}; try a smaller size or fewer input images")
+        except Exception as e:  # noqa: BLE001 - report, never crash the loop
+            log.exception("job %s failed", lease.job_id)
+            outcome = self._fail(lease, f"inference error: {type(e).__name__}: {e}")
         finally:
-            done.set()
-            hb.join(timeout=10)
             with self._lock:
                 self._current = None
                 if self._drain_timer is not None:
                     self._drain_timer.cancel()
                     self._drain_timer = None
             m.busy.labels(self.model).set(0)
-            m.jobs.labels(self.model, outcome).inc()
-            m.job_seconds.labels(self.model, outcome).observe(time.monotonic() - started)
-            self.jobs_done += 1
+
+        def finish() -> str:
+            nonlocal outcome
+            try:
+                if rendered is not None:
+                    outcome = self._deliver(lease, flag, rendered)
+            finally:
+                done.set()
+                hb.join(timeout=10)
+                m.jobs.labels(self.model, outcome).inc()
+                m.job_seconds.labels(self.model, outcome).observe(time.monotonic() - started)
+                self.jobs_done += 1
+            return outcome
+
+        return finish
+
+    def _deliver(self, lease: Lease, flag: CancelFlag, rendered: Rendered) -> str:
+        m = self.metrics
+        result = rendered.encode()
+        m.inference_seconds.labels(self.model).observe(result.seconds)
+        m.steps_per_second.labels(self.model).set(result.steps_per_second)
+        m.denoise_steps.labels(self.model).inc(result.steps)
+        m.denoise_seconds.labels(self.model).inc(result.denoise_seconds)
+        m.encode_seconds.labels(self.model).observe(result.encode_seconds)
+        if flag.is_set() and flag.reason == "lease lost":
+            outcome = "lost"
+        else:
+            outcome = self._complete(lease, result.png)
+        log.info(
+            "job %s: %s in %.2fs (%.1f steps/s; PNG %.0f ms, %d KiB)",
+            lease.job_id,
+            outcome,
+            result.seconds,
+            result.steps_per_second,
+            result.encode_seconds * 1000,
+            len(result.png) // 1024,
+        )
         return outcome
 
     # ---- per-job helpers ------------------------------------------------------------------
@@ -354,11 +384,18 @@ class WorkerLoop:
         return "failed"
 
     def _complete(self, lease: Lease, png: bytes) -> str:
+        client = self._client_factory()  # its own: the loop's thread may be in a lease poll
+        try:
+            return self._complete_with(client, lease, png)
+        finally:
+            client.close()
+
+    def _complete_with(self, client: WorkerAPIClient, lease: Lease, png: bytes) -> str:
         deadline = time.monotonic() + self.settings.complete_retry_seconds
         delay = 0.5
         while True:
             try:
-                self.client.complete(lease.job_id, lease.lease_token, png)
+                client.complete(lease.job_id, lease.lease_token, png)
                 return "succeeded"
             except LeaseLost:
                 log.warning("job %s: finished, but the lease was lost; result dropped", lease.job_id)

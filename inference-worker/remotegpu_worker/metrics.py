@@ -58,6 +58,13 @@ class WorkerMetrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.encode_seconds = Histogram(
+            "remotegpu_worker_encode_seconds",
+            "PNG encoding time per image (outside the engine lock: it overlaps the next job)",
+            ["model"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+            registry=r,
+        )
         self.job_seconds = Histogram(
             "remotegpu_worker_job_seconds",
             "Lease to complete/fail/release, per job",

@@ -50,7 +50,7 @@ def test_catalog_is_public_and_complete(gateway: RunningGateway) -> None:
 def test_parameters_render_the_catalog_schema(gateway: RunningGateway) -> None:
     got = models(gateway)
     for entry in gateway.gw.catalog.models():
-        assert got[entry.spec.model]["parameters"] == entry.spec.parameters.public()
+        assert got[entry.spec.model]["parameters"] == entry.spec.public_parameters()
 
 
 def test_runtime_state_follows_workers_and_availability(start_gateway: Any) -> None:

@@ -19,11 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remotegpu.catalog import Architecture, ImageModel, ImageModelSpec, MemoryPlacement
+from remotegpu.catalog import (
+    Architecture,
+    ImageModel,
+    ImageModelSpec,
+    MemoryPlacement,
+    Quantization,
+    parse_size,
+)
 from remotegpu.protocol import GenerationRequest
-from remotegpu_worker.engine import optimize
+from remotegpu_worker.engine import lossy, optimize, placement, prompts
 from remotegpu_worker.engine import weights as weights_mod
 from remotegpu_worker.engine.errors import BadInput, EngineNotReady, JobCancelled, OutOfMemory
+from remotegpu_worker.engine.true_cfg import BatchedTrueCFG
 
 log = logging.getLogger("remotegpu_worker.engine")
 
@@ -38,7 +46,7 @@ class GenerationResult:
     steps: int
     seconds: float  # the whole pipeline call (text encoding, denoising, VAE decode)
     denoise_seconds: float  # first transformer call to the last step's end
-    encode_seconds: float  # PNG encoding
+    encode_seconds: float  # PNG encoding (outside the engine lock)
 
     @property
     def steps_per_second(self) -> float:
@@ -147,16 +155,47 @@ def decode_image(data: bytes, index: int) -> Any:
     return img.convert("RGB")
 
 
+# zlib level 1: about half the encode time of Pillow's default 6 on photographs, for
+# files some 15% larger (bench/png_encode.py measures both).
+PNG_COMPRESS_LEVEL = 1
+
+
 def png_bytes(image: Any) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
+
+
+@dataclass
+class Rendered:
+    """A pipeline's output image, before encoding (which runs outside the engine lock)."""
+
+    image: Any
+    width: int
+    height: int
+    steps: int
+    seconds: float
+    denoise_seconds: float
+
+    def encode(self) -> GenerationResult:
+        started = time.monotonic()
+        png = png_bytes(self.image)
+        return GenerationResult(
+            png=png,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            seconds=self.seconds,
+            denoise_seconds=self.denoise_seconds,
+            encode_seconds=time.monotonic() - started,
+        )
 
 
 class ImageEngine:
     """Loads one model's pipeline and runs `GenerationRequest`s on it.
 
-    Thread-safe: generate() calls are serialised (one job at a time per GPU).
+    Thread-safe: render() calls are serialised (one job at a time per GPU); the PNG
+    encoding of one job runs outside that lock, so it overlaps the next job's denoising.
     """
 
     def __init__(
@@ -169,7 +208,9 @@ class ImageEngine:
         self.spec: ImageModelSpec = model.spec if isinstance(model, ImageModel) else model
         self.data_dir = data_dir
         self.device = pick_device(device)
-        self.optimizations = optimize.from_env() if optimizations is None else list(optimizations)
+        self.optimizations = optimize.for_model(
+            self.spec, self.device, optimize.from_env() if optimizations is None else optimizations
+        )
         optimize.validate(self.optimizations)
         self.pipe: Any = None
         self.info: LoadInfo | None = None
@@ -207,23 +248,7 @@ class ImageEngine:
                 f"{self.spec.architecture.value} needs {expected}"
             )
         pipe.set_progress_bar_config(disable=True)
-        memory = self.spec.serving.memory
-        notes: list[str] = []
-        if self.device.startswith("cuda"):
-            if memory is MemoryPlacement.GPU:
-                pipe.to(self.device)
-            elif memory is MemoryPlacement.MODEL_CPU_OFFLOAD:
-                pipe.enable_model_cpu_offload(device=self.device)
-            elif memory is MemoryPlacement.SEQUENTIAL_CPU_OFFLOAD:
-                pipe.enable_sequential_cpu_offload(device=self.device)
-        else:
-            pipe.to(self.device)
-            if memory is not MemoryPlacement.GPU:
-                notes.append(f"serving.memory={memory.value} has no effect without a GPU")
-        if self.optimizations:
-            notes += [f"optimisation: {o}" for o in optimize.apply(pipe, self.optimizations)]
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        memory, notes = self.prepare(pipe)
         self.pipe = pipe
         self.info = LoadInfo(
             source=loc.source,
@@ -234,53 +259,76 @@ class ImageEngine:
             pipeline=type(pipe).__name__,
             notes=notes,
         )
-        log.info("loaded %s in %.2fs", self.spec.model, self.info.load_seconds)
+        log.info("loaded %s in %.2fs (%s)", self.spec.model, self.info.load_seconds, "; ".join(notes))
         return self.info
 
-    def attach(self, pipe: Any, load_seconds: float = 0.0) -> LoadInfo:
-        """Uses an already-built pipeline (benchmarks build full-size random weights in memory)."""
+    def prepare(self, pipe: Any) -> tuple[MemoryPlacement, list[str]]:
+        """Places a pipeline loaded on the CPU and applies the model's speed-ups, in the
+        order that composes: placement, kernel and layout changes, quantization, step
+        cache, then compilation (which must see the final modules)."""
+        import torch
+
+        serving = self.spec.serving
+        notes: list[str] = []
+        memory = self._placement(pipe, notes)
+        placement.apply(pipe, memory, self.device)
+        before, compile_ = optimize.split(self.optimizations)
+        notes += [f"optimisation: {o}" for o in optimize.apply(pipe, before)]
+        notes += lossy.quantize(pipe, serving.quantization, self.device)
+        notes += lossy.enable_step_cache(pipe, serving.step_cache)
+        if compile_:
+            cache = optimize.use_compile_cache(self.device)
+            if cache is not None:
+                notes.append(f"compile cache: {cache}")
+        notes += [f"optimisation: {o}" for o in optimize.apply(pipe, compile_)]
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return memory, notes
+
+    def _placement(self, pipe: Any, notes: list[str]) -> MemoryPlacement:
+        requested = self.spec.serving.memory
+        if not self.device.startswith("cuda"):
+            if requested not in (MemoryPlacement.GPU, MemoryPlacement.AUTO):
+                notes.append(f"serving.memory={requested.value} has no effect without a GPU")
+            return MemoryPlacement.GPU  # everything where the device is
+        import torch
+
+        gpu_bytes = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
+        fp8 = self.spec.serving.quantization is Quantization.FP8
+        chosen = placement.choose(
+            requested, placement.component_bytes(pipe), gpu_bytes, transformer_scale=0.5 if fp8 else 1.0
+        )
+        if requested is MemoryPlacement.AUTO:
+            notes.append(f"memory: auto -> {chosen.value} ({gpu_bytes / placement.GIB:.0f} GiB GPU)")
+        return chosen
+
+    def attach(self, pipe: Any, load_seconds: float = 0.0, *, prepare: bool = False) -> LoadInfo:
+        """Uses an already-built pipeline (benchmarks build full-size random weights in
+        memory); `prepare` places it and applies the model's speed-ups as load() does."""
         for component in pipe.components.values():
             if hasattr(component, "eval"):
                 component.eval()  # what from_pretrained does: no dropout
         pipe.set_progress_bar_config(disable=True)
+        memory, notes = self.prepare(pipe) if prepare else (self.spec.serving.memory, [])
         self.pipe = pipe
         self.info = LoadInfo(
             source="(in memory)",
             device=self.device,
             dtype=str(pipe.transformer.dtype).removeprefix("torch."),
-            memory=self.spec.serving.memory.value,
+            memory=memory.value,
             load_seconds=load_seconds,
             pipeline=type(pipe).__name__,
+            notes=notes,
         )
         return self.info
 
     def warm_up(self) -> float:
-        """Runs serving.warmupSteps denoising steps at the default size; then the engine is ready."""
+        """Runs serving.warmupSteps denoising steps for each shape a request can bring;
+        then the engine is ready, and no request pays for a compilation."""
         if self.pipe is None:
             raise EngineNotReady("load() first")
         started = time.monotonic()
-        n = self.spec.serving.warmup_steps
-        if n > 0:
-            p = self.spec.parameters
-            from PIL import Image
-
-            images = []
-            count = min(max(p.input_images.min, 1), p.input_images.max)
-            for _ in range(count):
-                images.append(
-                    png_bytes(Image.new("RGB", (p.size.default.width, p.size.default.height), (128,) * 3))
-                )
-            import base64
-
-            req = GenerationRequest(
-                prompt="warm-up",
-                width=p.size.default.width,
-                height=p.size.default.height,
-                steps=n,
-                guidance=p.guidance.default,
-                seed=0,
-                input_images_base64=[base64.b64encode(b).decode() for b in images],
-            )
+        for req in self.warmup_requests():
             self.generate(req, _warmup=True)
         seconds = time.monotonic() - started
         if self.info is not None:
@@ -288,6 +336,44 @@ class ImageEngine:
         self.ready = True
         log.info("warmed up %s in %.2fs", self.spec.model, seconds)
         return seconds
+
+    def warmup_requests(self) -> list[GenerationRequest]:
+        """The default size; when compiling, also a second size (Dynamo then recompiles
+        once with dynamic shapes, which serve every other size) and, where negative
+        prompts run as a batch-2 forward, a request with one."""
+        n = self.spec.serving.warmup_steps
+        if n <= 0:
+            return []
+        p = self.spec.parameters
+        sizes = [(p.size.default.width, p.size.default.height)]
+        compiling = any(o in optimize.COMPILE for o in self.optimizations)
+        if compiling:
+            others = [parse_size(a) for a in p.size.allowed if parse_size(a) != sizes[0]]
+            if others:
+                sizes.append(min(others, key=lambda wh: wh[0] * wh[1]))
+        requests = [self._warmup_request(w, h, n) for w, h in sizes]
+        if compiling and p.negative_prompt.supported and self._batches_true_cfg():
+            requests.append(self._warmup_request(*sizes[0], n, negative_prompt="warm-up"))
+        return requests
+
+    def _warmup_request(self, width: int, height: int, steps: int, negative_prompt: str | None = None) -> Any:
+        import base64
+
+        from PIL import Image
+
+        p = self.spec.parameters
+        count = min(max(p.input_images.min, 1), p.input_images.max)
+        image = base64.b64encode(png_bytes(Image.new("RGB", (width, height), (128,) * 3))).decode()
+        return GenerationRequest(
+            prompt="warm-up",
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=p.guidance.default,
+            seed=0,
+            input_images_base64=[image] * count,
+        )
 
     def unload(self) -> None:
         with self._lock:
@@ -314,7 +400,19 @@ class ImageEngine:
         *,
         _warmup: bool = False,
     ) -> GenerationResult:
-        """Runs one request. Raises JobCancelled (at a step boundary), BadInput or OutOfMemory."""
+        """Runs one request to PNG bytes. Raises JobCancelled (at a step boundary),
+        BadInput or OutOfMemory."""
+        return self.render(request, cancel, on_step, _warmup=_warmup).encode()
+
+    def render(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event | None = None,
+        on_step: StepCallback | None = None,
+        *,
+        _warmup: bool = False,
+    ) -> Rendered:
+        """Runs one request's pipeline under the engine lock; encode() the result outside it."""
         if self.pipe is None or (not self.ready and not _warmup):
             raise EngineNotReady(f"{self.spec.model} is not loaded")
         images = [decode_image(b, i) for i, b in enumerate(request.input_images())]
@@ -347,23 +445,33 @@ class ImageEngine:
             # A CPU generator: the same seed gives the same initial noise on any device.
             "generator": torch.Generator(device="cpu").manual_seed(request.seed % 2**64),
         }
-        if spec.serving.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = spec.serving.max_sequence_length
+        max_tokens = spec.max_prompt_tokens
+        kwargs["max_sequence_length"] = max_tokens
+        self._check_length("prompt", request.prompt, max_tokens)
         if request.negative_prompt:
             if not p.negative_prompt.supported:
                 raise BadInput(f"{spec.model} does not support negative_prompt")
+            self._check_length("negative_prompt", request.negative_prompt, max_tokens)
             if arch in (Architecture.FLUX1, Architecture.FLUX1_KONTEXT):
-                # True classifier-free guidance: a second transformer pass per step, mixed
-                # at serving.trueCfgScale (> 1). `guidance` keeps its meaning (the distilled
-                # guidance embedding).
-                kwargs["negative_prompt"] = request.negative_prompt
+                # True classifier-free guidance, mixed at serving.trueCfgScale (> 1);
+                # `guidance` keeps its meaning (the distilled guidance embedding). The
+                # negative embeddings are made here so _run can batch both passes.
+                with torch.inference_mode():
+                    neg, neg_pooled, _ids = self.pipe.encode_prompt(
+                        prompt=request.negative_prompt,
+                        prompt_2=None,
+                        device=self.pipe._execution_device,
+                        max_sequence_length=max_tokens,
+                    )
+                kwargs["negative_prompt_embeds"] = neg
+                kwargs["negative_pooled_prompt_embeds"] = neg_pooled
                 kwargs["true_cfg_scale"] = spec.serving.true_cfg_scale
             elif arch is Architecture.FLUX2_KLEIN and not self.pipe.config.is_distilled:
                 with torch.inference_mode():
                     neg, _ids = self.pipe.encode_prompt(
                         prompt=request.negative_prompt,
                         device=self.pipe._execution_device,
-                        max_sequence_length=kwargs.get("max_sequence_length", 512),  # 512: its default
+                        max_sequence_length=max_tokens,
                     )
                 kwargs["negative_prompt_embeds"] = neg
             else:
@@ -383,13 +491,24 @@ class ImageEngine:
             raise BadInput(f"{spec.model} takes no input images")
         return kwargs
 
+    def _check_length(self, field: str, text: str, max_tokens: int) -> None:
+        n = prompts.count_tokens(self.pipe, self.spec.architecture, text)
+        if n > max_tokens:
+            raise BadInput(
+                f"{field} is {n} text-encoder tokens; {self.spec.model} reads at most {max_tokens}, "
+                "and the rest would be ignored: shorten it"
+            )
+
+    def _batches_true_cfg(self) -> bool:
+        return self.spec.architecture in (Architecture.FLUX1, Architecture.FLUX1_KONTEXT)
+
     def _run(
         self,
         request: GenerationRequest,
         kwargs: dict[str, Any],
         cancel: threading.Event | None,
         on_step: StepCallback | None,
-    ) -> GenerationResult:
+    ) -> Rendered:
         import torch
 
         pipe = self.pipe
@@ -412,7 +531,7 @@ class ImageEngine:
         hook = pipe.transformer.register_forward_pre_hook(first_forward)
         started = time.monotonic()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._call_context(kwargs):
                 out = pipe(**kwargs, callback_on_step_end=step_end)
         except JobCancelled:
             self._after_interrupt()
@@ -438,18 +557,35 @@ class ImageEngine:
             from PIL import Image
 
             image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
-        enc_start = time.monotonic()
-        png = png_bytes(image)
         denoise = marks.get("denoise_end", time.monotonic()) - marks.get("denoise_start", started)
-        return GenerationResult(
-            png=png,
+        return Rendered(
+            image=image,
             width=request.width,
             height=request.height,
             steps=total,
             seconds=seconds,
             denoise_seconds=max(denoise, 1e-9),
-            encode_seconds=time.monotonic() - enc_start,
         )
+
+    def _call_context(self, kwargs: dict[str, Any]) -> Any:
+        """What wraps one pipeline call: the batched true-CFG forward when a negative
+        prompt runs on FLUX.1, and a cache context for step caches (the Kontext and
+        FLUX.2 pipelines set none themselves; FluxPipeline's own nest inside)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        transformer = self.pipe.transformer
+        if self.spec.serving.step_cache is not None:
+            transformer._reset_stateful_cache()  # nothing carried over from the last request
+            stack.enter_context(transformer.cache_context("cond"))
+        if "negative_pooled_prompt_embeds" in kwargs and self._batches_true_cfg():
+            # One forward per step, so a step cache sees one call per step too.
+            stack.enter_context(
+                BatchedTrueCFG(
+                    transformer, kwargs["negative_prompt_embeds"], kwargs["negative_pooled_prompt_embeds"]
+                )
+            )
+        return stack
 
     def _after_interrupt(self) -> None:
         try:

@@ -541,7 +541,8 @@ class Store:
         return [self._key_record(r, by_key.get(r.id, [])) for r in rows]
 
     def rotate_key(self, key_id: str, grace_seconds: float = 0) -> str:
-        """A new secret for the same key identity; the old ones stop working after the grace period."""
+        """A new secret for the same key identity (same scopes, same expiry); the old ones stop
+        working after the grace period."""
         if not _key(key_id):
             raise NotFoundError(key_id)
         now = time.time()
@@ -551,6 +552,9 @@ class Store:
                 raise NotFoundError(key_id)
             if row.revoked_at is not None:
                 raise ValueError(f"key {key_id} is revoked")
+            expires_at = self._key_expiry(conn, key_id)
+            if expires_at is not None and expires_at <= now:
+                raise ValueError(f"key {key_id} has expired; create a new key")
             live = sa.and_(api_key_secrets.c.key_id == key_id, api_key_secrets.c.revoked_at.is_(None))
             if grace_seconds > 0:
                 conn.execute(
@@ -566,7 +570,18 @@ class Store:
                 )
             else:
                 conn.execute(api_key_secrets.update().where(live).values(revoked_at=now))
-            return self._new_secret(conn, key_id, now)
+            return self._new_secret(conn, key_id, now, expires_at)
+
+    @staticmethod
+    def _key_expiry(conn: Connection, key_id: str) -> float | None:
+        """The key's expiry: its newest secret's (a rotation copies it to the new secret, while
+        the grace period only ever shortens the older secrets')."""
+        return conn.execute(  # type: ignore[no-any-return]
+            sa.select(api_key_secrets.c.expires_at)
+            .where(api_key_secrets.c.key_id == key_id)
+            .order_by(api_key_secrets.c.created_at.desc())
+            .limit(1)
+        ).scalar()
 
     def revoke_key(self, key_id: str) -> KeyRecord:
         if not _key(key_id):

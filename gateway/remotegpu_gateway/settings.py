@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from remotegpu import config
 from remotegpu.catalog import ImageModel
 from remotegpu.protocol import WORKER_TOKEN_ENV
 
@@ -77,7 +78,7 @@ def worker_token(data_dir: Path, announce: bool = True) -> str:
     if path.exists():
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    config.private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

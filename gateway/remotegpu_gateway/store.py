@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import queue
 import secrets
 import threading
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -252,6 +254,23 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def _private_sqlite_files(url: str) -> None:
+    """The database holds the URL-signing secret and key hashes: mode 0600. Created here
+    before SQLite opens it (SQLite gives its -wal and -shm files the database's mode); an
+    existing one is tightened."""
+    database = sa.engine.make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+        except FileNotFoundError:
+            pass
+
+
 _DUMMY_HASH = hash_secret("not a key")
 
 # Hot-path statements, built once (SQLAlchemy then reuses their compiled form).
@@ -356,6 +375,7 @@ class Store:
         self.is_sqlite = self.url.startswith("sqlite")
         self.own_backend_pids: set[int] = set()
         if self.is_sqlite:
+            _private_sqlite_files(self.url)
             self._read = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
             self._write = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
             # Reads run statement by statement (autocommit); writes take the write lock up front.

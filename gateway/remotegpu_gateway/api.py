@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from remotegpu_gateway import validation
-from remotegpu_gateway.auth import authenticate, bearer, check_key, gateway, missing_key, require_scope
+from remotegpu_gateway.auth import authenticate, authorize, bearer, gateway, require_scope
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.schemas import (
@@ -75,12 +75,10 @@ def base_url(gw: Gateway, request: Request) -> str:
 )
 async def submit(request: Request) -> JSONResponse:
     gw = gateway(request)
-    token = bearer(request)
-    if token is None:
-        raise missing_key()
+    key = await authorize(request, "inference")  # before a byte of the body is read
     raw = await request.body()
-    # Everything blocking (auth, parsing, image decoding, storage, the insert) in one thread hop.
-    job_id, model = await anyio.to_thread.run_sync(_submit, gw, token, raw, limiter=gw.db_limiter)
+    # Everything blocking (parsing, image decoding, storage, the insert) in one thread hop.
+    job_id, model = await anyio.to_thread.run_sync(_submit, gw, key, raw, limiter=gw.db_limiter)
     gw.metrics.jobs_submitted.labels(model).inc()
     gw.notifier.bump(model)
     return JSONResponse(
@@ -89,8 +87,7 @@ async def submit(request: Request) -> JSONResponse:
     )
 
 
-def _submit(gw: Gateway, token: str, raw: bytes) -> tuple[str, str]:
-    key = check_key(gw, token, "inference")
+def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
     req = validation.check_request(validation.parse_body(raw))
     entry = gw.catalog.get(req.model)
     if entry is None:

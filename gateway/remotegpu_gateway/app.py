@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -13,9 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from remotegpu import __version__
 from remotegpu_gateway import admin, api, errors, internal
+from remotegpu_gateway.bodies import BodyGuard
 from remotegpu_gateway.catalog_source import Catalog
 from remotegpu_gateway.core import Gateway
-from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.metrics import HttpMetricsMiddleware
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
@@ -42,46 +41,6 @@ none is sent. Finished jobs are kept for the gateway's retention period (7 days 
 the operator of this service chose otherwise), then deleted with their images: their
 status and result are 404 from then on.
 """
-
-
-class BodyTooLarge(ApiError):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body exceeds {limit} bytes", "body")
-
-
-class BodyLimitMiddleware:
-    """Pure ASGI: refuses bodies over the limit by Content-Length or while streaming."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    resp = BodyTooLarge(self.max_bytes).response()
-                    await resp(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message  # type: ignore[no-any-return]
-
-        await self.app(scope, limited, send)
 
 
 def create_app(
@@ -129,6 +88,12 @@ def create_app(
             return JSONResponse({"status": "database unavailable", "error": str(e)}, status_code=503)
         return JSONResponse({"status": "ok", "schema_version": version, "models": len(gw.catalog.ids())})
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout_seconds,
+        concurrency=settings.max_concurrent_bodies,
+        metrics=gw.metrics,
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=gw.metrics)
     return app

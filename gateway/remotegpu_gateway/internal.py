@@ -6,7 +6,7 @@ import hashlib
 import time
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from remotegpu.protocol import (
@@ -23,7 +23,7 @@ from remotegpu.protocol import (
     RuntimeState,
     WorkerStatus,
 )
-from remotegpu_gateway.auth import gateway, require_worker
+from remotegpu_gateway.auth import auth_first, gateway, require_worker
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.notify import wait_event
@@ -31,7 +31,7 @@ from remotegpu_gateway.storage import StorageError
 from remotegpu_gateway.store import TERMINAL_STATES, JobRecord, LeaseLostError
 
 router = APIRouter(
-    prefix=PREFIX, tags=["internal"], dependencies=[Depends(require_worker)], include_in_schema=False
+    prefix=PREFIX, tags=["internal"], route_class=auth_first(require_worker), include_in_schema=False
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -36,6 +36,7 @@ def start_gateway(
 ) -> tuple[subprocess.Popen[str], str, Path, dict[str, str]]:
     """A `remotegpu gateway` process serving `models`; returns it once /healthz answers."""
     data = tmp_path / "data"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     models_file = tmp_path / "models.yaml"
     chosen = [m for m in load_models_file() if m.spec.model in models]
     models_file.write_text(yaml.safe_dump_all([m.to_resource() for m in chosen]))

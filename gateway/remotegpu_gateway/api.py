@@ -174,8 +174,9 @@ async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inferen
     return {**gw.job_view(job, base_url(gw, request)), "cancel": outcome.outcome, "message": message}
 
 
-@router.get(
+@router.api_route(
     "/jobs/{job_id}/result",
+    methods=["GET", "HEAD"],
     responses={
         200: {"content": {"image/png": {}}, "description": "The PNG image"},
         **_errors(401, 403, 404, 409),
@@ -183,7 +184,7 @@ async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inferen
     response_class=Response,
     summary="The result image (the job's result_url)",
     description="Authorised by the signed, expiring query of `result_url`, or by the owner's API key. 409 while "
-    "the job has not succeeded.",
+    "the job has not succeeded. HEAD answers the same status and headers without the image.",
 )
 async def result(
     job_id: str,

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -96,4 +97,15 @@ def create_app(
         metrics=gw.metrics,
     )
     app.add_middleware(HttpMetricsMiddleware, metrics=gw.metrics)
+    if settings.cors_origins:
+        # Outermost: preflights are answered here, and errors (401, 413, ...) carry the
+        # headers too, so a browser client can read them. Keys travel in a header, never
+        # in cookies: no credentials mode.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     return app

@@ -14,8 +14,6 @@ from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.store import KeyRecord
 
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
@@ -39,19 +37,14 @@ async def authenticate(request: Request) -> KeyRecord | None:
 
 
 def missing_key() -> ApiError:
-    return ApiError(
-        401,
-        "missing API key; send Authorization: Bearer <api-key>",
-        "Authorization",
-        headers=_CHALLENGE,
-    )
+    return ApiError(401, "missing API key; send Authorization: Bearer <api-key>", "Authorization")
 
 
 def check_key(gw: Gateway, token: str, scope: str) -> KeyRecord:
     """Blocking: the key behind `token` if it is valid and has `scope`, else 401/403."""
     key = gw.store.authenticate(token)
     if key is None:
-        raise ApiError(401, "invalid, revoked or expired API key", "Authorization", headers=_CHALLENGE)
+        raise ApiError(401, "invalid, revoked or expired API key", "Authorization")
     if scope not in key.scopes:
         raise ApiError(
             403,
@@ -84,7 +77,7 @@ async def require_worker(request: Request) -> None:
     token = bearer(request)
     expected = gateway(request).settings.worker_token
     if token is None or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise ApiError(401, "invalid worker token", "Authorization", headers=_CHALLENGE)
+        raise ApiError(401, "invalid worker token", "Authorization")
 
 
 def auth_first(check: Callable[[Request], Awaitable[object]]) -> type[APIRoute]:

@@ -44,6 +44,8 @@ class ApiError(Exception):
         self.errors = (
             errors if errors is not None else ([{"field": field, "message": message}] if field else [])
         )
+        if status == 401 and not any(h.lower() == "www-authenticate" for h in headers or {}):
+            headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}  # RFC 6750: every 401
         self.headers = headers
         self.type = type or _TYPES.get(status, "error")
 

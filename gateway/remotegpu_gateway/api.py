@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -25,6 +26,7 @@ from remotegpu_gateway.schemas import (
 from remotegpu_gateway.storage import StorageError
 from remotegpu_gateway.store import SUCCEEDED, KeyRecord
 
+log = logging.getLogger("remotegpu_gateway")
 router = APIRouter(prefix="/v1/inference", tags=["inference"])
 inference_key = require_scope("inference")
 
@@ -113,8 +115,9 @@ def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
             for k, data in zip(image_keys, images, strict=True):
                 gw.storage.put(k, data)
         except StorageError as e:
+            log.error("job %s: storing its input images failed, nothing queued: %s", job_id, e)
             raise ApiError(
-                500, f"could not store the input images; nothing was queued ({e})", "input_images_base64"
+                500, "could not store the input images; nothing was queued", "input_images_base64"
             ) from None
     gw.store.create_job(
         owner_key_id=key.id,
@@ -221,7 +224,8 @@ async def result(
     result_key = job.result_key
     try:
         data = await anyio.to_thread.run_sync(gw.storage.get, result_key)
-    except StorageError:
+    except StorageError as e:
+        log.error("job %s: reading its result failed: %s", job_id, e)
         raise ApiError(500, "the result image could not be read from storage") from None
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 

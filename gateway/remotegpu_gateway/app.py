@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import anyio
@@ -20,6 +21,8 @@ from remotegpu_gateway.metrics import HttpMetricsMiddleware
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 from remotegpu_gateway.storage import BlobStorage
+
+log = logging.getLogger("remotegpu_gateway")
 
 DESCRIPTION = """\
 RemoteGPU Image: submit image jobs, poll them, fetch results.
@@ -85,8 +88,9 @@ def create_app(
     async def readyz(request: Request) -> JSONResponse:
         try:
             version = await anyio.to_thread.run_sync(gw.store.schema_version)
-        except Exception as e:  # noqa: BLE001
-            return JSONResponse({"status": "database unavailable", "error": str(e)}, status_code=503)
+        except Exception:  # noqa: BLE001 - the probe answers; the log says why
+            log.exception("readiness: the database is unavailable")
+            return JSONResponse({"status": "database unavailable"}, status_code=503)
         return JSONResponse({"status": "ok", "schema_version": version, "models": len(gw.catalog.ids())})
 
     app.add_middleware(

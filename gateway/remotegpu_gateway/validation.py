@@ -185,9 +185,10 @@ def decode_image(item: str, index: int, allowed: list[str]) -> bytes:
         raise
     except Image.DecompressionBombError:
         raise ApiError(400, f"input image is larger than {MAX_INPUT_IMAGE_SIDE} px per axis", field) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        # Pillow's messages name its internals (file objects and their addresses).
         raise ApiError(
-            400, f"input image does not decode to a PNG, JPEG or WebP image ({e})", field
+            400, "input image does not decode to a PNG, JPEG or WebP image (or is truncated)", field
         ) from None
     return raw
 

@@ -47,6 +47,16 @@ def _server_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
 
 
+def _cors_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (scheme://host[:port], or *) call the API; repeatable "
+        "(default $REMOTEGPU_CORS_ORIGINS, comma-separated; none: CORS off)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remotegpu", description=__doc__)
     parser.add_argument("--version", action="version", version=f"remotegpu {__version__}")
@@ -59,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _state_options(p)
     p.add_argument("--models-file", help="catalog file of ImageModel resources (default: the bundled one)")
     _retention_option(p)
+    _cors_option(p)
     p.add_argument(
         "--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start"
     )
@@ -73,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="namespace whose ImageModel resources make the catalog")
     p.add_argument("--public-url", help="absolute base URL used in result_url (default http://HOST:PORT)")
     _retention_option(p)
+    _cors_option(p)
     p.set_defaults(func=_handler("remotegpu_gateway.server:run"))
 
     p = sub.add_parser("worker", help="an inference worker for one model")

@@ -265,8 +265,9 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import uvicorn
     from remotegpu_gateway.app import create_app
+    from remotegpu_gateway.connections import uvicorn_config
     from remotegpu_gateway.registry import RuntimeRegistry
-    from remotegpu_gateway.settings import Settings, retention_seconds, worker_token
+    from remotegpu_gateway.settings import Settings, http_settings, retention_seconds, worker_token
     from remotegpu_worker.engine import weights
     from remotegpu_worker.metrics import WorkerMetrics
 
@@ -296,6 +297,7 @@ def serve(args: argparse.Namespace) -> int:
         public_url=os.environ.get("REMOTEGPU_PUBLIC_URL") or base_url,
         models=models,
         retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
+        **http_settings(args),
     )
     app = create_app(settings, registry=registry)
     gw = app.state.gateway
@@ -323,7 +325,7 @@ def serve(args: argparse.Namespace) -> int:
             threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()
 
     server = Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn_config(app, settings, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     )
 
     def announce() -> None:

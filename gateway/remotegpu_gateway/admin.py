@@ -7,15 +7,17 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends, Request
 
-from remotegpu_gateway.auth import gateway, require_scope
+from remotegpu_gateway.auth import auth_first, gateway, require_scope
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.schemas import ErrorResponse, KeyCreate, KeyInfo, KeyRotate, KeyWithSecret
 from remotegpu_gateway.store import NotFoundError
 
+admin_key = require_scope("admin")
 router = APIRouter(
     prefix="/v1/admin",
     tags=["admin"],
-    dependencies=[Depends(require_scope("admin"))],
+    dependencies=[Depends(admin_key)],  # in the OpenAPI document; checked once
+    route_class=auth_first(admin_key),
     responses={
         401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
         403: {"model": ErrorResponse, "description": "The key lacks the admin scope"},

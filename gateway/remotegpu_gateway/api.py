@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from remotegpu_gateway import validation
-from remotegpu_gateway.auth import authenticate, bearer, check_key, gateway, missing_key, require_scope
+from remotegpu_gateway.auth import authenticate, authorize, bearer, gateway, require_scope
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.schemas import (
@@ -25,6 +26,7 @@ from remotegpu_gateway.schemas import (
 from remotegpu_gateway.storage import StorageError
 from remotegpu_gateway.store import SUCCEEDED, KeyRecord
 
+log = logging.getLogger("remotegpu_gateway")
 router = APIRouter(prefix="/v1/inference", tags=["inference"])
 inference_key = require_scope("inference")
 
@@ -75,12 +77,10 @@ def base_url(gw: Gateway, request: Request) -> str:
 )
 async def submit(request: Request) -> JSONResponse:
     gw = gateway(request)
-    token = bearer(request)
-    if token is None:
-        raise missing_key()
+    key = await authorize(request, "inference")  # before a byte of the body is read
     raw = await request.body()
-    # Everything blocking (auth, parsing, image decoding, storage, the insert) in one thread hop.
-    job_id, model = await anyio.to_thread.run_sync(_submit, gw, token, raw, limiter=gw.db_limiter)
+    # Everything blocking (parsing, image decoding, storage, the insert) in one thread hop.
+    job_id, model = await anyio.to_thread.run_sync(_submit, gw, key, raw, limiter=gw.db_limiter)
     gw.metrics.jobs_submitted.labels(model).inc()
     gw.notifier.bump(model)
     return JSONResponse(
@@ -89,8 +89,7 @@ async def submit(request: Request) -> JSONResponse:
     )
 
 
-def _submit(gw: Gateway, token: str, raw: bytes) -> tuple[str, str]:
-    key = check_key(gw, token, "inference")
+def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
     req = validation.check_request(validation.parse_body(raw))
     entry = gw.catalog.get(req.model)
     if entry is None:
@@ -116,8 +115,9 @@ def _submit(gw: Gateway, token: str, raw: bytes) -> tuple[str, str]:
             for k, data in zip(image_keys, images, strict=True):
                 gw.storage.put(k, data)
         except StorageError as e:
+            log.error("job %s: storing its input images failed, nothing queued: %s", job_id, e)
             raise ApiError(
-                500, f"could not store the input images; nothing was queued ({e})", "input_images_base64"
+                500, "could not store the input images; nothing was queued", "input_images_base64"
             ) from None
     gw.store.create_job(
         owner_key_id=key.id,
@@ -177,8 +177,9 @@ async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inferen
     return {**gw.job_view(job, base_url(gw, request)), "cancel": outcome.outcome, "message": message}
 
 
-@router.get(
+@router.api_route(
     "/jobs/{job_id}/result",
+    methods=["GET", "HEAD"],
     responses={
         200: {"content": {"image/png": {}}, "description": "The PNG image"},
         **_errors(401, 403, 404, 409),
@@ -186,7 +187,7 @@ async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inferen
     response_class=Response,
     summary="The result image (the job's result_url)",
     description="Authorised by the signed, expiring query of `result_url`, or by the owner's API key. 409 while "
-    "the job has not succeeded.",
+    "the job has not succeeded. HEAD answers the same status and headers without the image.",
 )
 async def result(
     job_id: str,
@@ -223,7 +224,8 @@ async def result(
     result_key = job.result_key
     try:
         data = await anyio.to_thread.run_sync(gw.storage.get, result_key)
-    except StorageError:
+    except StorageError as e:
+        log.error("job %s: reading its result failed: %s", job_id, e)
         raise ApiError(500, "the result image could not be read from storage") from None
     return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 

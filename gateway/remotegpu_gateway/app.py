@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from remotegpu import __version__
 from remotegpu_gateway import admin, api, errors, internal
+from remotegpu_gateway.bodies import BodyGuard
 from remotegpu_gateway.catalog_source import Catalog
 from remotegpu_gateway.core import Gateway
-from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.metrics import HttpMetricsMiddleware
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 from remotegpu_gateway.storage import BlobStorage
+
+log = logging.getLogger("remotegpu_gateway")
 
 DESCRIPTION = """\
 RemoteGPU Image: submit image jobs, poll them, fetch results.
@@ -42,46 +45,6 @@ none is sent. Finished jobs are kept for the gateway's retention period (7 days 
 the operator of this service chose otherwise), then deleted with their images: their
 status and result are 404 from then on.
 """
-
-
-class BodyTooLarge(ApiError):
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body exceeds {limit} bytes", "body")
-
-
-class BodyLimitMiddleware:
-    """Pure ASGI: refuses bodies over the limit by Content-Length or while streaming."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.max_bytes
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    resp = BodyTooLarge(self.max_bytes).response()
-                    await resp(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message  # type: ignore[no-any-return]
-
-        await self.app(scope, limited, send)
 
 
 def create_app(
@@ -125,10 +88,28 @@ def create_app(
     async def readyz(request: Request) -> JSONResponse:
         try:
             version = await anyio.to_thread.run_sync(gw.store.schema_version)
-        except Exception as e:  # noqa: BLE001
-            return JSONResponse({"status": "database unavailable", "error": str(e)}, status_code=503)
+        except Exception:  # noqa: BLE001 - the probe answers; the log says why
+            log.exception("readiness: the database is unavailable")
+            return JSONResponse({"status": "database unavailable"}, status_code=503)
         return JSONResponse({"status": "ok", "schema_version": version, "models": len(gw.catalog.ids())})
 
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout_seconds,
+        concurrency=settings.max_concurrent_bodies,
+        metrics=gw.metrics,
+    )
     app.add_middleware(HttpMetricsMiddleware, metrics=gw.metrics)
+    if settings.cors_origins:
+        # Outermost: preflights are answered here, and errors (401, 413, ...) carry the
+        # headers too, so a browser client can read them. Keys travel in a header, never
+        # in cookies: no credentials mode.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     return app

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +45,8 @@ class ApiError(Exception):
         self.errors = (
             errors if errors is not None else ([{"field": field, "message": message}] if field else [])
         )
+        if status == 401 and not any(h.lower() == "www-authenticate" for h in headers or {}):
+            headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}  # RFC 6750: every 401
         self.headers = headers
         self.type = type or _TYPES.get(status, "error")
 
@@ -54,6 +57,24 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# What a message from a worker (or a reason set by whoever hosts the gateway) may carry
+# that a client must never see: tracebacks, exception reprs, object addresses, local paths.
+_TRACEBACK = re.compile(r"\s*Traceback \(most recent call last\).*", re.S)
+_EXCEPTION = re.compile(r"\b[A-Z][A-Za-z0-9_]*(?:Error|Exception|Warning)\b(?:\(.*\)|:).*", re.S)
+_OBJECT = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+_PATH = re.compile(r"(?<![\w.:/~-])~?/(?:[\w.@+-]+/)*[\w.@+-]+/?|\b[A-Za-z]:\\[^\s'\"]+")
+INTERNAL = "an internal error (details are in the server log)"
+
+
+def public_text(text: str) -> str:
+    """`text` without internals. Callers log the original next to the job or model it is about."""
+    out = _TRACEBACK.sub("", text)
+    out = _EXCEPTION.sub(INTERNAL, out)
+    out = _OBJECT.sub("<object>", out)
+    out = _PATH.sub("<path>", out)
+    return out.strip() or INTERNAL
 
 
 def error_body(status: int, message: str, field: str | None = None) -> dict[str, Any]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from remotegpu.protocol import (
@@ -23,16 +24,18 @@ from remotegpu.protocol import (
     RuntimeState,
     WorkerStatus,
 )
-from remotegpu_gateway.auth import gateway, require_worker
+from remotegpu_gateway.auth import auth_first, gateway, require_worker
 from remotegpu_gateway.core import Gateway
-from remotegpu_gateway.errors import ApiError
+from remotegpu_gateway.errors import ApiError, public_text
 from remotegpu_gateway.notify import wait_event
 from remotegpu_gateway.storage import StorageError
 from remotegpu_gateway.store import TERMINAL_STATES, JobRecord, LeaseLostError
 
 router = APIRouter(
-    prefix=PREFIX, tags=["internal"], dependencies=[Depends(require_worker)], include_in_schema=False
+    prefix=PREFIX, tags=["internal"], route_class=auth_first(require_worker), include_in_schema=False
 )
+
+log = logging.getLogger("remotegpu_gateway")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -126,10 +129,12 @@ async def complete(job_id: str, request: Request) -> dict[str, str]:
 @router.post("/jobs/{job_id}/fail")
 async def fail(job_id: str, body: Failure, request: Request) -> dict[str, str]:
     gw = gateway(request)
+    # The job's error_message is public: what the worker said, without internals; all of
+    # it goes to the log with the job id.
+    log.warning("job %s failed on its worker: %s", job_id, body.error_message)
+    message = public_text(body.error_message)
     try:
-        job = await anyio.to_thread.run_sync(
-            gw.store.fail, job_id, body.lease_token, body.error_message, body.retryable
-        )
+        job = await anyio.to_thread.run_sync(gw.store.fail, job_id, body.lease_token, message, body.retryable)
     except LeaseLostError as e:
         raise _lost(e) from None
     _finished(gw, job)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -127,6 +127,13 @@ class Metrics:
             "HTTP request latency by route and method",
             ["route", "method"],
             buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+
+        self.bodies = Gauge(
+            "remotegpu_http_request_bodies",
+            "Request bodies being read (reading) and waiting for a slot to be read (waiting)",
+            ["state"],
             registry=r,
         )
 

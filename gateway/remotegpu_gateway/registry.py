@@ -12,12 +12,16 @@ Three inputs meet here:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from remotegpu.protocol import RuntimeState
+from remotegpu_gateway.errors import public_text
+
+log = logging.getLogger("remotegpu_gateway")
 
 
 @dataclass
@@ -98,9 +102,13 @@ class RuntimeRegistry:
             self._changed()
 
     def set_availability(self, model: str, available: bool, reason: str | None = None) -> None:
-        """Marks a model (un)available for serving; `reason` is shown to clients on 503."""
+        """Marks a model (un)available for serving. Clients see `reason` (in the catalog and
+        on 503) without internals such as paths or exception reprs; the log gets all of it."""
+        if not available:
+            log.warning("model %s is unavailable for serving: %s", model, reason)
+        public = public_text(reason) if reason and not available else None
         with self._lock:
-            self._availability[model] = (available, None if available else reason)
+            self._availability[model] = (available, public)
         self._changed()
 
     # ---- reads --------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import uvicorn
 
 from remotegpu import config
 from remotegpu_gateway.app import create_app
+from remotegpu_gateway.connections import uvicorn_config
 from remotegpu_gateway.notify import Notifier
-from remotegpu_gateway.settings import Settings, retention_seconds, worker_token
+from remotegpu_gateway.settings import Settings, http_settings, retention_seconds, worker_token
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -39,6 +40,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         namespace=namespace,
         kubeconfig=os.environ.get("KUBECONFIG") or None,
         retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
+        **http_settings(args),
     )
 
 
@@ -55,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings)
     base = settings.public_url or "each request's own URL"
     print(f"gateway listening on http://{args.host}:{args.port} (result URLs based on {base})", flush=True)
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
+    config = uvicorn_config(
+        app, settings, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
     )
     GatewayServer(config, app.state.gateway.notifier).run()
     return 0

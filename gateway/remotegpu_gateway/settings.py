@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from remotegpu import config
 from remotegpu.catalog import ImageModel
 from remotegpu.protocol import WORKER_TOKEN_ENV
 
@@ -29,6 +33,16 @@ class Settings:
     lease_ttl_seconds: float = 30.0
     max_attempts: int = 3
     max_body_bytes: int = 64 * 1024 * 1024
+    # Slow or stalled clients (see connections.py and bodies.py): a request's headers must
+    # arrive within header_timeout; a body, once the gateway reads it, within body_timeout
+    # (60 MB at 1 MB/s fits); an idle keep-alive connection is closed after keep_alive_timeout.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 120.0
+    keep_alive_timeout_seconds: int = 5
+    # Request bodies read at once (each up to max_body_bytes in memory); others wait their turn.
+    max_concurrent_bodies: int = 8
+    # Browser origins allowed to call the API (CORS); empty: CORS is off.
+    cors_origins: list[str] = field(default_factory=list)
     result_url_ttl_seconds: int = 7 * 24 * 3600
     stats_window_seconds: float = 3600.0
     reaper_interval_seconds: float = 1.0
@@ -68,6 +82,45 @@ def retention_seconds(hours: float | None = None) -> float:
     return hours * 3600
 
 
+HTTP_ENV = {
+    "header_timeout_seconds": ("REMOTEGPU_HEADER_TIMEOUT_SECONDS", float),
+    "body_timeout_seconds": ("REMOTEGPU_BODY_TIMEOUT_SECONDS", float),
+    "keep_alive_timeout_seconds": ("REMOTEGPU_KEEP_ALIVE_TIMEOUT_SECONDS", int),
+    "max_concurrent_bodies": ("REMOTEGPU_MAX_CONCURRENT_BODIES", int),
+}
+CORS_ENV = "REMOTEGPU_CORS_ORIGINS"
+
+
+def http_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The HTTP limits from their environment variables and the CORS origins from
+    --cors-origin (repeatable), else $REMOTEGPU_CORS_ORIGINS (comma-separated)."""
+    out: dict[str, Any] = {}
+    for name, (env, kind) in HTTP_ENV.items():
+        value = os.environ.get(env)
+        if value:
+            try:
+                out[name] = kind(value)
+            except ValueError:
+                raise SystemExit(f"${env}={value!r}: expected a number") from None
+            if out[name] <= 0:
+                raise SystemExit(f"${env} must be positive")
+    origins = getattr(args, "cors_origin", None) or os.environ.get(CORS_ENV, "").split(",")
+    out["cors_origins"] = cors_origins(origins)
+    return out
+
+
+def cors_origins(values: list[str]) -> list[str]:
+    """Browser origins as the Origin header spells them: scheme://host[:port], no path."""
+    out = []
+    for value in (v.strip().rstrip("/") for v in values):
+        if not value:
+            continue
+        if value != "*" and not re.fullmatch(r"https?://[^/\s]+", value):
+            raise SystemExit(f"CORS origin {value!r}: expected scheme://host[:port] (or *)")
+        out.append(value)
+    return out
+
+
 def worker_token(data_dir: Path, announce: bool = True) -> str:
     """$REMOTEGPU_WORKER_TOKEN, else DATA_DIR/worker-token (generated once, mode 0600)."""
     token = os.environ.get(WORKER_TOKEN_ENV)
@@ -77,7 +130,7 @@ def worker_token(data_dir: Path, announce: bool = True) -> str:
     if path.exists():
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    config.private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

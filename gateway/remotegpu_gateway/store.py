@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import queue
 import secrets
 import threading
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -252,6 +254,23 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def _private_sqlite_files(url: str) -> None:
+    """The database holds the URL-signing secret and key hashes: mode 0600. Created here
+    before SQLite opens it (SQLite gives its -wal and -shm files the database's mode); an
+    existing one is tightened."""
+    database = sa.engine.make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+        except FileNotFoundError:
+            pass
+
+
 _DUMMY_HASH = hash_secret("not a key")
 
 # Hot-path statements, built once (SQLAlchemy then reuses their compiled form).
@@ -356,6 +375,7 @@ class Store:
         self.is_sqlite = self.url.startswith("sqlite")
         self.own_backend_pids: set[int] = set()
         if self.is_sqlite:
+            _private_sqlite_files(self.url)
             self._read = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
             self._write = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": 30})
             # Reads run statement by statement (autocommit); writes take the write lock up front.
@@ -541,7 +561,8 @@ class Store:
         return [self._key_record(r, by_key.get(r.id, [])) for r in rows]
 
     def rotate_key(self, key_id: str, grace_seconds: float = 0) -> str:
-        """A new secret for the same key identity; the old ones stop working after the grace period."""
+        """A new secret for the same key identity (same scopes, same expiry); the old ones stop
+        working after the grace period."""
         if not _key(key_id):
             raise NotFoundError(key_id)
         now = time.time()
@@ -551,6 +572,9 @@ class Store:
                 raise NotFoundError(key_id)
             if row.revoked_at is not None:
                 raise ValueError(f"key {key_id} is revoked")
+            expires_at = self._key_expiry(conn, key_id)
+            if expires_at is not None and expires_at <= now:
+                raise ValueError(f"key {key_id} has expired; create a new key")
             live = sa.and_(api_key_secrets.c.key_id == key_id, api_key_secrets.c.revoked_at.is_(None))
             if grace_seconds > 0:
                 conn.execute(
@@ -566,7 +590,18 @@ class Store:
                 )
             else:
                 conn.execute(api_key_secrets.update().where(live).values(revoked_at=now))
-            return self._new_secret(conn, key_id, now)
+            return self._new_secret(conn, key_id, now, expires_at)
+
+    @staticmethod
+    def _key_expiry(conn: Connection, key_id: str) -> float | None:
+        """The key's expiry: its newest secret's (a rotation copies it to the new secret, while
+        the grace period only ever shortens the older secrets')."""
+        return conn.execute(  # type: ignore[no-any-return]
+            sa.select(api_key_secrets.c.expires_at)
+            .where(api_key_secrets.c.key_id == key_id)
+            .order_by(api_key_secrets.c.created_at.desc())
+            .limit(1)
+        ).scalar()
 
     def revoke_key(self, key_id: str) -> KeyRecord:
         if not _key(key_id):

@@ -18,7 +18,6 @@ import base64
 import binascii
 import io
 import json
-import re
 import secrets
 from typing import Any
 
@@ -32,7 +31,9 @@ from remotegpu_gateway.schemas import ImageRequest
 # Decompression-bomb guard: Pillow refuses headers far beyond this before decoding.
 Image.MAX_IMAGE_PIXELS = MAX_INPUT_IMAGE_SIDE * MAX_INPUT_IMAGE_SIDE
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
-_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64$")
+# Data URL media types -> the Pillow format the data must have.
+_MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
+_UNDECLARED = ("", "application/octet-stream")  # no type, or "some file" (browsers' unknown)
 LEGACY_FIELDS = ("width", "height")
 RETIRED_FIELDS = ("remove_bg",)
 
@@ -150,20 +151,16 @@ def check_for_model(req: ImageRequest, entry: ImageModel) -> dict[str, Any]:
 def decode_image(item: str, index: int, allowed: list[str]) -> bytes:
     """Stage 3 (run in a worker thread): one input image -> its raw file bytes."""
     field = f"input_images_base64[{index}]"
-    payload = item
-    if item.startswith("data:"):
-        header, comma, payload = item.partition(",")
-        if not comma or not _DATA_URL.match(header):
-            raise ApiError(400, "data URL must look like data:image/png;base64,<data>", field)
-    payload = "".join(payload.split())
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "input image is not valid base64", field) from None
-    if not raw:
-        raise ApiError(400, "input image is empty", field)
+    declared, payload = split_data_url(item, field)
+    raw = decode_base64(payload, field)
     try:
         with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as im:
+            if declared is not None and im.format != declared:
+                raise ApiError(
+                    400,
+                    f"the data URL declares a {declared} image, but the data is a {im.format} image",
+                    field,
+                )
             width, height = im.size  # from the header; nothing decoded yet
             if width > MAX_INPUT_IMAGE_SIDE or height > MAX_INPUT_IMAGE_SIDE:
                 raise ApiError(
@@ -188,10 +185,42 @@ def decode_image(item: str, index: int, allowed: list[str]) -> bytes:
         raise
     except Image.DecompressionBombError:
         raise ApiError(400, f"input image is larger than {MAX_INPUT_IMAGE_SIDE} px per axis", field) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        # Pillow's messages name its internals (file objects and their addresses).
         raise ApiError(
-            400, f"input image does not decode to a PNG, JPEG or WebP image ({e})", field
+            400, "input image does not decode to a PNG, JPEG or WebP image (or is truncated)", field
         ) from None
+    return raw
+
+
+def split_data_url(item: str, field: str) -> tuple[str | None, str]:
+    """Raw base64 -> (None, item); a data URL -> (the image format its media type declares,
+    or None if it declares none, the base64 payload). Accepts what browsers and common
+    clients produce: any case (`DATA:image/PNG;...`) and extra parameters
+    (`data:image/png;name=a.png;base64,...`)."""
+    if item[:5].lower() != "data:":
+        return None, item
+    header, comma, payload = item.partition(",")
+    media_type, *params = (p.strip().lower() for p in header[5:].split(";"))
+    if not comma or not params or params[-1] != "base64":
+        raise ApiError(400, "data URL must be base64: data:image/png;base64,<data>", field)
+    if media_type in _UNDECLARED:
+        return None, payload
+    if media_type not in _MEDIA_TYPES:
+        raise ApiError(400, f"the data URL declares {media_type}; send a PNG, JPEG or WebP image", field)
+    return _MEDIA_TYPES[media_type], payload
+
+
+def decode_base64(payload: str, field: str) -> bytes:
+    """Standard base64; whitespace and missing padding are tolerated."""
+    payload = "".join(payload.split())
+    payload += "=" * (-len(payload) % 4)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "input image is not valid base64", field) from None
+    if not raw:
+        raise ApiError(400, "input image is empty", field)
     return raw
 
 

@@ -278,8 +278,9 @@ class WorkerLoop:
         except OutOfMemory as e:
             outcome = self._fail(lease, f"{e}; try a smaller size or fewer input images")
         except Exception as e:  # noqa: BLE001 - report, never crash the loop
-            log.exception("job %s failed", lease.job_id)
-            outcome = self._fail(lease, f"inference error: {type(e).__name__}: {e}")
+            # The message is public: the exception (paths, reprs) stays in this log.
+            log.exception("job %s failed: %s", lease.job_id, e)
+            outcome = self._fail(lease, "inference failed on the worker; its log has the details for this job")
         finally:
             with self._lock:
                 self._current = None

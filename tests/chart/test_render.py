@@ -184,6 +184,7 @@ def test_gateway_wiring():
     }
     assert env["REMOTEGPU_RESULTS_DIR"]["value"] == "/data/results"
     assert "REMOTEGPU_PUBLIC_URL" not in env
+    assert "REMOTEGPU_CORS_ORIGINS" not in env  # CORS off by default
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "remotegpu-results"
     assert gw["spec"]["strategy"]["type"] == "Recreate"  # a ReadWriteOnce volume
@@ -197,6 +198,14 @@ def test_gateway_wiring():
     assert role["rules"] == [
         {"apiGroups": ["remotegpu.ai"], "resources": ["imagemodels"], "verbs": ["get", "list", "watch"]}
     ]
+
+
+def test_cors_origins_reach_the_gateway(tmp_path: Path):
+    objs = render(
+        {"gateway": {"corsOrigins": ["https://app.example.com", "http://localhost:5173"]}}, tmp_path
+    )
+    env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
+    assert env["REMOTEGPU_CORS_ORIGINS"]["value"] == "https://app.example.com,http://localhost:5173"
 
 
 def test_operator_wiring():
@@ -584,6 +593,7 @@ def test_notes_tell_how_to_create_a_key_and_send_a_request(tmp_path: Path):
         ),
         ({"commonLabels": {"team": 7}}, "/commonLabels/team"),
         ({"gateway": {"retentionHours": -1}}, "/gateway/retentionHours"),
+        ({"gateway": {"corsOrigins": ["https://app.example.com/path"]}}, "/gateway/corsOrigins/0"),
     ],
 )
 def test_schema_rejects(values, message, tmp_path: Path):

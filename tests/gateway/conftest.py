@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 from PIL import Image
 from remotegpu_gateway.app import create_app
+from remotegpu_gateway.connections import uvicorn_config
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.settings import Settings
 
@@ -51,8 +52,8 @@ class RunningGateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(settings)
         self.gw: Gateway = self.app.state.gateway
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        config = uvicorn_config(
+            self.app, settings, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"gateway-{self.port}", daemon=True)

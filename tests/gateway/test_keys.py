@@ -80,6 +80,43 @@ def test_rotation_with_grace_period(gateway: RunningGateway) -> None:
     assert status(gateway, old) == 401 and status(gateway, new) == 404
 
 
+def test_rotation_keeps_the_expiry_and_scopes(gateway: RunningGateway) -> None:
+    """A key created to expire in an hour still expires then after a rotation (with or
+    without grace), keeps its scopes, and the new secret works."""
+    admin = gateway.key("root", ["admin"])
+    body = {"name": "temp", "scopes": ["inference", "admin"], "expires_in_seconds": 3600}
+    created = gateway.http.post("/v1/admin/keys", json=body, headers=auth(admin)).json()
+    expires_at = created["secrets"][0]["expires_at"]
+    for grace in (0, 60):
+        r = gateway.http.post(
+            f"/v1/admin/keys/{created['id']}/rotate", json={"grace_seconds": grace}, headers=auth(admin)
+        )
+        assert r.status_code == 200, r.text
+        rotated = r.json()
+        newest = max(rotated["secrets"], key=lambda s: s["created_at"])
+        assert newest["expires_at"] == expires_at
+        assert sorted(rotated["scopes"]) == ["admin", "inference"]
+        assert status(gateway, rotated["key"]) == 404
+        assert gateway.http.get("/v1/admin/keys", headers=auth(rotated["key"])).status_code == 200
+    listed = {k["id"]: k for k in gateway.http.get("/v1/admin/keys", headers=auth(admin)).json()}
+    live = [s for s in listed[created["id"]]["secrets"] if s["revoked_at"] is None]
+    assert live and all(s["expires_at"] is not None and s["expires_at"] <= expires_at for s in live)
+
+
+def test_an_expired_key_cannot_be_rotated_back_to_life(gateway: RunningGateway) -> None:
+    store = gateway.gw.store
+    key, _ = store.create_key("k", ["inference"], expires_in_seconds=3600)
+    with store._tx() as conn:  # as if the hour had passed
+        conn.execute(
+            api_key_secrets.update()
+            .where(api_key_secrets.c.key_id == key.id)
+            .values(expires_at=time.time() - 1)
+        )
+    admin = gateway.key("root", ["admin"])
+    r = gateway.http.post(f"/v1/admin/keys/{key.id}/rotate", headers=auth(admin))
+    assert r.status_code == 409 and "expired" in r.json()["error"]["message"]
+
+
 def test_revocation(gateway: RunningGateway) -> None:
     store = gateway.gw.store
     key, token = store.create_key("k", ["inference"])

@@ -36,6 +36,7 @@ def start_gateway(
 ) -> tuple[subprocess.Popen[str], str, Path, dict[str, str]]:
     """A `remotegpu gateway` process serving `models`; returns it once /healthz answers."""
     data = tmp_path / "data"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     models_file = tmp_path / "models.yaml"
     chosen = [m for m in load_models_file() if m.spec.model in models]
     models_file.write_text(yaml.safe_dump_all([m.to_resource() for m in chosen]))
@@ -135,3 +136,39 @@ def test_sigterm_ends_open_long_polls_instead_of_waiting_them_out(tmp_path: Path
         t.join(10)
     assert answers == {"lease": None, "queue": 200}, out
     assert took < 5, f"shutdown took {took:.1f}s: it waited for the long-polls\n{out}"
+
+
+def _mode(path: Path) -> str:
+    return oct(path.stat().st_mode & 0o777)
+
+
+def test_state_at_rest_is_private(tmp_path: Path) -> None:
+    """The data folder is 0700 and the SQLite database (with its WAL files, which hold the
+    URL-signing secret and key hashes) and the worker token are 0600, under a umask of 022,
+    for a fresh data folder and for one left behind by an older version (0755/0644)."""
+    old_umask = os.umask(0o022)  # what a user's shell usually has; the children inherit it
+    try:
+        for fresh in (True, False):
+            data = tmp_path / ("fresh" if fresh else "old") / "data"
+            data.parent.mkdir()
+            if not fresh:
+                data.mkdir(parents=True, mode=0o755)
+                (data / "remotegpu.db").touch(mode=0o644)
+            url = f"sqlite:///{data / 'remotegpu.db'}"
+            proc, base, data, env = start_gateway(data.parent, url, [SCHNELL])
+            try:
+                created = cli("keys", "create", "--name", "t", "--data-dir", str(data), env=env)
+                key = created.stdout.strip().splitlines()[-1]
+                r = httpx.post(
+                    f"{base}/v1/inference/image", json={"prompt": "a", "model": SCHNELL}, headers=auth(key)
+                )
+                assert r.status_code == 202, r.text
+                assert _mode(data) == "0o700"
+                files = sorted(p.name for p in data.iterdir() if p.is_file())
+                assert {"remotegpu.db", "remotegpu.db-wal", "worker-token"} <= set(files), files
+                assert {f: _mode(data / f) for f in files} == {f: "0o600" for f in files}
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=30)
+    finally:
+        os.umask(old_umask)

@@ -146,6 +146,17 @@ def test_limits_are_inclusive(gateway: RunningGateway, key: str) -> None:
     assert r.status_code == 202, r.text
 
 
+def _unpadded_png() -> str:
+    """A PNG whose base64 needs padding, sent without it (as some clients do)."""
+    for shade in range(256):
+        data = b64(png_bytes(color=(shade, 30, 30)))
+        if data.endswith("="):
+            return data.rstrip("=")
+    raise AssertionError("no PNG needing padding")
+
+
+UNPADDED_PNG = _unpadded_png()
+
 BAD_IMAGES: list[tuple[str, str, int]] = [
     ("not base64", "!!!not base64!!!", 400),
     ("base64 of text", b64(b"hello, not an image"), 400),
@@ -157,6 +168,10 @@ BAD_IMAGES: list[tuple[str, str, int]] = [
     ("decompression bomb header", b64(png_with_header_size(100_000, 100_000)), 400),
     ("not a size preset", b64(png_bytes(500, 500)), 422),
     ("preset swapped", b64(png_bytes(512, 1024)), 422),
+    ("data url declares png, holds a jpeg", "data:image/png;base64," + b64(png_bytes(fmt="JPEG")), 400),
+    ("data url declares webp, holds a png", "data:image/webp;base64," + b64(png_bytes()), 400),
+    ("data url declares gif", "data:image/gif;base64," + b64(png_bytes()), 400),
+    ("data url not base64", "data:image/png," + b64(png_bytes()), 400),
 ]
 
 
@@ -189,8 +204,28 @@ def test_image_preset_not_allowed_by_model(gateway: RunningGateway, key: str) ->
         b64(png_bytes(fmt="JPEG")),
         "data:image/webp;base64," + b64(png_bytes(fmt="WEBP")),
         b64(png_bytes(1024, 768)),
+        "DATA:Image/PNG;BASE64," + b64(png_bytes()),
+        "data:image/png;name=source.png;base64," + b64(png_bytes()),
+        "data:image/jpeg;charset=utf-8;base64," + b64(png_bytes(fmt="JPEG")),
+        "data:image/png;base64," + UNPADDED_PNG,
+        UNPADDED_PNG,
+        "data:application/octet-stream;base64," + b64(png_bytes()),
+        "data:;base64," + b64(png_bytes()),
     ],
-    ids=["raw png", "png data url", "jpeg", "webp data url", "4:3 preset"],
+    ids=[
+        "raw png",
+        "png data url",
+        "jpeg",
+        "webp data url",
+        "4:3 preset",
+        "upper-case data url",
+        "data url with a parameter",
+        "jpeg data url with a charset",
+        "unpadded data url",
+        "unpadded raw",
+        "octet-stream data url",
+        "data url without a type",
+    ],
 )
 def test_accepted_images_reach_the_worker(gateway: RunningGateway, key: str, image: str) -> None:
     r = gateway.submit(key, {"prompt": "edit", "model": KONTEXT, "input_images_base64": [image]})
@@ -199,8 +234,9 @@ def test_accepted_images_reach_the_worker(gateway: RunningGateway, key: str, ima
     lease = w.lease(KONTEXT, "w1", wait_seconds=5)
     w.close()
     assert lease is not None and lease.job_id == r.json()["job_id"]
-    payload = image.partition(",")[2] if image.startswith("data:") else image
-    assert lease.request.input_images() == [__import__("base64").b64decode(payload)]
+    payload = image.partition(",")[2] if image[:5].lower() == "data:" else image
+    padded = payload + "=" * (-len(payload) % 4)
+    assert lease.request.input_images() == [__import__("base64").b64decode(padded)]
 
 
 def test_defaults_are_applied(gateway: RunningGateway, key: str) -> None:

@@ -218,6 +218,19 @@ def test_weights_resolution(tiny_data_dir: Path, tiny_catalog: dict[str, ImageMo
     assert not ok and "Hugging Face cache" in str(why)
 
 
+def test_unavailable_reasons_are_for_clients(tiny_catalog: dict[str, ImageModel], tmp_path: Path) -> None:
+    """The reasons go to the public catalog: they say what is missing, never where."""
+    tiny = tiny_catalog["flux1"].spec
+    folder = tiny.model_copy(deep=True)
+    folder.weights.source = str(tmp_path / "weights" / "flux1")
+    folder.weights.random = False
+    (tmp_path / "weights" / "flux1").mkdir(parents=True)
+    for spec in (tiny, folder):
+        ok, why = weights.available_locally(spec, tmp_path)
+        assert not ok and str(why).startswith("weights for this model are not present on this server")
+        assert str(tmp_path) not in str(why)
+
+
 class _OomPipe:
     """Wraps a real pipeline; the call raises CUDA's out-of-memory error."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -136,6 +137,32 @@ def test_bad_input_fails_with_a_useful_message(
     finally:
         lt.stop()
     assert lt.count("failed") == 1
+
+
+def test_an_internal_error_fails_the_job_without_internals(
+    engines: Any, gateway: RunningGateway, monkeypatch: Any, caplog: Any
+) -> None:
+    """The job's error_message is public: the exception, its paths and object addresses stay
+    in the worker's log, next to the job id."""
+    engine = engines("flux1")
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("kernel failed in /opt/venv/lib/torch/x.py on <Tensor object at 0x7f00deadbeef>")
+
+    monkeypatch.setattr(engine, "generate", broken)
+    caplog.set_level(logging.WARNING, logger="remotegpu_worker")
+    lt = LoopThread(engine, gateway)
+    try:
+        job_id = gateway.submit(TINY, "x", steps=2)
+        job = gateway.wait(job_id, {"succeeded", "failed", "cancelled"})
+    finally:
+        lt.stop()
+    assert job["status"] == "failed"
+    assert "inference failed on the worker" in job["error_message"]
+    for internal in ("/opt/", "0x", "RuntimeError", "object at"):
+        assert internal not in job["error_message"]
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert job_id in log and "/opt/venv/lib/torch/x.py" in log
 
 
 def test_drain_finishes_the_current_job_within_the_grace(engines: Any, gateway: RunningGateway) -> None:

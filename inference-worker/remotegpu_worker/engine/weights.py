@@ -52,12 +52,16 @@ def available_locally(spec: ImageModelSpec, data_dir: Path | None) -> tuple[bool
     if loc.local_dir is not None:
         if (loc.local_dir / "model_index.json").is_file():
             return True, None
+        # Reasons are shown to clients (the catalog, 503s): no local paths in them.
         if spec.weights.random:
             return False, (
-                f"random-weight model not built at {loc.local_dir}; run `remotegpu models build-tiny` "
-                "(or restart `remotegpu serve`, which builds it)"
+                "weights for this model are not present on this server: the random-weight model is not built "
+                "yet (`remotegpu models build-tiny`, or restart `remotegpu serve`, which builds it)"
             )
-        return False, f"no diffusers pipeline (model_index.json) in {loc.local_dir}"
+        return False, (
+            "weights for this model are not present on this server: its weights folder has no diffusers "
+            "pipeline (model_index.json)"
+        )
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
@@ -66,7 +70,8 @@ def available_locally(spec: ImageModelSpec, data_dir: Path | None) -> tuple[bool
     if isinstance(found, str):
         return True, None
     return False, (
-        f"weights for {loc.source} are not in the local Hugging Face cache; download them first "
+        f"weights for this model are not present on this server: {loc.source} is not in its Hugging Face "
+        "cache; download them first "
         f"(`hf download {loc.source}`, with access to the gated repo and HF_TOKEN set) or point "
         "weights.source at a local folder"
     )

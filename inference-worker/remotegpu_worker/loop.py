@@ -280,7 +280,9 @@ class WorkerLoop:
         except Exception as e:  # noqa: BLE001 - report, never crash the loop
             # The message is public: the exception (paths, reprs) stays in this log.
             log.exception("job %s failed: %s", lease.job_id, e)
-            outcome = self._fail(lease, "inference failed on the worker; its log has the details for this job")
+            outcome = self._fail(
+                lease, "inference failed on the worker; its log has the details for this job"
+            )
         finally:
             with self._lock:
                 self._current = None

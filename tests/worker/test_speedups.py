@@ -30,7 +30,9 @@ GIB = 2**30
 
 
 def req(**kw: Any) -> GenerationRequest:
-    base: dict[str, Any] = dict(prompt="a lighthouse at dusk", width=512, height=512, steps=3, guidance=3.5, seed=7)
+    base: dict[str, Any] = dict(
+        prompt="a lighthouse at dusk", width=512, height=512, steps=3, guidance=3.5, seed=7
+    )
     base.update(kw)
     return GenerationRequest(**base)
 
@@ -71,7 +73,11 @@ FLUX2_DEV = {"transformer": 64 * GIB, "text_encoder": 48 * GIB, "vae": GIB // 6}
     [
         (141, 1.0, MemoryPlacement.GPU),  # H200: all 112 GB resident
         (80, 1.0, MemoryPlacement.TEXT_ENCODER_OFFLOAD),  # H100: the transformer stays, the encoder streams
-        (80, 0.5, MemoryPlacement.TEXT_ENCODER_OFFLOAD),  # fp8 transformer 32 GB + 48 GB encoder: still too much
+        (
+            80,
+            0.5,
+            MemoryPlacement.TEXT_ENCODER_OFFLOAD,
+        ),  # fp8 transformer 32 GB + 48 GB encoder: still too much
         (48, 1.0, MemoryPlacement.MODEL_CPU_OFFLOAD),  # not even the transformer fits
         (48, 0.5, MemoryPlacement.TEXT_ENCODER_OFFLOAD),  # ...unless it is fp8
     ],
@@ -79,14 +85,19 @@ FLUX2_DEV = {"transformer": 64 * GIB, "text_encoder": 48 * GIB, "vae": GIB // 6}
 def test_auto_placement_of_flux2_dev_follows_the_gpu_memory(
     gpu_gib: int, quantization_scale: float, expected: MemoryPlacement
 ) -> None:
-    got = placement.choose(MemoryPlacement.AUTO, FLUX2_DEV, gpu_gib * GIB, transformer_scale=quantization_scale)
+    got = placement.choose(
+        MemoryPlacement.AUTO, FLUX2_DEV, gpu_gib * GIB, transformer_scale=quantization_scale
+    )
     assert got is expected
 
 
 def test_auto_placement_keeps_flux1_on_an_80_gb_gpu_and_obeys_an_explicit_choice() -> None:
     flux1 = {"transformer": 24 * GIB, "text_encoder_2": 9 * GIB, "text_encoder": GIB // 4, "vae": GIB // 6}
     assert placement.choose(MemoryPlacement.AUTO, flux1, 80 * GIB) is MemoryPlacement.GPU
-    assert placement.choose(MemoryPlacement.MODEL_CPU_OFFLOAD, flux1, 80 * GIB) is MemoryPlacement.MODEL_CPU_OFFLOAD
+    assert (
+        placement.choose(MemoryPlacement.MODEL_CPU_OFFLOAD, flux1, 80 * GIB)
+        is MemoryPlacement.MODEL_CPU_OFFLOAD
+    )
 
 
 def test_the_catalog_serves_flux2_dev_with_auto_placement_not_full_offload() -> None:
@@ -104,7 +115,9 @@ def test_text_encoder_offload_gives_the_same_image(
     placement.apply(engine.pipe, MemoryPlacement.TEXT_ENCODER_OFFLOAD, "cpu")
     engine.ready = True
     text_encoder = engine.pipe.text_encoder
-    assert any(hasattr(m, "_diffusers_hook") for m in text_encoder.modules()), "no offload hooks on the encoder"
+    assert any(hasattr(m, "_diffusers_hook") for m in text_encoder.modules()), (
+        "no offload hooks on the encoder"
+    )
     assert not any(hasattr(m, "_diffusers_hook") for m in engine.pipe.transformer.modules())
     assert engine.generate(req(guidance=4.0)).png == ref
 
@@ -138,7 +151,9 @@ def test_compile_cache_is_keyed_by_device_and_torch(tmp_path: Path, monkeypatch:
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(path))
 
 
-def test_compiling_models_warm_up_every_shape_a_request_can_bring(tiny_catalog: dict[str, ImageModel]) -> None:
+def test_compiling_models_warm_up_every_shape_a_request_can_bring(
+    tiny_catalog: dict[str, ImageModel],
+) -> None:
     model = tiny_catalog["flux1"]
     plain = ImageEngine(model, device="cpu", optimizations=[])
     assert [(r.width, r.height) for r in plain.warmup_requests()] == [(512, 512)]
@@ -169,7 +184,9 @@ def test_fp8_quantizes_the_transformer_and_still_makes_images(
 @pytest.mark.parametrize(
     "cache",
     [
-        StepCache(type=StepCacheType.FIRST_BLOCK, threshold=10.0),  # a huge threshold: reuse every step it can
+        StepCache(
+            type=StepCacheType.FIRST_BLOCK, threshold=10.0
+        ),  # a huge threshold: reuse every step it can
         StepCache(type=StepCacheType.TAYLORSEER, interval=2),
     ],
 )
@@ -216,7 +233,9 @@ def test_a_negative_prompt_runs_one_batched_forward_per_step(
     assert runs[0] == 8
     two_pass = pixels(pipelines_mod.png_bytes(image))
     assert np.abs(pixels(batched) - two_pass).max() <= 2
-    assert batched != engine.generate(req(steps=4, input_images_base64=images)).png  # the negative prompt counts
+    assert (
+        batched != engine.generate(req(steps=4, input_images_base64=images)).png
+    )  # the negative prompt counts
 
 
 # ---- prompt length -------------------------------------------------------------------------
@@ -230,7 +249,9 @@ def test_a_prompt_over_the_token_limit_is_refused_not_cut(arch: str, engines: An
 
     images = {"flux1-kontext": [png_b64()], "flux2-klein": [], "flux2": []}.get(arch, [])
     long = "a lighthouse on a cliff at dusk, " * 30  # hundreds of tokens in every tokenizer
-    fitting = req(prompt="a red fox", input_images_base64=images, guidance=engine.spec.parameters.guidance.default)
+    fitting = req(
+        prompt="a red fox", input_images_base64=images, guidance=engine.spec.parameters.guidance.default
+    )
     try:
         serving.max_sequence_length = 160
         with pytest.raises(BadInput, match=r"prompt is \d+ text-encoder tokens; .* reads at most 160"):

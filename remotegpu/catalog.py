@@ -267,6 +267,19 @@ class ImageModelSpec(_Spec):
     worker: WorkerPod = Field(default_factory=WorkerPod)
     scaling: Scaling = Field(default_factory=Scaling)
 
+    @model_validator(mode="after")
+    def _step_cache_fits(self) -> ImageModelSpec:
+        cache = self.serving.step_cache
+        flux2 = self.architecture in (Architecture.FLUX2, Architecture.FLUX2_KLEIN)
+        if cache is not None and cache.type is StepCacheType.FIRST_BLOCK and flux2:
+            # diffusers 0.42's hook subtracts a FLUX.2 double block's tuple from a single
+            # block's tensor; TaylorSeer has no such assumption.
+            raise ValueError(
+                "the first-block step cache does not work on FLUX.2 in diffusers 0.42; "
+                "use stepCache.type taylorseer"
+            )
+        return self
+
     @property
     def max_prompt_tokens(self) -> int:
         return self.serving.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH

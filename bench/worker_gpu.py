@@ -188,18 +188,29 @@ class Case:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+# In the order they run (a family's modules are built once for its cases): the slowest
+# and most asked-about first, so a run cut short by --deadline-seconds keeps them.
 CASES = [
     Case("flux1-dev-1024", "flux1", "black-forest-labs/FLUX.1-dev", 1024, 28),
     Case("flux1-dev-512", "flux1", "black-forest-labs/FLUX.1-dev", 512, 30),
-    Case("flux1-kontext-1024", "flux1", "black-forest-labs/FLUX.1-Kontext-dev", 1024, 28, references=1),
+    Case("flux2-dev-1024", "flux2", "black-forest-labs/FLUX.2-dev", 1024, 28),
     Case("flux1-schnell-1024", "flux1-schnell", "black-forest-labs/FLUX.1-schnell", 1024, 4),
     Case("flux2-klein-9b-1024", "flux2-klein", "black-forest-labs/FLUX.2-klein-9B", 1024, 4),
-    Case("flux2-dev-1024", "flux2", "black-forest-labs/FLUX.2-dev", 1024, 28),
+    # Kontext-dev has FLUX.1-dev's architecture; a family of its own only to run later
+    Case(
+        "flux1-kontext-1024", "flux1-kontext", "black-forest-labs/FLUX.1-Kontext-dev", 1024, 28, references=1
+    ),
     # true CFG: plain diffusers runs two passes per step, the engine one batch-2 forward
     Case(
-        "flux1-dev-512-negative", "flux1", "black-forest-labs/FLUX.1-dev", 512, 30, negative_prompt="blurry"
+        "flux1-dev-512-negative",
+        "flux1-kontext",
+        "black-forest-labs/FLUX.1-dev",
+        512,
+        30,
+        negative_prompt="blurry",
     ),
 ]
+FAMILIES = ["flux1", "flux2", "flux1-schnell", "flux2-klein", "flux1-kontext"]
 PROMPT = "a photograph of a lighthouse on a cliff at dusk, dramatic sky"
 
 
@@ -337,21 +348,20 @@ def build_family(
 
     import diffusers
 
-    cfg = copy.deepcopy(configs["flux1" if family == "flux1-schnell" else family])
-    if family in ("flux1", "flux1-schnell"):
+    cfg = copy.deepcopy(configs["flux1" if family.startswith("flux1") else family])
+    if family.startswith("flux1"):
         parts = build_flux1_encoders(cfg, device, dtype)
-        transformer = build_flux1_transformer(cfg, device, dtype, guidance=family == "flux1")
+        transformer = build_flux1_transformer(cfg, device, dtype, guidance=family != "flux1-schnell")
         if family == "flux1-schnell":
             return {
                 "black-forest-labs/FLUX.1-schnell": diffusers.FluxPipeline(transformer=transformer, **parts)
             }
-        return {
-            "black-forest-labs/FLUX.1-dev": diffusers.FluxPipeline(transformer=transformer, **parts),
-            # Kontext-dev has FLUX.1-dev's architecture: the same modules, Kontext's pipeline
-            "black-forest-labs/FLUX.1-Kontext-dev": diffusers.FluxKontextPipeline(
+        pipes = {"black-forest-labs/FLUX.1-dev": diffusers.FluxPipeline(transformer=transformer, **parts)}
+        if family == "flux1-kontext":  # the same modules, Kontext's pipeline
+            pipes["black-forest-labs/FLUX.1-Kontext-dev"] = diffusers.FluxKontextPipeline(
                 transformer=transformer, **parts
-            ),
-        }
+            )
+        return pipes
     if family == "flux2-klein":
         return {"black-forest-labs/FLUX.2-klein-9B": build_flux2(cfg, device, dtype, klein=True, small=small)}
     return {"black-forest-labs/FLUX.2-dev": build_flux2(cfg, device, dtype, klein=False, small=small)}
@@ -654,7 +664,7 @@ def main() -> int:
         "configs": "full size, random bf16 weights" if gpu else "small, float32 (CPU)",
         "cases": {},
     }
-    for family in ("flux1", "flux1-schnell", "flux2-klein", "flux2"):
+    for family in FAMILIES:
         mine = [c for c in cases if c.family == family]
         if not mine:
             continue

@@ -470,6 +470,9 @@ class Bench:
     def measure(self, case: Case, variant: str, once: Any, engine: Any) -> None:
         import torch
 
+        if variant not in self.args.variants.split(","):
+            return
+
         row: dict[str, Any] = {"variant": variant}
         case.rows.append(row)
         estimate = self.estimate(case)
@@ -602,6 +605,8 @@ def run_family(bench: Bench, family: str, cases: list[Case], configs: dict[str, 
     for case in cases:
         bench.measure(case, "lossless", bench.engine_once, engines[case.model])
     # fp8: quantize the optimised transformer, then compile again
+    if "fp8" not in bench.args.variants.split(","):
+        return
     try:
         torch._dynamo.reset()
         notes = lossy.quantize(first, Quantization.FP8, device)
@@ -626,6 +631,7 @@ def main() -> int:
         "--row-seconds", type=float, default=30.0, help="stop adding requests to a row after this"
     )
     ap.add_argument("--deadline-seconds", type=float, default=math.inf, help="skip rows that would end later")
+    ap.add_argument("--variants", default="plain,lossless,fp8", help="which rows to measure (default all three)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--cpu", action="store_true", help="small configurations on the CPU")
     ap.add_argument(

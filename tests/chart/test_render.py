@@ -329,6 +329,27 @@ def test_presets_switch_and_override(tmp_path: Path):
     assert presets["flux-1-schnell"]["worker"]["gpu"]["count"] == 1
 
 
+def test_preset_serving_overrides_merge_into_the_catalog(tmp_path: Path):
+    """The lossy speed-ups are opt-in per preset; what a preset does not set stays the catalog's."""
+    values = {
+        "presets": {
+            "flux-1-dev": {"serving": {"quantization": "fp8", "stepCache": {"type": "first-block"}}},
+            "flux-2-dev": {"serving": {"memory": "text-encoder-offload"}},
+        }
+    }
+    presets = {p["metadata"]["name"]: p["spec"] for p in find(render(values, tmp_path), "ImageModel")}
+    catalog = _catalog_specs()
+    dev = ImageModelSpec.model_validate(presets["flux-1-dev"]).serving
+    assert dev.quantization.value == "fp8" and dev.step_cache is not None
+    assert dev.step_cache.type.value == "first-block"
+    assert presets["flux-1-schnell"]["serving"]["maxSequenceLength"] == 256  # untouched preset
+    flux2 = presets["flux-2-dev"]["serving"]
+    assert flux2["memory"] == "text-encoder-offload"
+    assert catalog["flux-2-dev"]["serving"]["memory"] == "auto"
+    out = template({"presets": {"flux-1-dev": {"serving": {"quantization": "int3"}}}}, tmp_path, check=False)
+    assert out.returncode != 0 and "quantization" in out.stderr
+
+
 def test_all_presets_off_renders_none(tmp_path: Path):
     objs = render({"presets": {n: {"enabled": False} for n in PRESETS}}, tmp_path)
     assert not find(objs, "ImageModel")

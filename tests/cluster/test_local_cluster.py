@@ -130,6 +130,17 @@ def test_crd_registers_and_validates_imagemodels(kube: Kube, namespace: str):
     out = kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(bad), check=False)
     assert out.returncode != 0
     assert "size.default must be a known size preset" in out.stderr
+    # The serving speed-ups: fp8 and a step cache are accepted; the first-block cache
+    # is refused on FLUX.2 (it breaks there in diffusers 0.42) with what to use instead.
+    flux2 = next(d for d in yaml.safe_load_all(catalog) if d and d["metadata"]["name"] == "flux-2-dev")
+    flux2["metadata"]["name"] = "flux2-fast"
+    flux2["spec"]["model"] = "example/flux2-fast"
+    flux2["spec"]["serving"].update(quantization="fp8", stepCache={"type": "taylorseer", "interval": 3})
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(flux2))
+    flux2["spec"]["serving"]["stepCache"] = {"type": "first-block"}
+    out = kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(flux2), check=False)
+    assert out.returncode != 0
+    assert "use stepCache.type taylorseer" in out.stderr
 
 
 def test_helm_lint_and_template_pass_on_the_chart(kube: Kube):

@@ -191,3 +191,42 @@ def test_drain_past_the_grace_hands_the_job_back(engines: Any, gateway: RunningG
         assert gateway.wait(job_id, {"succeeded", "failed", "cancelled"})["status"] == "succeeded"
     finally:
         lt2.stop()
+
+
+def test_the_next_job_renders_while_the_last_one_is_encoded(
+    engines: Any, gateway: RunningGateway, monkeypatch: Any
+) -> None:
+    """PNG encoding and delivery need no GPU: the next job's denoising does not wait for them."""
+    from remotegpu_worker.engine import pipelines
+
+    engine = engines("flux1")
+    renders: list[str] = []
+    second_render = threading.Event()
+    overlapped: list[bool] = []
+    real_render, real_png = engine.render, pipelines.png_bytes
+
+    def render(req: Any, *a: Any, **kw: Any) -> Any:
+        renders.append(req.prompt)
+        if len(renders) == 2:
+            second_render.set()
+        return real_render(req, *a, **kw)
+
+    def png_bytes(image: Any) -> bytes:
+        if not overlapped:  # the first job's encode waits to see the second job start rendering
+            overlapped.append(second_render.wait(30))
+        return real_png(image)
+
+    monkeypatch.setattr(engine, "render", render)
+    monkeypatch.setattr(pipelines, "png_bytes", png_bytes)
+    first = gateway.submit(TINY, "first", steps=2)
+    second = gateway.submit(TINY, "second", steps=2)
+    lt = LoopThread(engine, gateway)
+    try:
+        for job_id in (first, second):
+            assert gateway.wait(job_id, {"succeeded", "failed"})["status"] == "succeeded"
+    finally:
+        assert lt.stop() == "drained"
+    assert overlapped == [True], "the second job did not start rendering while the first was encoded"
+    assert lt.count("succeeded") == 2
+    text = generate_latest(lt.metrics.registry).decode()
+    assert 'remotegpu_worker_encode_seconds_count{model="remotegpu/tiny-random-flux1"} 2.0' in text

@@ -631,7 +631,9 @@ def main() -> int:
         "--row-seconds", type=float, default=30.0, help="stop adding requests to a row after this"
     )
     ap.add_argument("--deadline-seconds", type=float, default=math.inf, help="skip rows that would end later")
-    ap.add_argument("--variants", default="plain,lossless,fp8", help="which rows to measure (default all three)")
+    ap.add_argument(
+        "--variants", default="plain,lossless,fp8", help="which rows to measure (default all three)"
+    )
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--cpu", action="store_true", help="small configurations on the CPU")
     ap.add_argument(

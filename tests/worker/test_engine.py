@@ -110,30 +110,34 @@ def test_prompt_negative_prompt_steps_and_guidance_change_the_image(engines: Any
     assert engine.generate(req(guidance=7.0)).png != base
 
 
-def test_serving_settings_cut_the_prompt_and_scale_the_negative_prompt(engines: Any) -> None:
-    """serving.maxSequenceLength (schnell: 256) and serving.trueCfgScale reach the pipeline."""
+def test_the_whole_prompt_counts_and_true_cfg_scale_reaches_the_pipeline(engines: Any) -> None:
+    """Past CLIP's 77 tokens the T5 sequence still carries the prompt; serving.trueCfgScale
+    sets the negative prompt's strength. (Over serving.maxSequenceLength: test_speedups.)"""
     engine = engines("flux1")
     serving = engine.spec.serving
-    head = "a lighthouse on a cliff at dusk, " * 8  # past CLIP's 77 tokens as well
+    head = "a lighthouse on a cliff at dusk, " * 8  # past CLIP's 77 tokens
     a, b = req(prompt=head + "painted in oils"), req(prompt=head + "as a pencil sketch")
-    assert engine.generate(a).png != engine.generate(b).png  # the whole prompt counts
+    assert engine.generate(a).png != engine.generate(b).png
     negative = engine.generate(req(negative_prompt="blurry")).png
     try:
-        serving.max_sequence_length = 32
-        assert engine.generate(a).png == engine.generate(b).png  # only the shared start counts
-        serving.max_sequence_length = None  # the padded length changes the image by itself
         serving.true_cfg_scale = 9.0
         assert engine.generate(req(negative_prompt="blurry")).png != negative
     finally:
-        serving.max_sequence_length, serving.true_cfg_scale = None, 4.0
+        serving.true_cfg_scale = 4.0
 
 
-def test_schnell_reads_its_prompt_up_to_256_tokens() -> None:
+def test_schnell_reads_its_prompt_up_to_256_tokens(engines: Any) -> None:
     from remotegpu.catalog import load_models_file
 
     schnell = next(m for m in load_models_file() if m.spec.model.endswith("FLUX.1-schnell"))
-    engine = ImageEngine(schnell, device="cpu")
-    assert engine.call_kwargs(req(guidance=0.0), [])["max_sequence_length"] == 256
+    assert schnell.spec.max_prompt_tokens == 256
+    engine = engines("flux1")  # the same architecture, with schnell's serving setting
+    serving = engine.spec.serving
+    try:
+        serving.max_sequence_length = schnell.spec.serving.max_sequence_length
+        assert engine.call_kwargs(req(), [])["max_sequence_length"] == 256
+    finally:
+        serving.max_sequence_length = None
 
 
 def test_fixed_guidance_is_the_catalog_value(engines: Any) -> None:

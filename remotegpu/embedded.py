@@ -158,7 +158,9 @@ class ModelWorker:
                     f"{spec.model}: load {attempt} of {LOAD_ATTEMPTS} failed ({self.error}); retrying in {backoff:.0f}s"
                 )
                 if self.sup.stopping.wait(backoff):
-                    break
+                    # Shutting down, not giving up: the jobs wait for the next start.
+                    self._report(worker_id, RuntimeState.SLEEPING, 0)
+                    return None
                 backoff *= 2
         _say(
             f"{spec.model}: could not be loaded ({self.error}); its waiting jobs fail, the next job tries again"

@@ -247,6 +247,8 @@ class Scaling(_Spec):
     idle_seconds: int = Field(default=300, ge=0)  # idle window before scaling to zero
     scale_up_limit: int = Field(default=4, ge=1)  # most replicas added per decision
     scale_down_limit: int = Field(default=1, ge=1)  # most replicas removed per decision
+    # Longest a job waits to start before it fails; None: the gateway's default (15 min).
+    start_timeout_seconds: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _bounds(self) -> Scaling:

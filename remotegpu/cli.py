@@ -36,6 +36,23 @@ def _retention_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _public_url_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--public-url",
+        help="absolute base URL used in result_url (default $REMOTEGPU_PUBLIC_URL, else http://HOST:PORT; "
+        "with --host 0.0.0.0 or ::, each request's own base URL)",
+    )
+
+
+def _start_timeout_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--start-timeout-seconds",
+        type=float,
+        help="a job that has not started this long after it was queued fails, saying why; an ImageModel's "
+        "scaling.startTimeoutSeconds overrides it (default $REMOTEGPU_START_TIMEOUT_SECONDS or 900)",
+    )
+
+
 def _action_state_options(p: argparse.ArgumentParser) -> None:
     """The state flags also after the action (`keys create --data-dir D`); absent ones leave the parent's."""
     p.add_argument("--data-dir", default=argparse.SUPPRESS, help="state folder")
@@ -68,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     _server_options(p, 8000)
     _state_options(p)
     p.add_argument("--models-file", help="catalog file of ImageModel resources (default: the bundled one)")
+    _public_url_option(p)
     _retention_option(p)
     _cors_option(p)
+    _start_timeout_option(p)
     p.add_argument(
         "--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start"
     )
@@ -82,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--models-file", help="catalog file (default: watch ImageModel resources when in a cluster)"
     )
     p.add_argument("--namespace", help="namespace whose ImageModel resources make the catalog")
-    p.add_argument("--public-url", help="absolute base URL used in result_url (default http://HOST:PORT)")
+    _public_url_option(p)
     _retention_option(p)
     _cors_option(p)
+    _start_timeout_option(p)
     p.set_defaults(func=_handler("remotegpu_gateway.server:run"))
 
     p = sub.add_parser("worker", help="an inference worker for one model")

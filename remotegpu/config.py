@@ -35,3 +35,34 @@ def database_url(flag: str | None = None, data: Path | None = None) -> str:
     if url:
         return url
     return f"sqlite:///{(data or data_dir()) / 'remotegpu.db'}"
+
+
+# Addresses that mean "every interface": a URL cannot name them.
+EVERY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def http_url(host: str, port: int) -> str:
+    """http://HOST:PORT, with an IPv6 literal in brackets (RFC 3986): http://[::1]:8000."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def loopback_for(host: str) -> str:
+    """The address a process on this machine connects to for a server bound to `host`."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def public_url(flag: str | None, host: str, port: int) -> str | None:
+    """--public-url, else $REMOTEGPU_PUBLIC_URL, else http://HOST:PORT; None when listening on
+    every address: then result_url follows each request's own base URL."""
+    url = flag or os.environ.get("REMOTEGPU_PUBLIC_URL")
+    if url:
+        return url.rstrip("/")
+    if host in EVERY_ADDRESS:
+        return None
+    return http_url(host, port)

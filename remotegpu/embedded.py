@@ -10,6 +10,9 @@ One process on one machine:
   (`remotegpu_worker.loop.WorkerLoop`) against the gateway over loopback HTTP with the
   worker token (`ready`); after the model's `scaling.idleSeconds` without a job it
   unloads (`sleeping`). Models with `scaling.minReplicas > 0` load at start and stay.
+  Loads run one at a time (the engine serialises them); a failed load is tried
+  LOAD_ATTEMPTS times with back-off, then the gateway fails the model's waiting jobs
+  with the reason, and the model's next job starts a fresh try (never a 503).
 
 On first start the tiny random-weight models are built into DATA_DIR/tiny-models (a
 few seconds, with progress). FLUX models whose weights are neither a local folder nor
@@ -35,6 +38,9 @@ log = logging.getLogger("remotegpu.embedded")
 
 DRAIN_GRACE_ENV = "REMOTEGPU_DRAIN_GRACE_SECONDS"
 IDLE_ENV = "REMOTEGPU_IDLE_SECONDS"  # overrides every model's scaling.idleSeconds (tests, demos)
+# A failed load is tried this many times in all, waiting 2 s, then 4 s, ... in between.
+LOAD_ATTEMPTS = 3
+LOAD_BACKOFF_SECONDS = 2.0
 
 
 def _say(msg: str) -> None:
@@ -96,45 +102,19 @@ class ModelWorker:
         self.thread.start()
 
     def _run(self) -> None:
-        from remotegpu_worker.engine import ImageEngine
         from remotegpu_worker.loop import LoopSettings, WorkerLoop, default_worker_id
 
         spec = self.model.spec
         if self.previous is not None:  # never hold two copies of a model's weights
             self.previous.thread.join()
         worker_id = f"embedded-{default_worker_id()}"
-        client = self.sup.client()
-        try:
-            client.report_status(
-                WorkerStatus(worker_id=worker_id, model=spec.model, state=RuntimeState.STARTING)
-            )
-        except Exception as e:  # noqa: BLE001
-            log.debug("status report failed: %s", e)
         _say(f"{spec.model}: loading (jobs report 'warming' until it is ready)")
-        try:
-            self.engine = ImageEngine(
-                self.model, self.sup.data_dir, device=os.environ.get("REMOTEGPU_DEVICE") or None
-            )
-            info = self.engine.load()
-            self.sup.metrics.load_seconds.labels(spec.model).set(info.load_seconds)
-            warm = self.engine.warm_up()
-            self.sup.metrics.warmup_seconds.labels(spec.model).set(warm)
-        except Exception as e:  # noqa: BLE001
-            log.exception("could not load %s", spec.model)
-            self.error = f"{type(e).__name__}: {e}"
-            self.sup.registry.set_availability(
-                spec.model, False, f"the model failed to load here: {self.error}"
-            )
-            self._fail_waiting_jobs(client, worker_id)
-            try:
-                client.report_status(
-                    WorkerStatus(worker_id=worker_id, model=spec.model, state=RuntimeState.SLEEPING)
-                )
-            except Exception:  # noqa: BLE001
-                pass
-            client.close()
+        self.engine = self._load_with_retries(worker_id)
+        if self.engine is None:
             return
-        client.close()
+        info = self.engine.info
+        assert info is not None
+        warm = info.warmup_seconds
         idle = float(os.environ[IDLE_ENV]) if os.environ.get(IDLE_ENV) else float(spec.scaling.idle_seconds)
         settings = LoopSettings.from_env(
             idle_seconds=None if spec.scaling.min_replicas > 0 else idle,
@@ -161,17 +141,58 @@ class ModelWorker:
         if why == "idle":
             _say(f"{spec.model}: idle for {idle:.0f}s, unloaded (sleeping)")
 
-    def _fail_waiting_jobs(self, client: WorkerAPIClient, worker_id: str) -> None:
-        """The jobs that triggered the load would wait forever: end them with the reason."""
-        message = f"the model could not be loaded: {self.error}"
+    def _load_with_retries(self, worker_id: str) -> Any:
+        """Loads and warms up the model, retrying with back-off; None when it gave up (the
+        gateway then fails the waiting jobs; the model's next job starts a fresh try)."""
+        spec = self.model.spec
+        backoff = LOAD_BACKOFF_SECONDS
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            self._report(worker_id, RuntimeState.STARTING, attempt - 1)
+            try:
+                return self._load()
+            except Exception as e:  # noqa: BLE001 - any failure to load is retried, then reported
+                self.error = f"{type(e).__name__}: {e}"
+                log.exception("%s: load %d of %d failed", spec.model, attempt, LOAD_ATTEMPTS)
+            if attempt < LOAD_ATTEMPTS:
+                _say(
+                    f"{spec.model}: load {attempt} of {LOAD_ATTEMPTS} failed ({self.error}); retrying in {backoff:.0f}s"
+                )
+                if self.sup.stopping.wait(backoff):
+                    # Shutting down, not giving up: the jobs wait for the next start.
+                    self._report(worker_id, RuntimeState.SLEEPING, 0)
+                    return None
+                backoff *= 2
+        _say(
+            f"{spec.model}: could not be loaded ({self.error}); its waiting jobs fail, the next job tries again"
+        )
+        self._report(worker_id, RuntimeState.SLEEPING, LOAD_ATTEMPTS)
+        return None
+
+    def _load(self) -> Any:
+        from remotegpu_worker.engine import ImageEngine
+
+        spec = self.model.spec
+        engine = ImageEngine(self.model, self.sup.data_dir, device=os.environ.get("REMOTEGPU_DEVICE") or None)
         try:
-            while True:
-                lease = client.lease(self.model.spec.model, worker_id, wait_seconds=0)
-                if lease is None:
-                    return
-                client.fail(lease.job_id, lease.lease_token, message[:4000], retryable=False)
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not fail the waiting jobs of %s: %s", self.model.spec.model, e)
+            info = engine.load()
+            self.sup.metrics.load_seconds.labels(spec.model).set(info.load_seconds)
+            self.sup.metrics.warmup_seconds.labels(spec.model).set(engine.warm_up())
+        except BaseException:
+            engine.unload()  # free what a failed try holds before the next one
+            raise
+        return engine
+
+    def _report(self, worker_id: str, state: RuntimeState, load_failures: int) -> None:
+        status = WorkerStatus(
+            worker_id=worker_id, model=self.model.spec.model, state=state, load_failures=load_failures
+        )
+        client = self.sup.client()
+        try:
+            client.report_status(status)
+        except Exception as e:  # noqa: BLE001 - the registry catches up with the next report
+            log.warning("%s: status report failed: %s", self.model.spec.model, e)
+        finally:
+            client.close()
 
 
 class Supervisor:
@@ -267,7 +288,13 @@ def serve(args: argparse.Namespace) -> int:
     from remotegpu_gateway.app import create_app
     from remotegpu_gateway.connections import uvicorn_config
     from remotegpu_gateway.registry import RuntimeRegistry
-    from remotegpu_gateway.settings import Settings, http_settings, retention_seconds, worker_token
+    from remotegpu_gateway.settings import (
+        Settings,
+        http_settings,
+        retention_seconds,
+        start_timeout_seconds,
+        worker_token,
+    )
     from remotegpu_worker.engine import weights
     from remotegpu_worker.metrics import WorkerMetrics
 
@@ -287,17 +314,18 @@ def serve(args: argparse.Namespace) -> int:
         ok, why = weights.available_locally(m.spec, data)
         registry.set_availability(m.spec.model, ok, why)
     host, port = args.host, args.port
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    base_url = f"http://{connect_host}:{port}"
+    # The in-process workers reach the gateway over loopback, whatever address it listens on.
+    base_url = config.http_url(config.loopback_for(host), port)
     token = worker_token(data, announce=False)
     settings = Settings(
         database_url=config.database_url(getattr(args, "database_url", None), data),
         data_dir=data,
         worker_token=token,
-        public_url=os.environ.get("REMOTEGPU_PUBLIC_URL") or base_url,
+        public_url=config.public_url(getattr(args, "public_url", None), host, port),
         models=models,
         retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
         **http_settings(args),
+        start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
     )
     app = create_app(settings, registry=registry)
     gw = app.state.gateway

@@ -136,6 +136,9 @@ class WorkerStatus(BaseModel):
     model: str
     state: RuntimeState
     load_seconds: float | None = None
+    # Consecutive failed loads of the model. With state `sleeping` the worker gave up:
+    # the model's waiting jobs fail now, saying so (the next job starts a fresh try).
+    load_failures: int = Field(default=0, ge=0)
 
 
 class LeaseLost(Exception):

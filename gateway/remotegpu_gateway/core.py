@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from remotegpu.catalog import load_models_file
+from remotegpu.catalog import ImageModel, load_models_file
 from remotegpu.protocol import GenerationRequest, Lease, ModelQueue, QueueSnapshot
 from remotegpu_gateway.catalog_source import Catalog, KubernetesCatalogWatcher
 from remotegpu_gateway.metrics import Metrics
@@ -61,7 +62,8 @@ class Gateway:
         storage: BlobStorage | None = None,
     ):
         self.settings = settings
-        self.store = Store(settings.database_url, max_attempts=settings.max_attempts)
+        self.clock = settings.clock
+        self.store = Store(settings.database_url, max_attempts=settings.max_attempts, clock=self.clock)
         self.store.migrate()
         self.registry = registry or RuntimeRegistry(stale_seconds=settings.worker_stale_seconds)
         self.watcher: KubernetesCatalogWatcher | None = None
@@ -89,7 +91,10 @@ class Gateway:
         self.registry.on_change(self._bump_all)
         self.registry.on_change(self.metrics.track_cold_starts(self._states))
         self.catalog.on_change(self._bump_all)
+        self.catalog.on_change(self._wake_reaper)
         self._tasks: list[asyncio.Task[Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reaper_wake: asyncio.Event | None = None
         # Submits run in a few threads: more only contend for the GIL and the SQLite write lock.
         self.db_limiter = anyio.CapacityLimiter(settings.submit_threads)
         self._stats_cache: tuple[float, dict[str, Any]] = (0.0, {})
@@ -99,11 +104,19 @@ class Gateway:
     def _bump_all(self) -> None:
         self.notifier.bump()
 
+    def _wake_reaper(self) -> None:
+        """A catalog change: jobs of a model that left it fail now, not at the next round."""
+        loop, wake = self._loop, self._reaper_wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Starts background work: catalog watch, lease reaper, PostgreSQL wake-ups."""
-        self.notifier.bind(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self._reaper_wake = asyncio.Event()
+        self.notifier.bind(self._loop)
         if self.watcher is not None:
             await anyio.to_thread.run_sync(self.watcher.start)
         self._tasks.append(asyncio.create_task(self._reaper(), name="lease-reaper"))
@@ -131,21 +144,63 @@ class Gateway:
         log.info("gateway stopped")
 
     async def _reaper(self) -> None:
+        assert self._reaper_wake is not None
         while True:
-            await asyncio.sleep(self.settings.reaper_interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reaper_wake.wait(), self.settings.reaper_interval_seconds)
+            self._reaper_wake.clear()
             try:
                 await self.reap()
             except Exception:  # noqa: BLE001 - keep reaping
                 log.exception("lease reaper failed")
 
     async def reap(self) -> int:
+        """Expired leases back to the queue (or failed), then jobs that cannot start failed."""
         changed = await anyio.to_thread.run_sync(self.store.expire_leases)
         for job, status in changed:
             if status in TERMINAL_STATES:
-                self.metrics.finished(job.model, status, job.started_at, time.time())
-        if changed:
-            self.notifier.bump(*{job.model for job, _ in changed})
-        return len(changed)
+                self.metrics.finished(job.model, status, job.started_at, self.clock())
+        failed = await anyio.to_thread.run_sync(self.fail_unstartable)
+        models = {job.model for job, _ in changed} | {job.model for job in failed}
+        if models:
+            self.notifier.bump(*models)
+        return len(changed) + len(failed)
+
+    def start_timeout(self, model: ImageModel) -> float:
+        own = model.spec.scaling.start_timeout_seconds
+        return float(own) if own is not None else self.settings.start_timeout_seconds
+
+    def fail_unstartable(self) -> list[JobRecord]:
+        """Fails the waiting jobs that will not start: their model left the catalog, or they
+        waited past the model's start timeout. Their error_message says which."""
+        now = self.clock()
+        failed: list[JobRecord] = []
+        for model_id, count in self.store.queue_counts().items():
+            if count.pending == 0:
+                continue
+            entry = self.catalog.get(model_id)
+            if entry is None:
+                message = f"the model {model_id} left the catalog (it is no longer served here); the job never started"
+                failed += self.store.fail_pending(model_id, message)
+                continue
+            timeout = self.start_timeout(entry)
+            queued_at = count.oldest_pending_queued_at
+            if queued_at is not None and queued_at < now - timeout:
+                message = f"the job did not start within {timeout:g}s: {self._no_start_reason(model_id)}"
+                failed += self.store.fail_pending(model_id, message, queued_before=now - timeout)
+        for job in failed:
+            log.warning("job %s (%s) failed before it started: %s", job.id, job.model, job.error_message)
+            self.metrics.finished(job.model, job.status, None, job.completed_at)
+        return failed
+
+    def _no_start_reason(self, model_id: str) -> str:
+        available, why = self.registry.availability(model_id)
+        if not available:
+            return f"the model is unavailable here ({why or 'no reason given'})"
+        failures = self.registry.load_failures(model_id)
+        if failures:
+            return f"the model failed to load {failures} time{'s' if failures != 1 else ''}"
+        return "no capacity came up for this model"
 
     async def _purger(self) -> None:
         while True:
@@ -157,7 +212,7 @@ class Gateway:
 
     async def purge(self) -> int:
         """Deletes finished jobs older than the retention period, with their images."""
-        before = time.time() - self.settings.retention_seconds
+        before = self.clock() - self.settings.retention_seconds
         total = 0
         while True:
             purged = await anyio.to_thread.run_sync(self._purge_batch, before)
@@ -214,7 +269,7 @@ class Gateway:
         return f"{base_url.rstrip('/')}/v1/inference/jobs/{job_id}/result?expires={expires}&signature={sig}"
 
     def job_view(self, job: JobRecord, base_url: str) -> dict[str, Any]:
-        now = time.time()
+        now = self.clock()
         status = self.public_status(job)
         return {
             "job_id": job.id,
@@ -239,7 +294,7 @@ class Gateway:
     def queue_snapshot(self) -> QueueSnapshot:
         version = self.notifier.version
         counts = self.store.queue_counts()
-        now = time.time()
+        now = self.clock()
         models: dict[str, ModelQueue] = {}
         for model_id in set(self.catalog.ids()) | set(counts):
             c = counts.get(model_id)
@@ -261,26 +316,26 @@ class Gateway:
         at, cached = self._stats_cache
         if time.monotonic() - at < 2.0:
             return cached
-        window = self.settings.stats_window_seconds
-        rows = self.store.recent_finished(time.time() - window)
-        per: dict[str, tuple[list[float], list[float], list[float]]] = {}
-        for model, created, started, completed in rows:
-            w, r, t = per.setdefault(model, ([], [], []))
+        since = self.clock() - self.settings.stats_window_seconds
+        out = {model: self._model_stats(model, since) for model in self.catalog.ids()}
+        self._stats_cache = (time.monotonic(), out)
+        return out
+
+    def _model_stats(self, model: str, since: float) -> dict[str, Any]:
+        w: list[float] = []
+        r: list[float] = []
+        t: list[float] = []
+        for created, started, completed in self.store.recent_finished(model, since):
             start = started if started is not None else completed
             w.append((start - created) * 1000)
             r.append((completed - start) * 1000)
             t.append((completed - created) * 1000)
-        out: dict[str, Any] = {}
-        for model in set(self.catalog.ids()) | set(per):
-            w, r, t = per.get(model, ([], [], []))
-            out[model] = {
-                "window_seconds": int(window),
-                "wait_ms": _summary(w),
-                "run_ms": _summary(r),
-                "total_ms": _summary(t),
-            }
-        self._stats_cache = (time.monotonic(), out)
-        return out
+        return {
+            "window_seconds": int(self.settings.stats_window_seconds),
+            "wait_ms": _summary(w),
+            "run_ms": _summary(r),
+            "total_ms": _summary(t),
+        }
 
     def models_view(self) -> dict[str, Any]:
         stats = self.recent_stats()
@@ -291,7 +346,8 @@ class Gateway:
                     "description": m.spec.description,
                     "parameters": m.spec.public_parameters(),
                     "runtime": self.registry.runtime(m.spec.model).public(),
-                    "recent_summary_stats": stats[m.spec.model],
+                    "recent_summary_stats": stats.get(m.spec.model)
+                    or self._model_stats(m.spec.model, self.clock() - self.settings.stats_window_seconds),
                 }
                 for m in self.catalog.models()
             ]

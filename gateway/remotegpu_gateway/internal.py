@@ -176,6 +176,17 @@ async def queue(
 async def worker_status(body: WorkerStatus, request: Request) -> dict[str, str]:
     gw = gateway(request)
     gw.registry.report_worker(body.model, body.worker_id, body.state)
+    if body.load_failures:
+        gw.registry.set_load_failures(body.model, body.load_failures)
     if body.state == RuntimeState.SLEEPING:
+        if body.load_failures:
+            await anyio.to_thread.run_sync(_gave_up_loading, gw, body.model, body.load_failures)
         gw.notifier.bump(body.model)  # wakes that worker's lease poll, which then ends
     return {"state": gw.registry.state(body.model).value}
+
+
+def _gave_up_loading(gw: Gateway, model: str, failures: int) -> None:
+    """The model's waiting jobs fail now instead of waiting out the start timeout."""
+    message = f"the model failed to load {failures} times; the job never started"
+    for job in gw.store.fail_pending(model, message):
+        gw.metrics.finished(job.model, job.status, None, job.completed_at)

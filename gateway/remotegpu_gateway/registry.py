@@ -53,6 +53,7 @@ class RuntimeRegistry:
         self._workers: dict[str, dict[str, _Worker]] = {}
         self._cluster_state: dict[str, RuntimeState] = {}
         self._availability: dict[str, tuple[bool, str | None]] = {}
+        self._load_failures: dict[str, int] = {}  # consecutive failed loads since the last ready
         self._listeners: list[Callable[[], None]] = []
 
     def on_change(self, fn: Callable[[], None]) -> None:
@@ -67,6 +68,8 @@ class RuntimeRegistry:
 
     def report_worker(self, model: str, worker_id: str, state: RuntimeState) -> None:
         with self._lock:
+            if state == RuntimeState.READY:
+                self._load_failures.pop(model, None)
             before = self._state_locked(model)
             self._workers.setdefault(model, {})[worker_id] = _Worker(
                 state=RuntimeState(state), seen=time.monotonic()
@@ -100,6 +103,11 @@ class RuntimeRegistry:
             after = self._state_locked(model)
         if before != after:
             self._changed()
+
+    def set_load_failures(self, model: str, failures: int) -> None:
+        """A worker's consecutive failed loads of `model`: the reason its jobs did not start."""
+        with self._lock:
+            self._load_failures[model] = failures
 
     def set_availability(self, model: str, available: bool, reason: str | None = None) -> None:
         """Marks a model (un)available for serving. Clients see `reason` (in the catalog and
@@ -143,6 +151,10 @@ class RuntimeRegistry:
     def availability(self, model: str) -> tuple[bool, str | None]:
         with self._lock:
             return self._availability.get(model, (True, None))
+
+    def load_failures(self, model: str) -> int:
+        with self._lock:
+            return self._load_failures.get(model, 0)
 
     def runtime(self, model: str) -> ModelRuntime:
         with self._lock:

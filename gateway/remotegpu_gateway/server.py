@@ -14,7 +14,13 @@ from remotegpu import config
 from remotegpu_gateway.app import create_app
 from remotegpu_gateway.connections import uvicorn_config
 from remotegpu_gateway.notify import Notifier
-from remotegpu_gateway.settings import Settings, http_settings, retention_seconds, worker_token
+from remotegpu_gateway.settings import (
+    Settings,
+    http_settings,
+    retention_seconds,
+    start_timeout_seconds,
+    worker_token,
+)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -23,15 +29,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     namespace = getattr(args, "namespace", None)
     if not models_file and not namespace and os.environ.get("KUBERNETES_SERVICE_HOST"):
         namespace = os.environ.get("REMOTEGPU_NAMESPACE") or _pod_namespace()
-    public = getattr(args, "public_url", None) or os.environ.get("REMOTEGPU_PUBLIC_URL")
-    if not public and args.host not in ("0.0.0.0", "::"):
-        public = f"http://{args.host}:{args.port}"
-    # Listening on every address: result_url follows each request's own base URL.
     return Settings(
         database_url=config.database_url(getattr(args, "database_url", None), data),
         data_dir=data,
         worker_token=worker_token(data),
-        public_url=public,
+        public_url=config.public_url(getattr(args, "public_url", None), args.host, args.port),
         results_dir=Path(os.environ["REMOTEGPU_RESULTS_DIR"])
         if os.environ.get("REMOTEGPU_RESULTS_DIR")
         else None,
@@ -41,6 +43,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         kubeconfig=os.environ.get("KUBECONFIG") or None,
         retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
         **http_settings(args),
+        start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
     )
 
 
@@ -56,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     app = create_app(settings)
     base = settings.public_url or "each request's own URL"
-    print(f"gateway listening on http://{args.host}:{args.port} (result URLs based on {base})", flush=True)
-    config = uvicorn_config(
+    print(
+        f"gateway listening on {config.http_url(args.host, args.port)} (result URLs based on {base})",
+        flush=True,
+    )
+    server_config = uvicorn_config(
         app, settings, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
     )
-    GatewayServer(config, app.state.gateway.notifier).run()
+    GatewayServer(server_config, app.state.gateway.notifier).run()
     return 0
 
 

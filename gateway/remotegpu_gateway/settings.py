@@ -6,6 +6,8 @@ import argparse
 import os
 import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ class Settings:
     namespace: str | None = None
     kubeconfig: str | None = None
     lease_ttl_seconds: float = 30.0
+    # Longest a job waits to start (queued or warming) before it fails with the reason;
+    # an ImageModel's scaling.startTimeoutSeconds overrides it for that model.
+    start_timeout_seconds: float = 15 * 60.0
     max_attempts: int = 3
     max_body_bytes: int = 64 * 1024 * 1024
     # Slow or stalled clients (see connections.py and bodies.py): a request's headers must
@@ -57,6 +62,8 @@ class Settings:
     # Threads that run submits (auth, validation, image decoding, the insert) at once.
     submit_threads: int = 8
     extra: dict[str, str] = field(default_factory=dict)
+    # Wall clock of job and lease times (tests move it forward instead of sleeping).
+    clock: Callable[[], float] = time.time
 
     def resolved_results_dir(self) -> Path:
         return self.results_dir or (self.data_dir / "results")
@@ -119,6 +126,24 @@ def cors_origins(values: list[str]) -> list[str]:
             raise SystemExit(f"CORS origin {value!r}: expected scheme://host[:port] (or *)")
         out.append(value)
     return out
+
+
+START_TIMEOUT_ENV = "REMOTEGPU_START_TIMEOUT_SECONDS"
+
+
+def start_timeout_seconds(seconds: float | None = None) -> float:
+    """--start-timeout-seconds, else $REMOTEGPU_START_TIMEOUT_SECONDS, else 900 (15 min)."""
+    if seconds is None:
+        env = os.environ.get(START_TIMEOUT_ENV)
+        if not env:
+            return Settings.start_timeout_seconds
+        try:
+            seconds = float(env)
+        except ValueError:
+            raise SystemExit(f"${START_TIMEOUT_ENV}={env!r}: expected a number of seconds") from None
+    if seconds <= 0:
+        raise SystemExit("the start timeout must be a positive number of seconds")
+    return seconds
 
 
 def worker_token(data_dir: Path, announce: bool = True) -> str:

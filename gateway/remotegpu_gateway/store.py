@@ -113,9 +113,17 @@ def _migration_1(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _migration_2(conn: Connection) -> None:
+    # The catalog's recent stats read each model's latest successes.
+    conn.execute(
+        sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_model_completed ON jobs (model, status, completed_at)")
+    )
+
+
 # Append-only: (version, name, function). Never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs, api keys, settings", _migration_1),
+    (2, "index of each model's finished jobs", _migration_2),
 ]
 
 
@@ -213,6 +221,8 @@ class QueueCount:
     pending: int = 0
     running: int = 0
     oldest_pending_created_at: float | None = None
+    # When the longest-waiting pending job entered the queue (submitted or handed back).
+    oldest_pending_queued_at: float | None = None
     # Workers (pod names) holding a lease: the operator keeps those pods on scale-down.
     busy_workers: list[str] = field(default_factory=list)
 
@@ -369,9 +379,11 @@ class Store:
     # PostgreSQL NOTIFY channel: every queue change, payload = model ID.
     CHANNEL = "remotegpu_queue"
 
-    def __init__(self, url: str, *, max_attempts: int = 3):
+    def __init__(self, url: str, *, max_attempts: int = 3, clock: Callable[[], float] = time.time):
         self.url = normalise_url(url)
         self.max_attempts = max_attempts
+        # Job and lease times (UNIX seconds); tests pass a clock they can move forward.
+        self.clock = clock
         self.is_sqlite = self.url.startswith("sqlite")
         self.own_backend_pids: set[int] = set()
         if self.is_sqlite:
@@ -667,7 +679,7 @@ class Store:
         input_image_keys: list[str],
         job_id: str | None = None,
     ) -> JobRecord:
-        now = time.time()
+        now = self.clock()
         values = dict(
             id=job_id or str(uuid.uuid4()),
             owner_key_id=owner_key_id,
@@ -718,7 +730,7 @@ class Store:
         return JobRecord.from_row(row) if row is not None else None
 
     def cancel_job(self, job_id: str, owner_key_id: str) -> CancelOutcome | None:
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             job = self._locked_job(conn, job_id)
             if job is None or job.owner_key_id != owner_key_id:
@@ -752,7 +764,7 @@ class Store:
         if not _key(model):
             return None
         worker_id = _text(worker_id)
-        now = time.time()
+        now = self.clock()
         token = secrets.token_urlsafe(24)
         with self._tx() as conn:
             job_id = conn.execute(
@@ -795,7 +807,7 @@ class Store:
         self, job_id: str, token: str, ttl: float, progress: tuple[int, int] | None = None
     ) -> tuple[bool, float]:
         """Renews the lease; returns (cancel requested, new expiry)."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             job = self._fenced(conn, job_id, token)
             values: dict[str, Any] = {"lease_expires_at": now + ttl, "updated_at": now}
@@ -806,7 +818,7 @@ class Store:
 
     def complete(self, job_id: str, token: str, result_key: str) -> JobRecord:
         """Marks the job succeeded with its stored result (cancelled if cancel was requested)."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             job = self._fenced(conn, job_id, token)
             if job.cancel_requested:
@@ -822,7 +834,7 @@ class Store:
 
     def fail(self, job_id: str, token: str, error_message: str, retryable: bool = False) -> JobRecord:
         error_message = _text(error_message)
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             job = self._fenced(conn, job_id, token)
             self._end_attempt(conn, job, now, error_message, retryable=retryable)
@@ -831,7 +843,7 @@ class Store:
 
     def release(self, job_id: str, token: str) -> JobRecord:
         """Hands a job back to the queue without using up an attempt (a draining worker)."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             job = self._fenced(conn, job_id, token)
             if job.cancel_requested:
@@ -879,9 +891,47 @@ class Store:
         self._notify(conn, job.model)
         return str(values["status"])
 
+    def fail_pending(
+        self, model: str, error_message: str, queued_before: float | None = None
+    ) -> list[JobRecord]:
+        """Fails `model`'s jobs that wait to start (all, or those queued before `queued_before`).
+
+        They never ran, so they keep started_at empty (run_ms 0). A pending job's
+        updated_at is when it entered the queue: nothing else writes a pending row.
+        """
+        if not _key(model):
+            return []
+        where = [jobs.c.model == model, jobs.c.status == PENDING]
+        if queued_before is not None:
+            where.append(jobs.c.updated_at < queued_before)
+        failed: list[JobRecord] = []
+        while True:
+            batch = self._fail_batch(model, where, _text(error_message)[:4000])
+            failed += batch
+            if len(batch) < 500:
+                return failed
+
+    def _fail_batch(self, model: str, where: list[Any], error_message: str) -> list[JobRecord]:
+        now = self.clock()
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs).where(*where).limit(500).with_for_update(skip_locked=True)
+            ).all()
+            batch = [JobRecord.from_row(row) for row in rows]
+            if batch:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id.in_([j.id for j in batch]))
+                    .values(status=FAILED, completed_at=now, updated_at=now, error_message=error_message)
+                )
+                self._notify(conn, model)
+        for job in batch:
+            job.status, job.completed_at, job.updated_at, job.error_message = FAILED, now, now, error_message
+        return batch
+
     def expire_leases(self, now: float | None = None) -> list[tuple[JobRecord, str]]:
         """Returns running jobs whose lease expired to the queue, or fails/cancels them."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         changed = []
         with self._tx() as conn:
             rows = conn.execute(
@@ -919,7 +969,13 @@ class Store:
     def queue_counts(self) -> dict[str, QueueCount]:
         with self._ro() as conn:
             rows = conn.execute(
-                sa.select(jobs.c.model, jobs.c.status, sa.func.count(), sa.func.min(jobs.c.created_at))
+                sa.select(
+                    jobs.c.model,
+                    jobs.c.status,
+                    sa.func.count(),
+                    sa.func.min(jobs.c.created_at),
+                    sa.func.min(jobs.c.updated_at),
+                )
                 .where(jobs.c.status.in_([PENDING, RUNNING]))
                 .group_by(jobs.c.model, jobs.c.status)
             ).all()
@@ -929,11 +985,12 @@ class Store:
                 .distinct()
             ).all()
         out: dict[str, QueueCount] = {}
-        for model, status, count, oldest in rows:
+        for model, status, count, oldest, oldest_queued in rows:
             q = out.setdefault(model, QueueCount())
             if status == PENDING:
                 q.pending = int(count)
                 q.oldest_pending_created_at = oldest
+                q.oldest_pending_queued_at = oldest_queued
             else:
                 q.running = int(count)
         for model, worker_id in busy:
@@ -941,14 +998,17 @@ class Store:
         return out
 
     def recent_finished(
-        self, since: float, limit: int = 5000
-    ) -> list[tuple[str, float, float | None, float]]:
-        """(model, created_at, started_at, completed_at) of jobs that succeeded since `since`."""
+        self, model: str, since: float, limit: int = 5000
+    ) -> list[tuple[float, float | None, float]]:
+        """(created_at, started_at, completed_at) of `model`'s latest jobs that succeeded since
+        `since`: the limit is per model, so a busy model cannot crowd the others out."""
+        if not _key(model):
+            return []
         with self._ro() as conn:
             rows = conn.execute(
-                sa.select(jobs.c.model, jobs.c.created_at, jobs.c.started_at, jobs.c.completed_at)
-                .where(jobs.c.status == SUCCEEDED, jobs.c.completed_at >= since)
+                sa.select(jobs.c.created_at, jobs.c.started_at, jobs.c.completed_at)
+                .where(jobs.c.model == model, jobs.c.status == SUCCEEDED, jobs.c.completed_at >= since)
                 .order_by(jobs.c.completed_at.desc())
                 .limit(limit)
             ).all()
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]

@@ -405,6 +405,7 @@ def test_existing_secrets_are_referenced_not_created(tmp_path: Path):
                 "existingSigningSecret": "my-signing",
                 "publicUrl": "https://img.example",
                 "retentionHours": 24,
+                "startTimeoutSeconds": 120,
             },
         },
         tmp_path,
@@ -419,6 +420,7 @@ def test_existing_secrets_are_referenced_not_created(tmp_path: Path):
     }
     assert env["REMOTEGPU_PUBLIC_URL"]["value"] == "https://img.example"
     assert env["REMOTEGPU_RETENTION_HOURS"]["value"] == "24"
+    assert env["REMOTEGPU_START_TIMEOUT_SECONDS"]["value"] == "120"
     op_env = env_of(one(objs, "Deployment", "remotegpu-operator"))
     assert op_env["REMOTEGPU_WORKER_TOKEN_SECRET"]["value"] == "my-token"
     assert op_env["REMOTEGPU_WORKER_TOKEN_SECRET_KEY"]["value"] == "t"
@@ -615,6 +617,7 @@ def test_notes_tell_how_to_create_a_key_and_send_a_request(tmp_path: Path):
         ({"commonLabels": {"team": 7}}, "/commonLabels/team"),
         ({"gateway": {"retentionHours": -1}}, "/gateway/retentionHours"),
         ({"gateway": {"corsOrigins": ["https://app.example.com/path"]}}, "/gateway/corsOrigins/0"),
+        ({"gateway": {"startTimeoutSeconds": 0}}, "/gateway/startTimeoutSeconds"),
     ],
 )
 def test_schema_rejects(values, message, tmp_path: Path):

@@ -100,6 +100,25 @@ class _closing:
         self.client.close()
 
 
+class Clock:
+    """Wall time plus an offset a test moves forward: leases expire and start timeouts pass
+    when the test says so, not after real seconds a loaded machine may stretch."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -112,13 +131,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def make_settings(database_url: str, tmp_path: Path) -> Callable[..., Settings]:
+def make_settings(database_url: str, tmp_path: Path, clock: Clock) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = dict(
             database_url=database_url,
             data_dir=tmp_path / "data",
             worker_token=WORKER_TOKEN,
             reaper_interval_seconds=0.1,
+            clock=clock,
         )
         values.update(overrides)
         return Settings(**values)

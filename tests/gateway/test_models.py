@@ -137,3 +137,41 @@ def test_metrics(gateway: RunningGateway, key: str) -> None:
     assert (sample(text, "remotegpu_http_request_duration_seconds_count", route) or 0) >= 4
     # Job IDs never become labels.
     assert job_ids[0] not in text
+
+
+def test_recent_stats_are_per_model(gateway: RunningGateway) -> None:
+    """A busy model cannot crowd a quiet one out of the stats (they were read with one shared
+    row limit, newest first)."""
+    from remotegpu_gateway.store import jobs
+
+    now = time.time()
+
+    def succeeded(model: str, n: int, completed_ago: float, wait: float, run: float) -> list[dict[str, Any]]:
+        done = now - completed_ago
+        return [
+            dict(
+                id=f"{model}-{i}",
+                owner_key_id="k",
+                model=model,
+                status="succeeded",
+                request="{}",
+                input_image_keys="[]",
+                created_at=done - run - wait,
+                updated_at=done,
+                started_at=done - run,
+                completed_at=done,
+                attempt=1,
+                cancel_requested=False,
+            )
+            for i in range(n)
+        ]
+
+    rows = succeeded(SCHNELL, 6000, 60, 0.5, 1.0) + succeeded(DEV, 3, 600, 2.0, 4.0)
+    with gateway.gw.store._write.begin() as conn:  # 6003 finished jobs, as if served earlier
+        conn.execute(jobs.insert(), rows)
+    got = models(gateway)
+    quiet = got[DEV]["recent_summary_stats"]
+    assert quiet["run_ms"] == {"count": 3, "p50": 4000, "p95": 4000}
+    assert quiet["wait_ms"] == {"count": 3, "p50": 2000, "p95": 2000}
+    busy = got[SCHNELL]["recent_summary_stats"]
+    assert busy["run_ms"]["count"] >= 5000 and busy["run_ms"]["p50"] == 1000

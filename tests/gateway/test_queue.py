@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from remotegpu.protocol import PREFIX, LeaseLost, RuntimeState, WorkerAPIClient, WorkerStatus
-from tests.gateway.conftest import DEV, SCHNELL, RunningGateway, auth, png_bytes
+from tests.gateway.conftest import DEV, SCHNELL, Clock, RunningGateway, auth, png_bytes
+from tests.waiting import wait_for
 
 
 def submit_n(g: RunningGateway, key: str, model: str, n: int) -> list[str]:
@@ -32,19 +33,21 @@ def test_empty_lease_waits_then_204(gateway: RunningGateway) -> None:
     w = gateway.worker()
     t0 = time.monotonic()
     assert w.lease(SCHNELL, "w1", wait_seconds=0.5) is None
-    assert 0.45 <= time.monotonic() - t0 < 5
+    assert 0.45 <= time.monotonic() - t0 < 30
     w.close()
 
 
-def test_stale_lease_token_is_refused(start_gateway: Any) -> None:
-    g = start_gateway(lease_ttl_seconds=0.5)
+def test_stale_lease_token_is_refused(start_gateway: Any, clock: Clock) -> None:
+    g = start_gateway(lease_ttl_seconds=30)
     key = g.key()
     job_id = g.submit(key, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
     w1, w2 = g.worker(), g.worker()
     first = w1.lease(SCHNELL, "w1", wait_seconds=5)
     assert first is not None
-    # w1 goes silent; the lease expires and the job goes back to the queue for w2.
-    second = w2.lease(SCHNELL, "w2", wait_seconds=10)
+    # w1 goes silent past its TTL; the reaper puts the job back in the queue for w2, whose
+    # own lease has the whole TTL ahead of it (the clock does not move again).
+    clock.advance(31)
+    second = w2.lease(SCHNELL, "w2", wait_seconds=30)
     assert second is not None and second.job_id == job_id and second.attempt == 2
     assert second.lease_token != first.lease_token
     for call in (
@@ -67,34 +70,35 @@ def test_stale_lease_token_is_refused(start_gateway: Any) -> None:
     assert httpx.get(st["result_url"]).content == good
 
 
-def test_heartbeat_keeps_the_lease(start_gateway: Any) -> None:
-    g = start_gateway(lease_ttl_seconds=0.6)
+def test_heartbeat_keeps_the_lease(start_gateway: Any, clock: Clock) -> None:
+    g = start_gateway(lease_ttl_seconds=30)
     key = g.key()
     job_id = g.submit(key, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
     w = g.worker()
     lease = w.lease(SCHNELL, "w1", wait_seconds=5)
     assert lease is not None
-    for _ in range(8):  # 1.6 s, well past the TTL
-        time.sleep(0.2)
+    for _ in range(4):  # 80 s, well past the TTL, with a heartbeat every 20 s
+        clock.advance(20)
         w.heartbeat(job_id, lease.lease_token)
+        assert g.gw.store.expire_leases() == []
     assert g.job(key, job_id).json()["status"] == "running"
     w.complete(job_id, lease.lease_token, png_bytes())
     w.close()
     assert g.job(key, job_id).json()["status"] == "succeeded"
 
 
-def test_expired_leases_use_up_bounded_attempts(start_gateway: Any) -> None:
-    g = start_gateway(lease_ttl_seconds=0.3, max_attempts=2)
+def test_expired_leases_use_up_bounded_attempts(start_gateway: Any, clock: Clock) -> None:
+    g = start_gateway(lease_ttl_seconds=30, max_attempts=2)
     key = g.key()
     job_id = g.submit(key, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
     w = g.worker()
     first = w.lease(SCHNELL, "w1", wait_seconds=5)
     assert first is not None and first.attempt == 1
-    second = w.lease(SCHNELL, "w1", wait_seconds=10)
+    clock.advance(31)
+    second = w.lease(SCHNELL, "w1", wait_seconds=30)
     assert second is not None and second.attempt == 2
-    deadline = time.time() + 10
-    while g.job(key, job_id).json()["status"] == "running" and time.time() < deadline:
-        time.sleep(0.05)
+    clock.advance(31)
+    wait_for(lambda: g.job(key, job_id).json()["status"] != "running", 30, "the second lease to expire")
     assert w.lease(SCHNELL, "w1", wait_seconds=0.5) is None
     w.close()
     st = g.job(key, job_id).json()
@@ -176,7 +180,9 @@ def test_lease_long_poll_wakes_on_submit(start_gateway: Any) -> None:
     job_id = g.submit(key, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
     t.join(timeout=25)
     assert result["lease"] is not None and result["lease"].job_id == job_id
-    assert result["at"] - submitted < 1.0
+    # Without the wake-up the poll would find it only after its 30 s fallback interval
+    # (past the 20 s wait: no lease at all); 10 s is a margin a loaded machine meets.
+    assert result["at"] - submitted < 10.0
 
 
 def test_queue_long_poll_wakes_on_submit(start_gateway: Any) -> None:
@@ -199,7 +205,7 @@ def test_queue_long_poll_wakes_on_submit(start_gateway: Any) -> None:
     submitted = time.monotonic()
     g.submit(key, {"prompt": "a", "model": SCHNELL})
     t.join(timeout=25)
-    assert out["at"] - submitted < 0.5
+    assert out["at"] - submitted < 10.0  # the 20 s wait without the wake-up
     new = out["snap"]
     assert new.version > snap.version
     assert new.models[SCHNELL].warming == 1 and new.models[SCHNELL].queued == 0
@@ -307,7 +313,8 @@ def test_replicas_share_the_queue_and_wake_each_other(postgres_database_url: str
         for t in threads:
             t.join(timeout=25)
         assert out["lease"] is not None and out["lease"].job_id == job_id
-        assert out["lease_at"] - submitted < 2.0 and 0 <= out["snap_at"] - submitted < 2.0
+        # Without NOTIFY both would wait out their 20 s (the 30 s fallback poll is longer).
+        assert out["lease_at"] - submitted < 10.0 and 0 <= out["snap_at"] - submitted < 10.0
         assert out["snap"].models[SCHNELL].depth == 1
         # The worker completes through B; the owner reads the result through A.
         w = b.worker()

@@ -64,10 +64,26 @@ def test_jobs_in_every_state_survive_a_restart(start_gateway: Any) -> None:
 def test_migrations_are_versioned_and_idempotent(database_url: str) -> None:
     store = Store(database_url)
     first = store.migrate()
-    assert first == [1]
+    assert first == [1, 2]
     assert store.migrate() == []
-    assert store.schema_version() == 1
+    assert store.schema_version() == 2
     store.close()
     again = Store(database_url)
-    assert again.migrate() == [] and again.schema_version() == 1
+    assert again.migrate() == [] and again.schema_version() == 2
     again.close()
+
+
+def test_a_version_1_database_gets_the_per_model_stats_index(database_url: str) -> None:
+    import sqlalchemy as sa
+    from remotegpu_gateway.store import schema_migrations
+
+    store = Store(database_url)
+    store.migrate()
+    with store._write.begin() as conn:  # as a gateway before migration 2 left it
+        conn.execute(sa.text("DROP INDEX ix_jobs_model_completed"))
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version == 2))
+    assert store.schema_version() == 1
+    assert store.migrate() == [2] and store.schema_version() == 2
+    with store._read.connect() as conn:
+        assert "ix_jobs_model_completed" in {i["name"] for i in sa.inspect(conn).get_indexes("jobs")}
+    store.close()

@@ -16,6 +16,7 @@ import yaml
 from remotegpu.catalog import load_models_file
 from remotegpu.protocol import WORKER_TOKEN_ENV, WorkerAPIClient
 from tests.gateway.conftest import SCHNELL, auth, free_port, png_bytes
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,13 +94,17 @@ def test_gateway_command(tmp_path: Path, database_url: str) -> None:
             == "succeeded"
         )
         assert "remotegpu_jobs_submitted_total" in httpx.get(f"{url}/metrics").text
-        assert httpx.get(f"{url}/readyz").json()["schema_version"] == 1
+        assert httpx.get(f"{url}/readyz").json()["schema_version"] == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     # uvicorn shuts down gracefully, then re-raises SIGTERM as its exit status.
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "generated a worker token" in out and "gateway stopped" in out
+
+
+def catalog(url: str) -> dict[str, dict]:
+    return {m["model"]: m for m in httpx.get(f"{url}/v1/inference/models", timeout=30).json()["image"]}
 
 
 def test_sigterm_ends_open_long_polls_instead_of_waiting_them_out(tmp_path: Path, database_url: str) -> None:
@@ -114,8 +119,11 @@ def test_sigterm_ends_open_long_polls_instead_of_waiting_them_out(tmp_path: Path
         answers["lease"] = w.lease(SCHNELL, "w-draining", wait_seconds=60)
         w.close()
 
+    queue_polling = threading.Event()
+
     def queue() -> None:
         snap = httpx.get(f"{url}/internal/v1/queue", headers=auth(token), timeout=90).json()
+        queue_polling.set()
         r = httpx.get(
             f"{url}/internal/v1/queue",
             params={"since": snap["version"], "wait_seconds": 60},
@@ -127,7 +135,11 @@ def test_sigterm_ends_open_long_polls_instead_of_waiting_them_out(tmp_path: Path
     polls = [threading.Thread(target=f) for f in (lease, queue)]
     for t in polls:
         t.start()
-    time.sleep(1.5)  # both polls are open and waiting
+    # Both polls are open and waiting: the lease poll shows as a ready worker; the queue
+    # poll is sent (then a margin for the server to take it in, on a loaded machine too).
+    wait_for(lambda: catalog(url)[SCHNELL]["runtime"]["ready_workers"] == 1, 60, "the lease poll")
+    assert queue_polling.wait(60)
+    time.sleep(2)
     stopped = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
@@ -135,7 +147,8 @@ def test_sigterm_ends_open_long_polls_instead_of_waiting_them_out(tmp_path: Path
     for t in polls:
         t.join(10)
     assert answers == {"lease": None, "queue": 200}, out
-    assert took < 5, f"shutdown took {took:.1f}s: it waited for the long-polls\n{out}"
+    # The polls wait 60 s; uvicorn alone would hold the shutdown for its 10 s graceful timeout.
+    assert took < 8, f"shutdown took {took:.1f}s: it waited for the long-polls\n{out}"
 
 
 def _mode(path: Path) -> str:

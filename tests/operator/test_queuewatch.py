@@ -28,8 +28,10 @@ def test_a_queue_change_wakes_only_that_models_daemon_at_once():
         woken.clear()
         other.clear()
         t0 = stub.set("m/a", warming=1)
-        assert woken.wait(2), "not woken"
-        assert time.monotonic() - t0 < 0.5
+        # Without the wake-up the watcher would see it only after its 25 s long-poll; 10 s
+        # is a margin a loaded machine meets.
+        assert woken.wait(15), "not woken"
+        assert time.monotonic() - t0 < 10
         assert watcher.get("m/a").warming == 1
         assert not other.is_set(), "a model whose queue did not change was woken"
     finally:

@@ -105,6 +105,10 @@ def _quiet_progress_bars() -> None:
 
 
 _IMPORT_LOCK = threading.Lock()
+# One load at a time per process: from_pretrained builds modules under accelerate's
+# init_empty_weights, which patches torch.nn.Module for the whole process, so a second
+# load running at the same time gets meta tensors ("Cannot copy out of meta tensor").
+_LOAD_LOCK = threading.Lock()
 
 
 def preload_libraries() -> Any:
@@ -224,7 +228,12 @@ class ImageEngine:
         return self.spec.model
 
     def load(self) -> LoadInfo:
-        """Loads the weights through `from_pretrained` and places them per serving.memory."""
+        """Loads the weights through `from_pretrained` and places them per serving.memory
+        (one load at a time per process)."""
+        with _LOAD_LOCK:
+            return self._load()
+
+    def _load(self) -> LoadInfo:
         diffusers = preload_libraries()
         import torch
 

@@ -12,6 +12,7 @@ WORKDIR /src
 # The pinned lock as constraints: only the base dependencies are installed, at the
 # versions the tests ran with (the lock also pins the worker extra, unused here).
 COPY requirements.lock pyproject.toml README.md ./
+COPY base ./base
 COPY remotegpu ./remotegpu
 COPY gateway ./gateway
 COPY operator ./operator

@@ -59,7 +59,7 @@ test-fast: install ## unit tests only (no cluster, no PostgreSQL)
 lint: install ## ruff and mypy, clean
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy remotegpu gateway/remotegpu_gateway operator/remotegpu_operator inference-worker/remotegpu_worker
+	$(BIN)/mypy base/remotegpu_base remotegpu gateway/remotegpu_gateway operator/remotegpu_operator inference-worker/remotegpu_worker
 
 bench: install cluster-bin ## run the benchmarks under bench/ and print their numbers
 	@for b in bench/*.py; do echo "==> $$b"; $(BIN)/python $$b || exit 1; done

@@ -421,7 +421,7 @@ class Bench:
         Path(self.args.json).write_text(json.dumps(self.out, indent=2, default=str))
 
     def request(self, case: Case, engine: Any, steps: int | None = None) -> Any:
-        from remotegpu.protocol import GenerationRequest
+        from remotegpu_base.protocol import GenerationRequest
 
         p = engine.spec.parameters
         return GenerationRequest(
@@ -556,9 +556,8 @@ def _line(case: Case, row: dict[str, Any]) -> str:
 
 def run_family(bench: Bench, family: str, cases: list[Case], configs: dict[str, Any], device: str) -> None:
     import torch
+    from remotegpu_base.catalog import Quantization, load_models_file
     from remotegpu_worker.engine import ImageEngine, lossy, optimize
-
-    from remotegpu.catalog import Quantization, load_models_file
 
     catalog = {m.spec.model: m for m in load_models_file()}
     dtype = torch.bfloat16 if bench.gpu else torch.float32

@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from remotegpu import __version__
+from remotegpu_base import __version__
 
 
 def _handler(target: str) -> Callable[[argparse.Namespace], int]:

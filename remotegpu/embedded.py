@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from remotegpu import config
-from remotegpu.catalog import DEFAULT_MODELS_FILE, ImageModel, load_models_file
-from remotegpu.protocol import RuntimeState, WorkerAPIClient, WorkerStatus
+from remotegpu_base import config
+from remotegpu_base.catalog import DEFAULT_MODELS_FILE, ImageModel, load_models_file
+from remotegpu_base.protocol import RuntimeState, WorkerAPIClient, WorkerStatus
 
 log = logging.getLogger("remotegpu.embedded")
 

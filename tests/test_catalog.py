@@ -7,8 +7,8 @@ import typing
 import pytest
 import yaml
 from pydantic import BaseModel
+from remotegpu_base import catalog
 
-from remotegpu import catalog
 from tests.fixtures.cluster import REPO
 
 CRD = yaml.safe_load((REPO / "crds/imagemodels.yaml").read_text())
@@ -77,7 +77,7 @@ def test_tiny_models_are_honestly_named_and_random():
 
 
 def test_invalid_catalog_entries_are_refused(tmp_path):
-    doc = next(yaml.safe_load_all((REPO / "remotegpu/models.yaml").read_text()))
+    doc = next(yaml.safe_load_all((REPO / "base/remotegpu_base/models.yaml").read_text()))
     doc["spec"]["parameters"]["size"]["default"] = {"width": 640, "height": 480}
     bad = tmp_path / "models.yaml"
     bad.write_text(yaml.safe_dump(doc))

@@ -11,8 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from remotegpu_base import __version__
 
-from remotegpu import __version__
 from remotegpu_gateway import admin, api, errors, internal
 from remotegpu_gateway.bodies import BodyGuard
 from remotegpu_gateway.catalog_source import Catalog

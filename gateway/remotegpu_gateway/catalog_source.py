@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from remotegpu_base.catalog import API_GROUP, API_VERSION, PLURAL, ImageModel, load_models_file
 
-from remotegpu.catalog import API_GROUP, API_VERSION, PLURAL, ImageModel, load_models_file
 from remotegpu_gateway.registry import RuntimeRegistry
 
 log = logging.getLogger(__name__)

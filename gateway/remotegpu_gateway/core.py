@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from remotegpu_base.catalog import ImageModel, load_models_file
+from remotegpu_base.protocol import GenerationRequest, Lease, ModelQueue, QueueSnapshot
 
-from remotegpu.catalog import ImageModel, load_models_file
-from remotegpu.protocol import GenerationRequest, Lease, ModelQueue, QueueSnapshot
 from remotegpu_gateway.catalog_source import Catalog, KubernetesCatalogWatcher
 from remotegpu_gateway.metrics import Metrics
 from remotegpu_gateway.notify import Notifier

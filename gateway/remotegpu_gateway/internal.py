@@ -1,4 +1,4 @@
-"""The internal worker API (remotegpu.protocol), authenticated by the worker token."""
+"""The internal worker API (remotegpu_base.protocol), authenticated by the worker token."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import time
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-
-from remotegpu.protocol import (
+from remotegpu_base.protocol import (
     LEASE_TOKEN_HEADER,
     PREFIX,
     Failure,
@@ -24,6 +23,7 @@ from remotegpu.protocol import (
     RuntimeState,
     WorkerStatus,
 )
+
 from remotegpu_gateway.auth import auth_first, gateway, require_worker
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError, public_text

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
-from remotegpu import config
+from remotegpu_base import config
+
 from remotegpu_gateway.store import NotFoundError, Store
 
 

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from remotegpu.protocol import RuntimeState
+from remotegpu_base.protocol import RuntimeState
+
 from remotegpu_gateway.errors import public_text
 
 log = logging.getLogger("remotegpu_gateway")

@@ -9,8 +9,8 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from remotegpu_base import config
 
-from remotegpu import config
 from remotegpu_gateway.app import create_app
 from remotegpu_gateway.connections import uvicorn_config
 from remotegpu_gateway.notify import Notifier

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remotegpu import config
-from remotegpu.catalog import ImageModel
-from remotegpu.protocol import WORKER_TOKEN_ENV
+from remotegpu_base import config
+from remotegpu_base.catalog import ImageModel
+from remotegpu_base.protocol import WORKER_TOKEN_ENV
 
 
 @dataclass

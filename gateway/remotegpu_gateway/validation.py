@@ -23,8 +23,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
+from remotegpu_base.catalog import ALL_SIZES, MAX_INPUT_IMAGE_SIDE, ImageModel
 
-from remotegpu.catalog import ALL_SIZES, MAX_INPUT_IMAGE_SIDE, ImageModel
 from remotegpu_gateway.errors import ApiError, pydantic_errors
 from remotegpu_gateway.schemas import ImageRequest
 

@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-
-from remotegpu.protocol import (
+from remotegpu_base.protocol import (
     HeartbeatAction,
     Lease,
     LeaseLost,
@@ -35,6 +34,7 @@ from remotegpu.protocol import (
     WorkerAPIClient,
     WorkerStatus,
 )
+
 from remotegpu_worker.engine import BadInput, CancelFlag, ImageEngine, JobCancelled, OutOfMemory
 from remotegpu_worker.engine.pipelines import Rendered
 from remotegpu_worker.metrics import WorkerMetrics

@@ -5,7 +5,7 @@ The model's catalog entry (an `ImageModel` spec, the same schema as the CRD) com
    or a whole ImageModel resource (`{"metadata": ..., "spec": {...}}`). The operator
    passes the ImageModel's spec this way, so a worker never needs the catalog file;
 2. else the entry whose `model` (or resource name) is `--model` in `--models-file`
-   (default: the bundled remotegpu/models.yaml).
+   (default: the bundled base/remotegpu_base/models.yaml).
 
 The worker token is `$REMOTEGPU_WORKER_TOKEN` (else DATA_DIR/worker-token, which a local
 `remotegpu gateway` writes). Other settings: `$REMOTEGPU_GATEWAY_URL`, `$REMOTEGPU_DEVICE`
@@ -31,9 +31,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from remotegpu import config
-from remotegpu.catalog import DEFAULT_MODELS_FILE, ImageModel, ImageModelSpec, load_models_file
-from remotegpu.protocol import WORKER_TOKEN_ENV, RuntimeState, WorkerAPIClient
+from remotegpu_base import config
+from remotegpu_base.catalog import DEFAULT_MODELS_FILE, ImageModel, ImageModelSpec, load_models_file
+from remotegpu_base.protocol import WORKER_TOKEN_ENV, RuntimeState, WorkerAPIClient
 
 MODEL_SPEC_ENV = "REMOTEGPU_MODEL_SPEC"
 GATEWAY_URL_ENV = "REMOTEGPU_GATEWAY_URL"
@@ -138,7 +138,7 @@ def serve_worker(
 
     engine = ImageEngine(model, data_dir, device=os.environ.get("REMOTEGPU_DEVICE") or None)
     reporter = client()
-    from remotegpu.protocol import WorkerStatus
+    from remotegpu_base.protocol import WorkerStatus
 
     def report(s: RuntimeState) -> None:
         try:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from remotegpu.catalog import Architecture
+from remotegpu_base.catalog import Architecture
 
 TINY_DIRNAME = "tiny-models"
 MARKER = "remotegpu-tiny.json"
@@ -494,7 +494,7 @@ def missing(out_dir: Path | str) -> list[Architecture]:
 
 def build_command(args: argparse.Namespace) -> int:
     """`remotegpu models build-tiny [OUT_DIR] [--data-dir D] [--force]`."""
-    from remotegpu import config
+    from remotegpu_base import config
 
     out = (
         Path(args.out_dir)

@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from remotegpu.catalog import API_GROUP, API_VERSION, KIND, ImageModelSpec
-from remotegpu.protocol import WORKER_TOKEN_ENV
+from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, ImageModelSpec
+from remotegpu_base.protocol import WORKER_TOKEN_ENV
 
 WORKER_PORT = 8001
 CONTAINER_NAME = "worker"

@@ -24,9 +24,9 @@ from typing import Any
 
 import kopf
 from pydantic import ValidationError
+from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec
+from remotegpu_base.protocol import ModelQueue
 
-from remotegpu.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec
-from remotegpu.protocol import ModelQueue
 from remotegpu_operator import deployment, metrics, scaling, status
 from remotegpu_operator.kubeapi import (
     ApiError,

@@ -171,6 +171,6 @@ def leases(ns: str, name: str | None = None) -> str:
 
 
 def imagemodel_status(ns: str, name: str) -> str:
-    from remotegpu.catalog import API_GROUP, API_VERSION, PLURAL
+    from remotegpu_base.catalog import API_GROUP, API_VERSION, PLURAL
 
     return f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{ns}/{PLURAL}/{name}/status"

@@ -34,8 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kopf
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from remotegpu_base.protocol import WORKER_TOKEN_ENV
 
-from remotegpu.protocol import WORKER_TOKEN_ENV
 from remotegpu_operator import handlers, metrics
 from remotegpu_operator.deployment import WorkerSettings
 from remotegpu_operator.kubeapi import KubeAPI

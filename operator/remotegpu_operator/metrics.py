@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
-
-from remotegpu.protocol import RuntimeState
+from remotegpu_base.protocol import RuntimeState
 
 _MODEL = ["namespace", "imagemodel", "model"]
 

@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from remotegpu.protocol import ModelQueue, QueueSnapshot, WorkerAPIClient
+from remotegpu_base.protocol import ModelQueue, QueueSnapshot, WorkerAPIClient
+
 from remotegpu_operator import metrics
 
 log = logging.getLogger(__name__)

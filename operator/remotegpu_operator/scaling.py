@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from remotegpu.catalog import Scaling
-from remotegpu.protocol import ModelQueue
+from remotegpu_base.catalog import Scaling
+from remotegpu_base.protocol import ModelQueue
 
 
 class Direction(StrEnum):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from remotegpu.protocol import ModelQueue, RuntimeState
+from remotegpu_base.protocol import ModelQueue, RuntimeState
 
 
 def rfc3339(t: datetime) -> str:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from remotegpu_base.catalog import ImageModelSpec, load_models_file
 
-from remotegpu.catalog import ImageModelSpec, load_models_file
 from tests.chart.helm import CHART
 from tests.fixtures.cluster import REPO, Kube
 from tests.waiting import wait_for

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 import yaml
+from remotegpu_base.catalog import load_models_file
 
 from cluster.localcluster import free_port
-from remotegpu.catalog import load_models_file
 from tests.chart.helm import REPO, alert_exprs, alert_rules, dashboard_exprs, metric_names
 from tests.fixtures.cluster import Kube
 from tests.waiting import wait_for

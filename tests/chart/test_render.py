@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from remotegpu_base.catalog import ImageModelSpec, load_models_file
 
-from remotegpu.catalog import ImageModelSpec, load_models_file
 from tests.chart.helm import (
     CHART,
     REPO,
@@ -63,7 +63,9 @@ def test_chart_crd_is_the_repository_crd():
 
 def test_chart_catalog_is_the_repository_catalog():
     """The presets are rendered from files/models.yaml: the very file the embedded default serves."""
-    assert (CHART / "files" / "models.yaml").read_bytes() == (REPO / "remotegpu" / "models.yaml").read_bytes()
+    assert (CHART / "files" / "models.yaml").read_bytes() == (
+        REPO / "base" / "remotegpu_base" / "models.yaml"
+    ).read_bytes()
 
 
 def test_values_schema_is_valid_json_and_closed():

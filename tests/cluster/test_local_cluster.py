@@ -110,7 +110,7 @@ def test_crd_registers_and_validates_imagemodels(kube: Kube, namespace: str):
     kube.kubectl("apply", "-f", str(REPO / "crds"))
     kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
     # Every entry of the bundled catalog is a valid ImageModel for the API server.
-    catalog = (REPO / "remotegpu" / "models.yaml").read_text()
+    catalog = (REPO / "base" / "remotegpu_base" / "models.yaml").read_text()
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=catalog)
     listed = kube.get_json("imagemodels", "-n", namespace)["items"]
     assert len(listed) == len([d for d in yaml.safe_load_all(catalog) if d])

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+from remotegpu_base.catalog import load_models_file
 
-from remotegpu.catalog import load_models_file
 from tests.e2e.podrunner import PodRunner
 from tests.fixtures.cluster import REPO, Kube
 from tests.fixtures.postgres import create_database, drop_database

@@ -14,13 +14,13 @@ import httpx
 import pytest
 import uvicorn
 from PIL import Image
+from remotegpu_base.protocol import RuntimeState, WorkerAPIClient, WorkerStatus
 from remotegpu_gateway.app import create_app
 from remotegpu_gateway.connections import uvicorn_config
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.settings import Settings
 
 from cluster.localcluster import free_port
-from remotegpu.protocol import RuntimeState, WorkerAPIClient, WorkerStatus
 
 WORKER_TOKEN = "test-worker-token"
 SCHNELL = "black-forest-labs/FLUX.1-schnell"

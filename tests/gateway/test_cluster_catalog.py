@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from remotegpu_base.catalog import API_GROUP, API_VERSION, PLURAL, load_models_file
+from remotegpu_base.protocol import RuntimeState
 from remotegpu_gateway.catalog_source import Catalog, KubernetesCatalogWatcher
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 
-from remotegpu.catalog import API_GROUP, API_VERSION, PLURAL, load_models_file
-from remotegpu.protocol import RuntimeState
 from tests.fixtures.cluster import REPO, Kube
 from tests.gateway.conftest import WORKER_TOKEN, RunningGateway
 from tests.waiting import wait_for

@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
+from remotegpu_base.protocol import HeartbeatAction, LeaseLost, Progress, RuntimeState, WorkerStatus
 
-from remotegpu.protocol import HeartbeatAction, LeaseLost, Progress, RuntimeState, WorkerStatus
 from tests.gateway.conftest import DEV, SCHNELL, RunningGateway, auth, png_bytes
 
 JOB_FIELDS = {

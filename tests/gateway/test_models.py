@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from remotegpu.catalog import load_models_file
-from remotegpu.protocol import RuntimeState, WorkerStatus
+from remotegpu_base.catalog import load_models_file
+from remotegpu_base.protocol import RuntimeState, WorkerStatus
+
 from tests.gateway.conftest import DEV, KLEIN, KONTEXT, SCHNELL, RunningGateway, png_bytes
 
 SPEC_TABLE = {

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
+from remotegpu_base.protocol import PREFIX, LeaseLost, RuntimeState, WorkerAPIClient, WorkerStatus
 
-from remotegpu.protocol import PREFIX, LeaseLost, RuntimeState, WorkerAPIClient, WorkerStatus
 from tests.gateway.conftest import DEV, SCHNELL, Clock, RunningGateway, auth, png_bytes
 from tests.waiting import wait_for
 

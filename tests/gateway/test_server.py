@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import yaml
+from remotegpu_base.catalog import load_models_file
+from remotegpu_base.protocol import WORKER_TOKEN_ENV, WorkerAPIClient
 
-from remotegpu.catalog import load_models_file
-from remotegpu.protocol import WORKER_TOKEN_ENV, WorkerAPIClient
 from tests.gateway.conftest import SCHNELL, auth, free_port, png_bytes
 from tests.waiting import wait_for
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from remotegpu.catalog import ImageModel, load_models_file
-from remotegpu.protocol import RuntimeState, WorkerStatus
+from remotegpu_base.catalog import ImageModel, load_models_file
+from remotegpu_base.protocol import RuntimeState, WorkerStatus
+
 from tests.gateway.conftest import DEV, SCHNELL, Clock, RunningGateway
 from tests.waiting import wait_for
 

@@ -31,9 +31,9 @@ import httpx
 import pytest
 import yaml
 from PIL import Image
+from remotegpu_base.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, WorkerAPIClient
 
 from cluster.localcluster import free_port
-from remotegpu.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, WorkerAPIClient
 from tests.fixtures.cluster import REPO, Kube
 from tests.waiting import wait_for
 

@@ -6,11 +6,10 @@ import copy
 import json
 from datetime import UTC, datetime, timedelta
 
+from remotegpu_base import catalog
+from remotegpu_base.protocol import ModelQueue
 from remotegpu_operator import deployment, status
 from remotegpu_operator.deployment import WorkerSettings
-
-from remotegpu import catalog
-from remotegpu.protocol import ModelQueue
 
 SETTINGS = WorkerSettings(gateway_url="http://gw:8000", token_secret="tok", token_secret_key="k")
 

@@ -6,10 +6,9 @@ import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from remotegpu_base.catalog import Scaling
+from remotegpu_base.protocol import ModelQueue
 from remotegpu_operator.scaling import Direction, Observation, decide, replicas_for
-
-from remotegpu.catalog import Scaling
-from remotegpu.protocol import ModelQueue
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -17,10 +17,10 @@ import httpx
 import pytest
 import uvicorn
 from PIL import Image
+from remotegpu_base.catalog import ImageModel
+from remotegpu_base.protocol import WorkerAPIClient
 
 from cluster.localcluster import free_port
-from remotegpu.catalog import ImageModel
-from remotegpu.protocol import WorkerAPIClient
 
 WORKER_TOKEN = "worker-test-token"
 REPO = Path(__file__).resolve().parents[2]

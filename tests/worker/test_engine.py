@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from remotegpu_base.catalog import Architecture, ImageModel
+from remotegpu_base.protocol import GenerationRequest
 from remotegpu_worker.engine import BadInput, CancelFlag, ImageEngine, JobCancelled, weights
 from remotegpu_worker.tiny import MARKER, is_built
 
-from remotegpu.catalog import Architecture, ImageModel
-from remotegpu.protocol import GenerationRequest
 from tests.worker.conftest import png_b64, png_size
 
 
@@ -127,7 +127,7 @@ def test_the_whole_prompt_counts_and_true_cfg_scale_reaches_the_pipeline(engines
 
 
 def test_schnell_reads_its_prompt_up_to_256_tokens(engines: Any) -> None:
-    from remotegpu.catalog import load_models_file
+    from remotegpu_base.catalog import load_models_file
 
     schnell = next(m for m in load_models_file() if m.spec.model.endswith("FLUX.1-schnell"))
     assert schnell.spec.max_prompt_tokens == 256
@@ -207,7 +207,7 @@ def test_cancel_from_another_thread(engines: Any) -> None:
 
 
 def test_weights_resolution(tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel], tmp_path: Path) -> None:
-    from remotegpu.catalog import load_models_file
+    from remotegpu_base.catalog import load_models_file
 
     spec = tiny_catalog["flux1"].spec
     loc = weights.resolve(spec, tiny_data_dir)

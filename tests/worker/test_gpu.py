@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from remotegpu_base.catalog import ImageModel, MemoryPlacement
+from remotegpu_base.protocol import GenerationRequest
 from remotegpu_worker.engine import ImageEngine
 
-from remotegpu.catalog import ImageModel, MemoryPlacement
-from remotegpu.protocol import GenerationRequest
 from tests.worker.conftest import png_b64, png_size
 
 torch = pytest.importorskip("torch")

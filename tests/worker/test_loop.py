@@ -8,11 +8,11 @@ import time
 from typing import Any
 
 from prometheus_client import generate_latest
+from remotegpu_base.protocol import GenerationRequest
 from remotegpu_worker.engine import ImageEngine
 from remotegpu_worker.loop import LoopSettings, WorkerLoop
 from remotegpu_worker.metrics import WorkerMetrics
 
-from remotegpu.protocol import GenerationRequest
 from tests.worker.conftest import RunningGateway, png_b64, png_size
 
 TINY = "remotegpu/tiny-random-flux1"

@@ -12,10 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from remotegpu_worker.engine import BadInput, ImageEngine, optimize, placement
-from remotegpu_worker.engine import pipelines as pipelines_mod
-
-from remotegpu.catalog import (
+from remotegpu_base.catalog import (
     Architecture,
     ImageModel,
     ImageModelSpec,
@@ -25,7 +22,9 @@ from remotegpu.catalog import (
     StepCacheType,
     load_models_file,
 )
-from remotegpu.protocol import GenerationRequest
+from remotegpu_base.protocol import GenerationRequest
+from remotegpu_worker.engine import BadInput, ImageEngine, optimize, placement
+from remotegpu_worker.engine import pipelines as pipelines_mod
 
 GIB = 2**30
 

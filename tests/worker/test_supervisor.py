@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from remotegpu_base.catalog import ImageModel
 from remotegpu_worker.metrics import WorkerMetrics
 
-from remotegpu.catalog import ImageModel
 from remotegpu.embedded import Supervisor
 from tests.worker.conftest import WORKER_TOKEN, RunningGateway, png_size
 

@@ -105,7 +105,7 @@ def test_sigterm_past_the_grace_hands_the_job_back(
     # The catalog entry comes from $REMOTEGPU_MODEL_SPEC here (as the operator passes it).
     import json
 
-    from remotegpu.catalog import load_models_file
+    from remotegpu_base.catalog import load_models_file
 
     entry = next(m for m in load_models_file() if m.spec.model == TINY)
     p, _ = start_worker(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from remotegpu.catalog import Quantization, StepCache, StepCacheType
+from remotegpu_base.catalog import Quantization, StepCache, StepCacheType
 
 log = logging.getLogger("remotegpu_worker.engine")
 

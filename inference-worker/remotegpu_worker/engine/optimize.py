@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from remotegpu.catalog import Architecture, ImageModelSpec
+from remotegpu_base.catalog import Architecture, ImageModelSpec
 
 log = logging.getLogger("remotegpu_worker.engine")
 

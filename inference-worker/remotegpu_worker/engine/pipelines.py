@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remotegpu.catalog import (
+from remotegpu_base.catalog import (
     Architecture,
     ImageModel,
     ImageModelSpec,
@@ -27,7 +27,8 @@ from remotegpu.catalog import (
     Quantization,
     parse_size,
 )
-from remotegpu.protocol import GenerationRequest
+from remotegpu_base.protocol import GenerationRequest
+
 from remotegpu_worker.engine import lossy, optimize, placement, prompts
 from remotegpu_worker.engine import weights as weights_mod
 from remotegpu_worker.engine.errors import BadInput, EngineNotReady, JobCancelled, OutOfMemory

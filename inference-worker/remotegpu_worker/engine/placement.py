@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from remotegpu.catalog import MemoryPlacement
+from remotegpu_base.catalog import MemoryPlacement
 
 GIB = 2**30
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from remotegpu.catalog import Architecture
+from remotegpu_base.catalog import Architecture
 
 
 def count_tokens(pipe: Any, architecture: Architecture, prompt: str) -> int:

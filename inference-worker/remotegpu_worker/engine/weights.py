@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from remotegpu.catalog import ImageModelSpec
+from remotegpu_base.catalog import ImageModelSpec
 
 
 @dataclass(frozen=True)

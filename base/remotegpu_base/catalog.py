@@ -1,7 +1,7 @@
 """The model catalog, defined once: the `ImageModel` spec.
 
 The same schema is the CRD's spec (crds/imagemodels.yaml), the embedded default's
-models file (remotegpu/models.yaml) and the entry a worker receives. Kubernetes
+models file (base/remotegpu_base/models.yaml) and the entry a worker receives. Kubernetes
 field names are camelCase; the public API renders parameters in snake_case.
 """
 

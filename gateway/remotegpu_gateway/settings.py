@@ -72,18 +72,24 @@ class Settings:
 RETENTION_ENV = "REMOTEGPU_RETENTION_HOURS"
 
 
+def _flag_or_env(value: float | None, env: str, what: str) -> float | None:
+    """A number from its flag, else from its environment variable, else None."""
+    if value is not None:
+        return value
+    raw = os.environ.get(env)
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"${env}={raw!r}: expected {what}") from None
+
+
 def retention_seconds(hours: float | None = None) -> float:
     """--retention-hours, else $REMOTEGPU_RETENTION_HOURS, else 7 days; 0 keeps jobs forever."""
+    hours = _flag_or_env(hours, RETENTION_ENV, "a number of hours (0 keeps jobs forever)")
     if hours is None:
-        env = os.environ.get(RETENTION_ENV)
-        if not env:
-            return Settings.retention_seconds
-        try:
-            hours = float(env)
-        except ValueError:
-            raise SystemExit(
-                f"${RETENTION_ENV}={env!r}: expected a number of hours (0 keeps jobs forever)"
-            ) from None
+        return Settings.retention_seconds
     if hours < 0:
         raise SystemExit("the retention must be 0 (keep forever) or a positive number of hours")
     return hours * 3600
@@ -133,14 +139,9 @@ START_TIMEOUT_ENV = "REMOTEGPU_START_TIMEOUT_SECONDS"
 
 def start_timeout_seconds(seconds: float | None = None) -> float:
     """--start-timeout-seconds, else $REMOTEGPU_START_TIMEOUT_SECONDS, else 900 (15 min)."""
+    seconds = _flag_or_env(seconds, START_TIMEOUT_ENV, "a number of seconds")
     if seconds is None:
-        env = os.environ.get(START_TIMEOUT_ENV)
-        if not env:
-            return Settings.start_timeout_seconds
-        try:
-            seconds = float(env)
-        except ValueError:
-            raise SystemExit(f"${START_TIMEOUT_ENV}={env!r}: expected a number of seconds") from None
+        return Settings.start_timeout_seconds
     if seconds <= 0:
         raise SystemExit("the start timeout must be a positive number of seconds")
     return seconds

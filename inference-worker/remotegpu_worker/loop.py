@@ -291,11 +291,25 @@ class WorkerLoop:
                     self._drain_timer = None
             m.busy.labels(self.model).set(0)
 
+        if rendered is None:
+            done.set()  # already released or failed: no more heartbeats for it
+
         def finish() -> str:
             nonlocal outcome
             try:
                 if rendered is not None:
                     outcome = self._deliver(lease, flag, rendered)
+            except Exception as e:  # noqa: BLE001 - tell the gateway now, not at lease expiry
+                log.exception("job %s: the result could not be encoded or delivered: %s", lease.job_id, e)
+                client = self._client_factory()  # the loop's thread may be polling with its own
+                try:
+                    outcome = self._fail(
+                        lease,
+                        "the result could not be delivered by the worker; its log has the details",
+                        client,
+                    )
+                finally:
+                    client.close()
             finally:
                 done.set()
                 hb.join(timeout=10)
@@ -376,10 +390,10 @@ class WorkerLoop:
                 "job %s: release failed (%s); it returns to the queue when its lease expires", lease.job_id, e
             )
 
-    def _fail(self, lease: Lease, message: str) -> str:
+    def _fail(self, lease: Lease, message: str, client: WorkerAPIClient | None = None) -> str:
         log.warning("job %s failed: %s", lease.job_id, message)
         try:
-            self.client.fail(lease.job_id, lease.lease_token, message[:4000], retryable=False)
+            (client or self.client).fail(lease.job_id, lease.lease_token, message[:4000], retryable=False)
         except LeaseLost:
             return "lost"
         except Exception as e:  # noqa: BLE001

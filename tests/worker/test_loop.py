@@ -149,7 +149,7 @@ def test_an_internal_error_fails_the_job_without_internals(
     def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("kernel failed in /opt/venv/lib/torch/x.py on <Tensor object at 0x7f00deadbeef>")
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(engine, "render", broken)
     caplog.set_level(logging.WARNING, logger="remotegpu_worker")
     lt = LoopThread(engine, gateway)
     try:
@@ -230,3 +230,25 @@ def test_the_next_job_renders_while_the_last_one_is_encoded(
     assert lt.count("succeeded") == 2
     text = generate_latest(lt.metrics.registry).decode()
     assert 'remotegpu_worker_encode_seconds_count{model="remotegpu/tiny-random-flux1"} 2.0' in text
+
+
+def test_a_result_that_cannot_be_delivered_fails_the_job_at_once(
+    engines: Any, gateway: RunningGateway, monkeypatch: Any
+) -> None:
+    """An error after rendering (encoding, delivery) is reported, not left to the lease's expiry."""
+    from remotegpu_worker.engine import pipelines
+
+    def broken(image: Any) -> bytes:
+        raise OSError("disk full at /secret/path")
+
+    monkeypatch.setattr(pipelines, "png_bytes", broken)
+    lt = LoopThread(engine := engines("flux1"), gateway)
+    try:
+        job_id = gateway.submit(TINY, "undeliverable", steps=2)
+        job = gateway.wait(job_id, {"succeeded", "failed"}, timeout=25)  # the lease TTL is 30 s
+        assert job["status"] == "failed", job
+        assert "could not be delivered" in job["error_message"]
+        assert "/secret/path" not in job["error_message"]
+    finally:
+        assert lt.stop() == "drained"
+    assert engine.ready

@@ -331,3 +331,17 @@ def test_png_encoding_runs_outside_the_engine_lock(engines: Any, monkeypatch: py
     t.join(60)
     assert result and result[0].encode_seconds > 0
     assert Image.open(io.BytesIO(result[0].png)).size == (512, 512)
+
+
+def test_a_step_cache_compiles_with_the_default_compile(
+    tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]
+) -> None:
+    """The step cache's hooks are compiler-disabled Python: compiling the blocks as full
+    graphs would refuse them, and GPU workers compile by default."""
+    cache = StepCache(type=StepCacheType.FIRST_BLOCK, threshold=0.2)
+    model = variant(tiny_catalog, "flux1", step_cache=cache)
+    engine = ImageEngine(model, tiny_data_dir, device="cpu", optimizations=["compile"])
+    engine.load()
+    engine.warm_up()
+    png = engine.generate(req(steps=4)).png
+    assert pixels(png).shape == (512, 512, 3)

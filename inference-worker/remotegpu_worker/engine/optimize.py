@@ -78,8 +78,9 @@ def split(names: list[str]) -> tuple[list[str], list[str]]:
     return [n for n in names if n not in COMPILE], [n for n in names if n in COMPILE]
 
 
-def apply(pipe: Any, names: list[str]) -> list[str]:
-    """Applies the named optimisations to a loaded pipeline; returns what was applied."""
+def apply(pipe: Any, names: list[str], *, fullgraph: bool = True) -> list[str]:
+    """Applies the named optimisations to a loaded pipeline; returns what was applied.
+    fullgraph=False lets compilation break the graph (around a step cache's hooks)."""
     import torch
 
     validate(names)
@@ -95,11 +96,11 @@ def apply(pipe: Any, names: list[str]) -> list[str]:
         elif key == "channels-last-vae":
             pipe.vae.to(memory_format=torch.channels_last)
         elif key == "compile":
-            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)
         elif key == "compile-max-autotune":
-            pipe.transformer.compile_repeated_blocks(fullgraph=True, mode="max-autotune")
+            pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph, mode="max-autotune")
         elif key == "compile-full":
-            pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
+            pipe.transformer = torch.compile(pipe.transformer, fullgraph=fullgraph)
         applied.append(name)
         log.info("optimisation applied: %s", name)
     return applied
@@ -123,13 +124,12 @@ def use_compile_cache(device: str) -> Path | None:
     if not root:
         return None
     path = compile_cache_dir(Path(root), device)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only or missing volume costs a compile, not the model
+        log.warning("compile cache %s unusable (%s); compiling without it", path, e)
+        return None
+    # Inductor and Triton read these when they first compile (after this).
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
-    try:  # Inductor reads its cache dir once; point it there if it already did
-        from torch._inductor import config as inductor_config
-
-        inductor_config.fx_graph_cache = True
-    except Exception:  # noqa: BLE001
-        pass
     return path

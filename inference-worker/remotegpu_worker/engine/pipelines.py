@@ -274,23 +274,29 @@ class ImageEngine:
 
     def prepare(self, pipe: Any) -> tuple[MemoryPlacement, list[str]]:
         """Places a pipeline loaded on the CPU and applies the model's speed-ups, in the
-        order that composes: placement, kernel and layout changes, quantization, step
-        cache, then compilation (which must see the final modules)."""
+        order that composes: kernel and layout changes, quantization (on the device, before
+        the rest arrives: only the transformer is ever there unquantized), placement, the
+        step cache, then compilation (which must see the final modules)."""
         import torch
 
         serving = self.spec.serving
-        notes: list[str] = []
-        memory = self._placement(pipe, notes)
-        placement.apply(pipe, memory, self.device)
         before, compile_ = optimize.split(self.optimizations)
-        notes += [f"optimisation: {o}" for o in optimize.apply(pipe, before)]
-        notes += lossy.quantize(pipe, serving.quantization, self.device)
+        notes = [f"optimisation: {o}" for o in optimize.apply(pipe, before)]
+        memory = self._placement(pipe, notes)
+        if serving.quantization is not Quantization.NONE:
+            if memory in (MemoryPlacement.GPU, MemoryPlacement.TEXT_ENCODER_OFFLOAD):
+                pipe.transformer.to(self.device)
+            notes += lossy.quantize(pipe, serving.quantization, self.device)
+        placement.apply(pipe, memory, self.device)
         notes += lossy.enable_step_cache(pipe, serving.step_cache)
         if compile_:
             cache = optimize.use_compile_cache(self.device)
             if cache is not None:
                 notes.append(f"compile cache: {cache}")
-        notes += [f"optimisation: {o}" for o in optimize.apply(pipe, compile_)]
+        # A step cache's hooks decide per step in Python (torch.compiler.disable'd): the
+        # blocks then compile with graph breaks around them, not as one full graph.
+        fullgraph = serving.step_cache is None
+        notes += [f"optimisation: {o}" for o in optimize.apply(pipe, compile_, fullgraph=fullgraph)]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return memory, notes
@@ -426,8 +432,8 @@ class ImageEngine:
         if self.pipe is None or (not self.ready and not _warmup):
             raise EngineNotReady(f"{self.spec.model} is not loaded")
         images = [decode_image(b, i) for i, b in enumerate(request.input_images())]
-        kwargs = self.call_kwargs(request, images)
-        with self._lock:
+        with self._lock:  # the tokenizers and the negative prompt's encoding use the models too
+            kwargs = self.call_kwargs(request, images)
             return self._run(request, kwargs, cancel, on_step)
 
     def call_kwargs(self, request: GenerationRequest, images: list[Any]) -> dict[str, Any]:

@@ -140,10 +140,16 @@ def serve_worker(
     reporter = client()
     from remotegpu_base.protocol import WorkerStatus
 
-    def report(s: RuntimeState) -> None:
+    def report(s: RuntimeState, load_failures: int = 0) -> None:
         try:
             reporter.report_status(
-                WorkerStatus(worker_id=worker_id, model=spec.model, state=s, load_seconds=state.load_seconds)
+                WorkerStatus(
+                    worker_id=worker_id,
+                    model=spec.model,
+                    state=s,
+                    load_seconds=state.load_seconds,
+                    load_failures=load_failures,
+                )
             )
         except Exception as e:  # noqa: BLE001 - advisory
             log.debug("status report failed: %s", e)
@@ -162,6 +168,10 @@ def serve_worker(
     except Exception as e:  # noqa: BLE001
         log.exception("could not load %s", spec.model)
         state.phase, state.error = "failed", f"{type(e).__name__}: {e}"
+        # The gateway then says why this model's jobs did not start if they time out. Not
+        # "gave up" (sleeping with failures): Kubernetes restarts the pod, and the next
+        # try may load.
+        report(RuntimeState.STARTING, load_failures=1)
         report(RuntimeState.SLEEPING)
         reporter.close()
         http.stop()

@@ -24,7 +24,7 @@ from tests.worker.test_loop import TINY, LoopThread, wait_running
 
 
 def start_worker(
-    procs: Callable[..., Proc], gw: RunningGateway, data_dir: Path, log: Path, **env: str
+    procs: Callable[..., Proc], gw: RunningGateway, data_dir: Path, log: Path, ready: bool = True, **env: str
 ) -> tuple[Proc, str]:
     port = free_port()
     p = procs(
@@ -54,7 +54,8 @@ def start_worker(
         log,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/readyz", 120, p)
+    if ready:
+        wait_http(f"{url}/readyz", 120, p)
     return p, url
 
 
@@ -201,3 +202,16 @@ def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "parameters" in r.stderr
+
+
+def test_a_worker_that_cannot_load_tells_the_gateway(
+    procs: Callable[..., Proc], gateway: RunningGateway, tmp_path: Path
+) -> None:
+    """A pod whose model will not load exits (Kubernetes restarts it), but first tells the
+    gateway, so a job that times out waiting says the model failed to load, not that no
+    capacity came up; the waiting job itself stays queued for the next try."""
+    p, _ = start_worker(procs, gateway, tmp_path / "no-weights", tmp_path / "worker.log", ready=False)
+    job_id = gateway.submit(TINY, "waits for a worker that can load")
+    assert p.wait(timeout=120) == 1, p.log()[-3000:]
+    assert gateway.gw.registry.load_failures(TINY) == 1
+    assert gateway.gw.store.get_job(job_id, None).status == "pending"

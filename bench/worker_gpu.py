@@ -29,6 +29,7 @@ exercised; the GPU figures are then pending.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import io
 import json
@@ -47,7 +48,19 @@ sys.path.insert(0, str(REPO / "inference-worker"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Published configurations (config.json of each repo's transformer, text encoders, VAE).
+from remotegpu_worker.tiny import vae_blocks  # noqa: E402
+
+# Each component's constructor arguments, in remotegpu_worker.tiny's format: the published
+# configurations (config.json of each repository's transformer, text encoders and VAE).
+_FLUX1_VAE = dict(
+    **vae_blocks(),
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.1159,
+    scaling_factor=0.3611,
+    norm_num_groups=32,
+    latent_channels=16,
+)
 FULL: dict[str, dict[str, Any]] = {
     "flux1": dict(
         transformer=dict(
@@ -59,9 +72,12 @@ FULL: dict[str, dict[str, Any]] = {
             num_attention_heads=24,
             joint_attention_dim=4096,
             pooled_projection_dim=768,
+            guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
         ),
+        vae=dict(**_FLUX1_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2),
         clip=dict(
+            vocab_size=49408,
             hidden_size=768,
             intermediate_size=3072,
             num_hidden_layers=12,
@@ -69,19 +85,24 @@ FULL: dict[str, dict[str, Any]] = {
             projection_dim=768,
         ),
         t5=dict(
-            d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, feed_forward_proj="gated-gelu"
-        ),
-        vae=dict(
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            norm_num_groups=32,
+            vocab_size=32128,
+            d_model=4096,
+            d_ff=10240,
+            d_kv=64,
+            num_heads=64,
+            num_layers=24,
+            feed_forward_proj="gated-gelu",
         ),
     ),
     "flux2": dict(  # FLUX.2-dev: 8 double + 48 single blocks, 48 heads; Mistral-Small-3.1-24B
         transformer=dict(
-            num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360
+            num_layers=8,
+            num_single_layers=48,
+            num_attention_heads=48,
+            joint_attention_dim=15360,
+            guidance_embeds=True,
         ),
+        vae={},  # AutoencoderKLFlux2's defaults are the published VAE
         text=dict(
             vocab_size=131072,
             hidden_size=5120,
@@ -95,8 +116,13 @@ FULL: dict[str, dict[str, Any]] = {
     ),
     "flux2-klein": dict(  # klein 9B: 8 double + 24 single blocks, 32 heads; Qwen3-8B
         transformer=dict(
-            num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288
+            num_layers=8,
+            num_single_layers=24,
+            num_attention_heads=32,
+            joint_attention_dim=12288,
+            guidance_embeds=False,
         ),
+        vae={},
         text=dict(
             vocab_size=151936,
             hidden_size=4096,
@@ -108,6 +134,25 @@ FULL: dict[str, dict[str, Any]] = {
         ),
     ),
 }
+_SMALL_FLUX2 = dict(
+    transformer=dict(
+        num_layers=1,
+        num_single_layers=2,
+        num_attention_heads=4,
+        attention_head_dim=16,
+        axes_dims_rope=(4, 4, 4, 4),
+        joint_attention_dim=3 * 64,
+    ),
+    vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32),
+    text=dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+)
 SMALL: dict[str, dict[str, Any]] = {  # the same structures, narrow and shallow: the CPU run
     "flux1": dict(
         transformer=dict(
@@ -119,61 +164,41 @@ SMALL: dict[str, dict[str, Any]] = {  # the same structures, narrow and shallow:
             num_attention_heads=4,
             joint_attention_dim=256,
             pooled_projection_dim=128,
+            guidance_embeds=True,
             axes_dims_rope=(16, 24, 24),
         ),
+        vae=dict(**_FLUX1_VAE, block_out_channels=(32, 32, 64, 64), layers_per_block=1),
         clip=dict(
+            vocab_size=49408,
             hidden_size=128,
             intermediate_size=256,
             num_hidden_layers=2,
             num_attention_heads=4,
             projection_dim=128,
         ),
-        t5=dict(d_model=256, d_ff=512, d_kv=64, num_heads=4, num_layers=2, feed_forward_proj="gated-gelu"),
-        vae=dict(
-            block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=16, norm_num_groups=32
+        t5=dict(
+            vocab_size=32128,
+            d_model=256,
+            d_ff=512,
+            d_kv=64,
+            num_heads=4,
+            num_layers=2,
+            feed_forward_proj="gated-gelu",
         ),
     ),
-    "flux2": dict(  # the encoder keeps the 30+ layers the pipeline reads hidden states from
-        transformer=dict(
-            num_layers=1,
-            num_single_layers=2,
-            num_attention_heads=4,
-            attention_head_dim=16,
-            axes_dims_rope=(4, 4, 4, 4),
-            joint_attention_dim=3 * 64,
-        ),
-        text=dict(
-            vocab_size=1024,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=31,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-    ),
-    "flux2-klein": dict(
-        transformer=dict(
-            num_layers=1,
-            num_single_layers=2,
-            num_attention_heads=4,
-            attention_head_dim=16,
-            axes_dims_rope=(4, 4, 4, 4),
-            joint_attention_dim=3 * 64,
-        ),
-        text=dict(
-            vocab_size=1024,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=28,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
-    ),
+    # the encoders keep the layers the pipelines read hidden states from (30; 27)
+    "flux2": {
+        **_SMALL_FLUX2,
+        "transformer": {**_SMALL_FLUX2["transformer"], "guidance_embeds": True},
+        "text": {**_SMALL_FLUX2["text"], "num_hidden_layers": 31},
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    },
+    "flux2-klein": {
+        **_SMALL_FLUX2,
+        "transformer": {**_SMALL_FLUX2["transformer"], "guidance_embeds": False},
+        "text": {**_SMALL_FLUX2["text"], "num_hidden_layers": 28},
+    },
 }
-SMALL_FLUX2_VAE = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=32)
 
 
 @dataclass
@@ -186,6 +211,7 @@ class Case:
     references: int = 0
     negative_prompt: str | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    plain_png: bytes | None = None  # what the other rows are compared with
 
 
 # In the order they run (a family's modules are built once for its cases): the slowest
@@ -236,135 +262,33 @@ def _on(device: str, dtype: Any) -> Any:
     return ctx()
 
 
-def _vae1(cfg: dict[str, Any]) -> Any:
-    from diffusers import AutoencoderKL
-
-    n = len(cfg["block_out_channels"])
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-        **cfg,
-    )
-
-
-def build_flux1_encoders(cfg: dict[str, Any], device: str, dtype: Any) -> dict[str, Any]:
-    import torch
-    from remotegpu_worker.tiny import _clip_tokenizer, _t5_tokenizer, flux1_scheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    with _on(device, dtype):
-        clip = CLIPTextModel(
-            CLIPTextConfig(vocab_size=49408, bos_token_id=0, eos_token_id=1, pad_token_id=1, **cfg["clip"])
-        )
-        t5 = T5EncoderModel(
-            T5Config(vocab_size=32128, is_encoder_decoder=False, use_cache=False, **cfg["t5"])
-        )
-        vae = _vae1(cfg["vae"])
-    return dict(
-        scheduler=flux1_scheduler(),
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=_clip_tokenizer(),
-        text_encoder_2=t5,
-        tokenizer_2=_t5_tokenizer(),
-    )
-
-
-def build_flux1_transformer(cfg: dict[str, Any], device: str, dtype: Any, guidance: bool) -> Any:
-    import torch
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(1)
-    with _on(device, dtype):
-        return FluxTransformer2DModel(guidance_embeds=guidance, **cfg["transformer"])
-
-
-def build_flux2(cfg: dict[str, Any], device: str, dtype: Any, klein: bool, small: bool) -> Any:
+def build_family(family: str, configs: dict[str, Any], device: str, dtype: Any) -> dict[str, Any]:
+    """Pipelines by catalog model id, sharing modules where the models share an architecture;
+    the components are remotegpu_worker.tiny's, built at the sizes in `configs`."""
     import diffusers
-    import torch
-    from remotegpu_worker.tiny import _flux2_scheduler, _mistral_tokenizer, _qwen_tokenizer
+    from remotegpu_worker import tiny
 
-    torch.manual_seed(2)
     with _on(device, dtype):
-        transformer = diffusers.Flux2Transformer2DModel(guidance_embeds=not klein, **cfg["transformer"])
-        vae = diffusers.AutoencoderKLFlux2(**(SMALL_FLUX2_VAE if small else {}))
-        if klein:
-            from transformers import Qwen3Config, Qwen3ForCausalLM
-
-            tokenizer = _qwen_tokenizer()
-            text_encoder = Qwen3ForCausalLM(
-                Qwen3Config(
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    tie_word_embeddings=False,
-                    **cfg["text"],
-                )
-            )
+        if family.startswith("flux1"):
+            sizes = configs["flux1"]
+            if family == "flux1-schnell":  # schnell is timestep-distilled: no guidance embedding
+                sizes = {**sizes, "transformer": {**sizes["transformer"], "guidance_embeds": False}}
+            parts = tiny.flux1_components(sizes)
+        elif family == "flux2-klein":
+            klein = diffusers.Flux2KleinPipeline(**tiny.flux2_klein_components(configs[family]))
+            return {"black-forest-labs/FLUX.2-klein-9B": klein}
         else:
-            from transformers import (
-                Mistral3Config,
-                Mistral3ForConditionalGeneration,
-                MistralConfig,
-                PixtralVisionConfig,
-            )
-
-            tokenizer = _mistral_tokenizer(vocab_size=512)
-            text_encoder = Mistral3ForConditionalGeneration(
-                Mistral3Config(
-                    text_config=MistralConfig(
-                        bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id,
-                        sliding_window=None,
-                        **cfg["text"],
-                    ),
-                    vision_config=PixtralVisionConfig(**cfg["vision"]),
-                    image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
-                    tie_word_embeddings=False,
-                )
-            )
-    parts = dict(
-        scheduler=_flux2_scheduler(),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
-    if klein:
-        return diffusers.Flux2KleinPipeline(**parts, is_distilled=True)
-    return diffusers.Flux2Pipeline(**parts)
-
-
-def build_family(
-    family: str, configs: dict[str, Any], device: str, dtype: Any, small: bool
-) -> dict[str, Any]:
-    """Pipelines by catalog model id, sharing modules where the models share an architecture."""
-    import copy
-
-    import diffusers
-
-    cfg = copy.deepcopy(configs["flux1" if family.startswith("flux1") else family])
-    if family.startswith("flux1"):
-        parts = build_flux1_encoders(cfg, device, dtype)
-        transformer = build_flux1_transformer(cfg, device, dtype, guidance=family != "flux1-schnell")
-        if family == "flux1-schnell":
             return {
-                "black-forest-labs/FLUX.1-schnell": diffusers.FluxPipeline(transformer=transformer, **parts)
+                "black-forest-labs/FLUX.2-dev": diffusers.Flux2Pipeline(
+                    **tiny.flux2_components(configs[family])
+                )
             }
-        pipes = {"black-forest-labs/FLUX.1-dev": diffusers.FluxPipeline(transformer=transformer, **parts)}
-        if family == "flux1-kontext":  # the same modules, Kontext's pipeline
-            pipes["black-forest-labs/FLUX.1-Kontext-dev"] = diffusers.FluxKontextPipeline(
-                transformer=transformer, **parts
-            )
-        return pipes
-    if family == "flux2-klein":
-        return {"black-forest-labs/FLUX.2-klein-9B": build_flux2(cfg, device, dtype, klein=True, small=small)}
-    return {"black-forest-labs/FLUX.2-dev": build_flux2(cfg, device, dtype, klein=False, small=small)}
+    if family == "flux1-schnell":
+        return {"black-forest-labs/FLUX.1-schnell": diffusers.FluxPipeline(**parts)}
+    pipes = {"black-forest-labs/FLUX.1-dev": diffusers.FluxPipeline(**parts)}
+    if family == "flux1-kontext":  # Kontext-dev has FLUX.1-dev's architecture: the same modules
+        pipes["black-forest-labs/FLUX.1-Kontext-dev"] = diffusers.FluxKontextPipeline(**parts)
+    return pipes
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -394,7 +318,9 @@ def compare(ref_png: bytes, png: bytes) -> dict[str, Any]:
     }
 
 
+@functools.cache
 def reference_png(size: int) -> str:
+    """A gradient source image (base64 PNG), made once per size."""
     import base64
 
     from PIL import Image
@@ -438,8 +364,10 @@ class Bench:
     def plain_once(self, case: Case, engine: Any, steps: int | None = None) -> tuple[float, float, bytes]:
         """The plain diffusers call, as its documentation shows it, and Pillow's PNG defaults."""
         import torch
+        from remotegpu_worker.engine.pipelines import decode_image
 
-        kwargs = engine.call_kwargs(self.request(case, engine, steps), _images(case, engine))
+        req = self.request(case, engine, steps)
+        kwargs = engine.call_kwargs(req, [decode_image(b, i) for i, b in enumerate(req.input_images())])
         for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
             kwargs.pop(key, None)
         if case.negative_prompt:
@@ -505,9 +433,9 @@ class Bench:
             if self.gpu:
                 row["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if variant == "plain":
-                case.__dict__["_ref"] = png
+                case.plain_png = png
             else:
-                row.update(compare(case.__dict__.get("_ref", png), png))
+                row.update(compare(case.plain_png or png, png))
                 base = next(
                     (r for r in case.rows if r["variant"] == "plain" and "seconds_per_image" in r), None
                 )
@@ -528,15 +456,6 @@ class Bench:
             return 10.0
         one = min(r["seconds_per_image"] for r in done)
         return max(3 * one, min(self.args.row_seconds, self.args.repeats * one)) + 30.0
-
-
-def _images(case: Case, engine: Any) -> list[Any]:
-    from remotegpu_worker.engine.pipelines import decode_image
-
-    req_images = [reference_png(case.size)] * case.references
-    import base64
-
-    return [decode_image(base64.b64decode(b), i) for i, b in enumerate(req_images)]
 
 
 def _line(case: Case, row: dict[str, Any]) -> str:
@@ -562,7 +481,7 @@ def run_family(bench: Bench, family: str, cases: list[Case], configs: dict[str, 
     catalog = {m.spec.model: m for m in load_models_file()}
     dtype = torch.bfloat16 if bench.gpu else torch.float32
     t = time.monotonic()
-    pipes = build_family(family, configs, device, dtype, small=not bench.gpu)
+    pipes = build_family(family, configs, device, dtype)
     sync()
     first = next(iter(pipes.values()))
     params = sum(p.numel() for p in first.transformer.parameters())

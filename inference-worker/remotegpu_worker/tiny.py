@@ -185,20 +185,9 @@ def _seed(offset: int) -> None:
     torch.manual_seed(SEED + offset)
 
 
-def _vae_blocks(n: int = 4) -> dict[str, Any]:
-    return {
-        "down_block_types": ("DownEncoderBlock2D",) * n,
-        "up_block_types": ("UpDecoderBlock2D",) * n,
-        "block_out_channels": (4,) * n,
-        "layers_per_block": 1,
-        "latent_channels": 1,
-        "norm_num_groups": 1,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-        # No attention in the VAE mid block: at 1024x768 the latent grid is 12k positions.
-        "mid_block_add_attention": False,
-        "sample_size": 512,
-    }
+def vae_blocks(n: int = 4) -> dict[str, Any]:
+    """The block types of a FLUX VAE with n levels (scale factor 2**(n-1))."""
+    return {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n}
 
 
 def flux1_scheduler() -> Any:
@@ -215,47 +204,62 @@ def flux1_scheduler() -> Any:
     )
 
 
-def _flux1_components(progress: Progress) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+def _flux2_scheduler() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    progress("  transformer (FluxTransformer2DModel)")
-    _seed(1)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 4, 8),
-    )
-    progress("  VAE (AutoencoderKL, 4 blocks)")
-    _seed(2)
-    vae = AutoencoderKL(**_vae_blocks(), shift_factor=0.0609, scaling_factor=1.5035)
-    progress("  text encoder (CLIP) and tokenizer")
-    _seed(3)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+
+
+# The tiny recipe: each component's constructor arguments. bench/worker_gpu.py builds
+# the same components from the published full-size arguments.
+_TINY_VAE = {
+    **vae_blocks(),
+    "block_out_channels": (4,) * 4,
+    "layers_per_block": 1,
+    "latent_channels": 1,
+    "norm_num_groups": 1,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    # No attention in the VAE mid block: at 1024x768 the latent grid is 12k positions.
+    "mid_block_add_attention": False,
+    "sample_size": 512,
+}
+_TINY_FLUX2_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=3 * 16,  # three stacked hidden states of the width-16 encoder
+    timestep_guidance_channels=256,
+    axes_dims_rope=(4, 4, 4, 4),
+)
+TINY: dict[str, dict[str, Any]] = {
+    "flux1": dict(
+        transformer=dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        ),
+        vae={**_TINY_VAE, "shift_factor": 0.0609, "scaling_factor": 1.5035},
+        clip=dict(
             hidden_size=32,
             intermediate_size=37,
             num_attention_heads=4,
             num_hidden_layers=5,
             vocab_size=1000,
             projection_dim=32,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
             hidden_act="gelu",
-        )
-    )
-    progress("  text encoder 2 (T5) and tokenizer")
-    _seed(4)
-    t5 = T5EncoderModel(
-        T5Config(
+        ),
+        t5=dict(
             d_model=32,
             d_ff=37,
             d_kv=8,
@@ -265,11 +269,69 @@ def _flux1_components(progress: Progress) -> dict[str, Any]:
             vocab_size=1103,
             feed_forward_proj="relu",
             pad_token_id=0,
-            eos_token_id=1,
-            is_encoder_decoder=False,
-            use_cache=False,
-        )
-    )
+        ),
+    ),
+    "flux2": dict(
+        transformer={**_TINY_FLUX2_TRANSFORMER, "guidance_embeds": True},
+        vae=_TINY_VAE,
+        text=dict(
+            vocab_size=512,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=30,  # the pipeline reads hidden states 10, 20 and 30
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=4,
+            max_position_embeddings=2048,
+        ),
+        vision=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=30,
+            patch_size=6,
+        ),
+        mistral3=dict(spatial_merge_size=1),
+    ),
+    "flux2-klein": dict(
+        transformer={**_TINY_FLUX2_TRANSFORMER, "guidance_embeds": False},
+        vae=_TINY_VAE,
+        text=dict(
+            vocab_size=512,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=27,  # the pipeline reads hidden states 9, 18 and 27
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=2048,
+        ),
+    ),
+}
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def flux1_components(sizes: dict[str, Any], progress: Progress = _quiet) -> dict[str, Any]:
+    """FluxPipeline's parts (FLUX.1 and Kontext share them) with random weights."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    progress("  transformer (FluxTransformer2DModel)")
+    _seed(1)
+    transformer = FluxTransformer2DModel(**sizes["transformer"])
+    progress("  VAE (AutoencoderKL)")
+    _seed(2)
+    vae = AutoencoderKL(**sizes["vae"])
+    progress("  text encoder (CLIP) and tokenizer")
+    _seed(3)
+    clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, **sizes["clip"]))
+    progress("  text encoder 2 (T5) and tokenizer")
+    _seed(4)
+    t5 = T5EncoderModel(T5Config(eos_token_id=1, is_encoder_decoder=False, use_cache=False, **sizes["t5"]))
     return {
         "scheduler": flux1_scheduler(),
         "vae": vae,
@@ -281,36 +343,9 @@ def _flux1_components(progress: Progress) -> dict[str, Any]:
     }
 
 
-def _flux2_transformer(text_hidden: int, guidance_embeds: bool) -> Any:
-    from diffusers import Flux2Transformer2DModel
-
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=3 * text_hidden,
-        timestep_guidance_channels=256,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=guidance_embeds,
-    )
-
-
-def _flux2_vae() -> Any:
-    from diffusers import AutoencoderKLFlux2
-
-    return AutoencoderKLFlux2(**_vae_blocks())
-
-
-def _flux2_scheduler() -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-
-
-def _flux2_components(progress: Progress) -> dict[str, Any]:
+def flux2_components(sizes: dict[str, Any], progress: Progress = _quiet) -> dict[str, Any]:
+    """Flux2Pipeline's parts with random weights: a Mistral3 encoder."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import (
         Mistral3Config,
         Mistral3ForConditionalGeneration,
@@ -318,46 +353,30 @@ def _flux2_components(progress: Progress) -> dict[str, Any]:
         PixtralVisionConfig,
     )
 
-    hidden = 16
     progress("  tokenizer (byte-level BPE with a chat template)")
     tokenizer = _mistral_tokenizer(vocab_size=512)
     progress("  transformer (Flux2Transformer2DModel)")
     _seed(1)
-    transformer = _flux2_transformer(hidden, guidance_embeds=True)
-    progress("  VAE (AutoencoderKLFlux2, 4 blocks)")
+    transformer = Flux2Transformer2DModel(**sizes["transformer"])
+    progress("  VAE (AutoencoderKLFlux2)")
     _seed(2)
-    vae = _flux2_vae()
-    progress("  text encoder (Mistral3, 30 layers of width 16)")
+    vae = AutoencoderKLFlux2(**sizes["vae"])
+    text = sizes["text"]
+    progress(f"  text encoder (Mistral3, {text['num_hidden_layers']} layers of width {text['hidden_size']})")
     _seed(3)
-    text_config = MistralConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=32,
-        num_hidden_layers=30,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=4,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        sliding_window=None,
-    )
-    vision_config = PixtralVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=30,
-        patch_size=6,
-    )
     text_encoder = Mistral3ForConditionalGeneration(
         Mistral3Config(
-            text_config=text_config,
-            vision_config=vision_config,
+            text_config=MistralConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                sliding_window=None,
+                **text,
+            ),
+            vision_config=PixtralVisionConfig(**sizes["vision"]),
             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
-            spatial_merge_size=1,
             tie_word_embeddings=False,
+            **sizes.get("mistral3", {}),
         )
     )
     return {
@@ -369,33 +388,28 @@ def _flux2_components(progress: Progress) -> dict[str, Any]:
     }
 
 
-def _flux2_klein_components(progress: Progress) -> dict[str, Any]:
+def flux2_klein_components(sizes: dict[str, Any], progress: Progress = _quiet) -> dict[str, Any]:
+    """Flux2KleinPipeline's parts with random weights: a Qwen3 encoder, distilled."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    hidden = 16
     progress("  tokenizer (Qwen2, byte-level with a chat template)")
     tokenizer = _qwen_tokenizer()
     progress("  transformer (Flux2Transformer2DModel, no guidance embedding)")
     _seed(1)
-    transformer = _flux2_transformer(hidden, guidance_embeds=False)
-    progress("  VAE (AutoencoderKLFlux2, 4 blocks)")
+    transformer = Flux2Transformer2DModel(**sizes["transformer"])
+    progress("  VAE (AutoencoderKLFlux2)")
     _seed(2)
-    vae = _flux2_vae()
-    progress("  text encoder (Qwen3, 27 layers of width 16)")
+    vae = AutoencoderKLFlux2(**sizes["vae"])
+    text = sizes["text"]
+    progress(f"  text encoder (Qwen3, {text['num_hidden_layers']} layers of width {text['hidden_size']})")
     _seed(3)
     text_encoder = Qwen3ForCausalLM(
         Qwen3Config(
-            vocab_size=512,
-            hidden_size=hidden,
-            intermediate_size=32,
-            num_hidden_layers=27,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=2048,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             tie_word_embeddings=False,
+            **text,
         )
     )
     return {
@@ -412,13 +426,13 @@ def _pipeline(architecture: Architecture, progress: Progress) -> Any:
     import diffusers
 
     if architecture is Architecture.FLUX1:
-        return diffusers.FluxPipeline(**_flux1_components(progress))
+        return diffusers.FluxPipeline(**flux1_components(TINY["flux1"], progress))
     if architecture is Architecture.FLUX1_KONTEXT:
-        return diffusers.FluxKontextPipeline(**_flux1_components(progress))
+        return diffusers.FluxKontextPipeline(**flux1_components(TINY["flux1"], progress))
     if architecture is Architecture.FLUX2:
-        return diffusers.Flux2Pipeline(**_flux2_components(progress))
+        return diffusers.Flux2Pipeline(**flux2_components(TINY["flux2"], progress))
     if architecture is Architecture.FLUX2_KLEIN:
-        return diffusers.Flux2KleinPipeline(**_flux2_klein_components(progress))
+        return diffusers.Flux2KleinPipeline(**flux2_klein_components(TINY["flux2-klein"], progress))
     raise ValueError(f"unknown architecture {architecture!r}")
 
 

@@ -87,6 +87,9 @@ class WorkerLoop:
         self.settings = settings or LoopSettings()
         self._client_factory = client_factory
         self.client = client_factory()
+        # Results go out on their own connection: the loop's thread may be in a lease poll
+        # on self.client meanwhile. One job finishes at a time, so one client serves them.
+        self._delivery = client_factory()
         self._stop = threading.Event()  # stop leasing (drain or stop)
         # Re-entrant: drain() may run in a signal handler on the thread that holds it.
         self._lock = threading.RLock()
@@ -222,6 +225,7 @@ class WorkerLoop:
             self._stop.set()
             self.report(RuntimeState.SLEEPING)
             self.client.close()
+            self._delivery.close()
         return why if why == "idle" else "drained"
 
     def run_job(self, lease: Lease) -> str:
@@ -301,15 +305,8 @@ class WorkerLoop:
                     outcome = self._deliver(lease, flag, rendered)
             except Exception as e:  # noqa: BLE001 - tell the gateway now, not at lease expiry
                 log.exception("job %s: the result could not be encoded or delivered: %s", lease.job_id, e)
-                client = self._client_factory()  # the loop's thread may be polling with its own
-                try:
-                    outcome = self._fail(
-                        lease,
-                        "the result could not be delivered by the worker; its log has the details",
-                        client,
-                    )
-                finally:
-                    client.close()
+                message = "the result could not be delivered by the worker; its log has the details"
+                outcome = self._fail(lease, message, self._delivery)
             finally:
                 done.set()
                 hb.join(timeout=10)
@@ -401,18 +398,11 @@ class WorkerLoop:
         return "failed"
 
     def _complete(self, lease: Lease, png: bytes) -> str:
-        client = self._client_factory()  # its own: the loop's thread may be in a lease poll
-        try:
-            return self._complete_with(client, lease, png)
-        finally:
-            client.close()
-
-    def _complete_with(self, client: WorkerAPIClient, lease: Lease, png: bytes) -> str:
         deadline = time.monotonic() + self.settings.complete_retry_seconds
         delay = 0.5
         while True:
             try:
-                client.complete(lease.job_id, lease.lease_token, png)
+                self._delivery.complete(lease.job_id, lease.lease_token, png)
                 return "succeeded"
             except LeaseLost:
                 log.warning("job %s: finished, but the lease was lost; result dropped", lease.job_id)

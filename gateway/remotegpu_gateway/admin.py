@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from remotegpu_gateway.auth import auth_first, gateway, require_scope
 from remotegpu_gateway.errors import ApiError
@@ -16,7 +16,6 @@ admin_key = require_scope("admin")
 router = APIRouter(
     prefix="/v1/admin",
     tags=["admin"],
-    dependencies=[Depends(admin_key)],  # in the OpenAPI document; checked once
     route_class=auth_first(admin_key),
     responses={
         401: {"model": ErrorResponse, "description": "Missing or invalid API key"},

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from remotegpu_gateway import validation
-from remotegpu_gateway.auth import authenticate, authorize, bearer, gateway, require_scope
+from remotegpu_gateway.auth import authorize, bearer, gateway, require_scope
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.schemas import (
@@ -26,6 +27,7 @@ from remotegpu_gateway.schemas import (
 from remotegpu_gateway.storage import StorageError
 from remotegpu_gateway.store import SUCCEEDED, KeyRecord
 
+T = TypeVar("T")
 log = logging.getLogger("remotegpu_gateway")
 router = APIRouter(prefix="/v1/inference", tags=["inference"])
 inference_key = require_scope("inference")
@@ -177,9 +179,11 @@ async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inferen
     return {**gw.job_view(job, base_url(gw, request)), "cancel": outcome.outcome, "message": message}
 
 
-@router.api_route(
+RESULT_HEADERS = {"Cache-Control": "private, max-age=3600"}
+
+
+@router.get(
     "/jobs/{job_id}/result",
-    methods=["GET", "HEAD"],
     responses={
         200: {"content": {"image/png": {}}, "description": "The PNG image"},
         **_errors(401, 403, 404, 409),
@@ -196,16 +200,33 @@ async def result(
     signature: str | None = Query(default=None),
 ) -> Response:
     gw = gateway(request)
+    result_key = await _result_key(request, job_id, expires, signature)
+    data = await _read_result(job_id, gw.storage.get, result_key)
+    return Response(data, media_type="image/png", headers=RESULT_HEADERS)
+
+
+@router.head("/jobs/{job_id}/result", include_in_schema=False)
+async def result_head(
+    job_id: str,
+    request: Request,
+    expires: int | None = Query(default=None),
+    signature: str | None = Query(default=None),
+) -> Response:
+    """GET's status and headers; the image's size from storage, not the image."""
+    gw = gateway(request)
+    result_key = await _result_key(request, job_id, expires, signature)
+    size = await _read_result(job_id, gw.storage.size, result_key)
+    return Response(media_type="image/png", headers={**RESULT_HEADERS, "Content-Length": str(size)})
+
+
+async def _result_key(request: Request, job_id: str, expires: int | None, signature: str | None) -> str:
+    """The storage key of a succeeded job's image, for a signed URL or the owner's key."""
+    gw = gateway(request)
     owner: str | None = None
     if gw.signer.verify(job_id, expires, signature):
         owner = None  # the signature is the authorisation
     elif bearer(request) is not None:
-        key = await authenticate(request)
-        if key is None:
-            raise ApiError(401, "invalid, revoked or expired API key", "Authorization")
-        if "inference" not in key.scopes:
-            raise ApiError(403, "this API key does not allow inference APIs", "Authorization")
-        owner = key.id
+        owner = (await authorize(request, "inference")).id
     elif signature is not None or expires is not None:
         raise ApiError(
             401,
@@ -221,13 +242,15 @@ async def result(
         raise ApiError(
             409, f"job {job_id} is {gw.public_status(job)}; the result exists once it succeeded", "job_id"
         )
-    result_key = job.result_key
+    return job.result_key
+
+
+async def _read_result(job_id: str, read: Callable[[str], T], result_key: str) -> T:
     try:
-        data = await anyio.to_thread.run_sync(gw.storage.get, result_key)
+        return await anyio.to_thread.run_sync(read, result_key)
     except StorageError as e:
         log.error("job %s: reading its result failed: %s", job_id, e)
         raise ApiError(500, "the result image could not be read from storage") from None
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get(

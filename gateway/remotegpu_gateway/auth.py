@@ -29,13 +29,6 @@ def bearer(request: Request) -> str | None:
     return token.strip()
 
 
-async def authenticate(request: Request) -> KeyRecord | None:
-    token = bearer(request)
-    if token is None:
-        return None
-    return await anyio.to_thread.run_sync(gateway(request).store.authenticate, token)
-
-
 def missing_key() -> ApiError:
     return ApiError(401, "missing API key; send Authorization: Bearer <api-key>", "Authorization")
 
@@ -55,15 +48,11 @@ def check_key(gw: Gateway, token: str, scope: str) -> KeyRecord:
 
 
 async def authorize(request: Request, scope: str) -> KeyRecord:
-    """The request's key if it is valid and has `scope`, else 401/403; checked once per
-    request (the route class below and the route's dependency both ask)."""
-    checked: dict[str, KeyRecord] = request.state.__dict__.setdefault("_keys", {})
-    if scope not in checked:
-        token = bearer(request)
-        if token is None:
-            raise missing_key()
-        checked[scope] = await anyio.to_thread.run_sync(check_key, gateway(request), token, scope)
-    return checked[scope]
+    """The request's key if it is valid and has `scope`, else 401/403."""
+    token = bearer(request)
+    if token is None:
+        raise missing_key()
+    return await anyio.to_thread.run_sync(check_key, gateway(request), token, scope)
 
 
 def require_scope(scope: str) -> Callable[[Request], Awaitable[KeyRecord]]:

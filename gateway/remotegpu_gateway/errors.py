@@ -77,10 +77,6 @@ def public_text(text: str) -> str:
     return out.strip() or INTERNAL
 
 
-def error_body(status: int, message: str, field: str | None = None) -> dict[str, Any]:
-    return ApiError(status, message, field).body()
-
-
 def loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
     out = ""

@@ -27,6 +27,7 @@ class StorageError(Exception):
 class BlobStorage(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def size(self, key: str) -> int: ...
     def delete(self, key: str) -> None: ...
 
 
@@ -54,6 +55,12 @@ class LocalDirStorage:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except OSError as e:
+            raise StorageError(f"could not read {key}: {e}") from e
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
         except OSError as e:
             raise StorageError(f"could not read {key}: {e}") from e
 

@@ -29,6 +29,8 @@ from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, StorageError
 from remotegpu_gateway.store import PENDING, TERMINAL_STATES, JobRecord, Store
 
 log = logging.getLogger("remotegpu_gateway")
+# Start timeouts are minutes (default 15): sweeping for them every few seconds is enough.
+START_SWEEP_SECONDS = 10.0
 
 PURGE_BATCH = 500  # jobs deleted per transaction by the retention sweep
 
@@ -144,23 +146,32 @@ class Gateway:
         log.info("gateway stopped")
 
     async def _reaper(self) -> None:
+        """Expired leases every round; the start-timeout sweep (timeouts are minutes, and its
+        query scans the queue) every START_SWEEP_SECONDS, or at once on a catalog change."""
         assert self._reaper_wake is not None
+        next_sweep = 0.0
         while True:
+            woken = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reaper_wake.wait(), self.settings.reaper_interval_seconds)
+                woken = True
             self._reaper_wake.clear()
+            sweep = woken or self.clock() >= next_sweep
             try:
-                await self.reap()
+                await anyio.to_thread.run_sync(self.reap, sweep)
             except Exception:  # noqa: BLE001 - keep reaping
                 log.exception("lease reaper failed")
+            if sweep:
+                next_sweep = self.clock() + START_SWEEP_SECONDS
 
-    async def reap(self) -> int:
-        """Expired leases back to the queue (or failed), then jobs that cannot start failed."""
-        changed = await anyio.to_thread.run_sync(self.store.expire_leases)
+    def reap(self, sweep: bool = True) -> int:
+        """Blocking: expired leases back to the queue (or failed), then (with `sweep`) the
+        jobs that cannot start failed."""
+        changed = self.store.expire_leases()
         for job, status in changed:
             if status in TERMINAL_STATES:
                 self.metrics.finished(job.model, status, job.started_at, self.clock())
-        failed = await anyio.to_thread.run_sync(self.fail_unstartable)
+        failed = self.fail_unstartable() if sweep else []
         models = {job.model for job, _ in changed} | {job.model for job in failed}
         if models:
             self.notifier.bump(*models)
@@ -181,19 +192,27 @@ class Gateway:
             entry = self.catalog.get(model_id)
             if entry is None:
                 message = f"the model {model_id} left the catalog (it is no longer served here); the job never started"
-                failed += self.store.fail_pending(model_id, message)
+                failed += self.fail_waiting(model_id, message)
                 continue
             timeout = self.start_timeout(entry)
             queued_at = count.oldest_pending_queued_at
             if queued_at is not None and queued_at < now - timeout:
-                message = f"the job did not start within {timeout:g}s: {self._no_start_reason(model_id)}"
-                failed += self.store.fail_pending(model_id, message, queued_before=now - timeout)
+                message = f"the job did not start within {timeout:g}s: {self.no_start_reason(model_id)}"
+                failed += self.fail_waiting(model_id, message, queued_before=now - timeout)
+        return failed
+
+    def fail_waiting(
+        self, model_id: str, message: str, queued_before: float | None = None
+    ) -> list[JobRecord]:
+        """Blocking: fails `model_id`'s jobs that have not started (queued before
+        `queued_before`, if given) with `message`; the caller wakes the model's pollers."""
+        failed = self.store.fail_pending(model_id, message, queued_before=queued_before)
         for job in failed:
             log.warning("job %s (%s) failed before it started: %s", job.id, job.model, job.error_message)
             self.metrics.finished(job.model, job.status, None, job.completed_at)
         return failed
 
-    def _no_start_reason(self, model_id: str) -> str:
+    def no_start_reason(self, model_id: str) -> str:
         available, why = self.registry.availability(model_id)
         if not available:
             return f"the model is unavailable here ({why or 'no reason given'})"

@@ -179,14 +179,8 @@ async def worker_status(body: WorkerStatus, request: Request) -> dict[str, str]:
     if body.load_failures:
         gw.registry.set_load_failures(body.model, body.load_failures)
     if body.state == RuntimeState.SLEEPING:
-        if body.load_failures:
-            await anyio.to_thread.run_sync(_gave_up_loading, gw, body.model, body.load_failures)
+        if body.load_failures:  # the worker gave up: its jobs fail now, not at the start timeout
+            message = f"{gw.no_start_reason(body.model)}; the job never started"
+            await anyio.to_thread.run_sync(gw.fail_waiting, body.model, message)
         gw.notifier.bump(body.model)  # wakes that worker's lease poll, which then ends
     return {"state": gw.registry.state(body.model).value}
-
-
-def _gave_up_loading(gw: Gateway, model: str, failures: int) -> None:
-    """The model's waiting jobs fail now instead of waiting out the start timeout."""
-    message = f"the model failed to load {failures} times; the job never started"
-    for job in gw.store.fail_pending(model, message):
-        gw.metrics.finished(job.model, job.status, None, job.completed_at)

@@ -88,7 +88,6 @@ class ModelWorker:
         self.previous = previous
         self.loop: Any = None
         self.engine: Any = None
-        self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name=f"worker-{model.name}", daemon=True)
 
     @property
@@ -146,25 +145,24 @@ class ModelWorker:
         gateway then fails the waiting jobs; the model's next job starts a fresh try)."""
         spec = self.model.spec
         backoff = LOAD_BACKOFF_SECONDS
+        error = ""
         for attempt in range(1, LOAD_ATTEMPTS + 1):
             self._report(worker_id, RuntimeState.STARTING, attempt - 1)
             try:
                 return self._load()
             except Exception as e:  # noqa: BLE001 - any failure to load is retried, then reported
-                self.error = f"{type(e).__name__}: {e}"
+                error = f"{type(e).__name__}: {e}"
                 log.exception("%s: load %d of %d failed", spec.model, attempt, LOAD_ATTEMPTS)
             if attempt < LOAD_ATTEMPTS:
                 _say(
-                    f"{spec.model}: load {attempt} of {LOAD_ATTEMPTS} failed ({self.error}); retrying in {backoff:.0f}s"
+                    f"{spec.model}: load {attempt} of {LOAD_ATTEMPTS} failed ({error}); retrying in {backoff:.0f}s"
                 )
                 if self.sup.stopping.wait(backoff):
                     # Shutting down, not giving up: the jobs wait for the next start.
                     self._report(worker_id, RuntimeState.SLEEPING, 0)
                     return None
                 backoff *= 2
-        _say(
-            f"{spec.model}: could not be loaded ({self.error}); its waiting jobs fail, the next job tries again"
-        )
+        _say(f"{spec.model}: could not be loaded ({error}); its waiting jobs fail, the next job tries again")
         self._report(worker_id, RuntimeState.SLEEPING, LOAD_ATTEMPTS)
         return None
 
@@ -288,13 +286,7 @@ def serve(args: argparse.Namespace) -> int:
     from remotegpu_gateway.app import create_app
     from remotegpu_gateway.connections import uvicorn_config
     from remotegpu_gateway.registry import RuntimeRegistry
-    from remotegpu_gateway.settings import (
-        Settings,
-        http_settings,
-        retention_seconds,
-        start_timeout_seconds,
-        worker_token,
-    )
+    from remotegpu_gateway.settings import Settings, served_settings, worker_token
     from remotegpu_worker.engine import weights
     from remotegpu_worker.metrics import WorkerMetrics
 
@@ -317,16 +309,7 @@ def serve(args: argparse.Namespace) -> int:
     # The in-process workers reach the gateway over loopback, whatever address it listens on.
     base_url = config.http_url(config.loopback_for(host), port)
     token = worker_token(data, announce=False)
-    settings = Settings(
-        database_url=config.database_url(getattr(args, "database_url", None), data),
-        data_dir=data,
-        worker_token=token,
-        public_url=config.public_url(getattr(args, "public_url", None), host, port),
-        models=models,
-        retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
-        **http_settings(args),
-        start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
-    )
+    settings = Settings(**served_settings(args, data), worker_token=token, models=models)
     app = create_app(settings, registry=registry)
     gw = app.state.gateway
     metrics = WorkerMetrics(registry=gw.metrics.registry)  # one /metrics for gateway and workers

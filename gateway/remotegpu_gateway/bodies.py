@@ -35,25 +35,22 @@ class BodyTimeout(ApiError):
         )
 
 
-def _has_body(scope: dict[str, Any]) -> bool:
+def _body_size(scope: dict[str, Any]) -> tuple[bool, int | None]:
+    """(whether the request has a body, its declared Content-Length if any), in one scan."""
+    chunked, length = False, None
     for name, value in scope.get("headers", []):
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
-            return True
-    return False
-
-
-def _content_length(scope: dict[str, Any]) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
+        if name == b"transfer-encoding":
+            chunked = True
+        elif name == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return None
-    return None
+                return True, None  # malformed: let the server's parser answer it
+    return chunked or bool(length), length
 
 
 class BodyGuard:
-    def __init__(self, app: Any, *, max_bytes: int, timeout: float, concurrency: int, metrics: Any = None):
+    def __init__(self, app: Any, *, max_bytes: int, timeout: float, concurrency: int, metrics: Any):
         self.app = app
         self.max_bytes = max_bytes
         self.timeout = timeout
@@ -61,10 +58,10 @@ class BodyGuard:
         self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not _has_body(scope):
+        has_body, length = (False, None) if scope["type"] != "http" else _body_size(scope)
+        if not has_body:
             await self.app(scope, receive, send)
             return
-        length = _content_length(scope)
         if length is not None and length > self.max_bytes:
             await BodyTooLarge(self.max_bytes).response()(scope, receive, send)
             return
@@ -109,16 +106,13 @@ class _BodyReader:
         return message
 
     async def _take_slot(self) -> None:
-        metrics = self.guard.metrics
-        if metrics is not None:
-            metrics.bodies.labels("waiting").inc()
+        bodies = self.guard.metrics.bodies
+        bodies.labels("waiting").inc()
         try:
             await self.guard.slots.acquire()
         finally:
-            if metrics is not None:
-                metrics.bodies.labels("waiting").dec()
-        if metrics is not None:
-            metrics.bodies.labels("reading").inc()
+            bodies.labels("waiting").dec()
+        bodies.labels("reading").inc()
         self.deadline = time.monotonic() + self.guard.timeout
 
     def done(self) -> None:
@@ -128,5 +122,4 @@ class _BodyReader:
         self.finished = True
         if self.deadline is not None:
             self.guard.slots.release()
-            if self.guard.metrics is not None:
-                self.guard.metrics.bodies.labels("reading").dec()
+            self.guard.metrics.bodies.labels("reading").dec()

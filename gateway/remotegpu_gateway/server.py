@@ -14,13 +14,7 @@ from remotegpu_base import config
 from remotegpu_gateway.app import create_app
 from remotegpu_gateway.connections import uvicorn_config
 from remotegpu_gateway.notify import Notifier
-from remotegpu_gateway.settings import (
-    Settings,
-    http_settings,
-    retention_seconds,
-    start_timeout_seconds,
-    worker_token,
-)
+from remotegpu_gateway.settings import Settings, served_settings, worker_token
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -30,10 +24,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if not models_file and not namespace and os.environ.get("KUBERNETES_SERVICE_HOST"):
         namespace = os.environ.get("REMOTEGPU_NAMESPACE") or _pod_namespace()
     return Settings(
-        database_url=config.database_url(getattr(args, "database_url", None), data),
-        data_dir=data,
+        **served_settings(args, data),
         worker_token=worker_token(data),
-        public_url=config.public_url(getattr(args, "public_url", None), args.host, args.port),
         results_dir=Path(os.environ["REMOTEGPU_RESULTS_DIR"])
         if os.environ.get("REMOTEGPU_RESULTS_DIR")
         else None,
@@ -41,9 +33,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         models_file=Path(models_file) if models_file else None,
         namespace=namespace,
         kubeconfig=os.environ.get("KUBECONFIG") or None,
-        retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
-        **http_settings(args),
-        start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
     )
 
 

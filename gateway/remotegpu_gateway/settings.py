@@ -109,17 +109,27 @@ def http_settings(args: argparse.Namespace) -> dict[str, Any]:
     --cors-origin (repeatable), else $REMOTEGPU_CORS_ORIGINS (comma-separated)."""
     out: dict[str, Any] = {}
     for name, (env, kind) in HTTP_ENV.items():
-        value = os.environ.get(env)
-        if value:
-            try:
-                out[name] = kind(value)
-            except ValueError:
-                raise SystemExit(f"${env}={value!r}: expected a number") from None
-            if out[name] <= 0:
+        value = _flag_or_env(None, env, "a positive number")
+        if value is not None:
+            if value <= 0:
                 raise SystemExit(f"${env} must be positive")
+            out[name] = kind(value)
     origins = getattr(args, "cors_origin", None) or os.environ.get(CORS_ENV, "").split(",")
     out["cors_origins"] = cors_origins(origins)
     return out
+
+
+def served_settings(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    """What `remotegpu gateway` and `remotegpu serve` both take from their flags and the
+    environment: the database, the URLs, the retention, the start timeout, the HTTP limits."""
+    return dict(
+        database_url=config.database_url(getattr(args, "database_url", None), data),
+        data_dir=data,
+        public_url=config.public_url(getattr(args, "public_url", None), args.host, args.port),
+        retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
+        start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
+        **http_settings(args),
+    )
 
 
 def cors_origins(values: list[str]) -> list[str]:

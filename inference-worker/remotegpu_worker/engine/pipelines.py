@@ -345,7 +345,7 @@ class ImageEngine:
             raise EngineNotReady("load() first")
         started = time.monotonic()
         for req in self.warmup_requests():
-            self.generate(req, _warmup=True)
+            self.render(req, _warmup=True)  # no PNG: nobody reads it
         seconds = time.monotonic() - started
         if self.info is not None:
             self.info.warmup_seconds = seconds

@@ -9,6 +9,10 @@ UV := $(BIN)/uv
 UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# `make test` runs test files in parallel: most of the suite waits on real processes
+# (servers, clusters, workers), so more workers than cores pays. Each worker starts
+# its own cluster and PostgreSQL when it first needs one; a file's tests stay together.
+TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
 
@@ -51,7 +55,7 @@ run: install ## start the service (embedded default) on http://127.0.0.1:8000
 	$(BIN)/remotegpu serve
 
 test: install system-deps cluster-bin ## run every test (starts and stops its own cluster, PostgreSQL, Prometheus)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install ## unit tests only (no cluster, no PostgreSQL)
 	$(BIN)/pytest -m "not cluster and not postgres" $(PYTEST_ARGS)

@@ -40,10 +40,12 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     # Slow or stalled clients (see connections.py and bodies.py): a request's headers must
     # arrive within header_timeout; a body, once the gateway reads it, within body_timeout
-    # (60 MB at 1 MB/s fits); an idle keep-alive connection is closed after keep_alive_timeout.
+    # (60 MB at 1 MB/s fits); an idle keep-alive connection is closed after keep_alive_timeout,
+    # longer than common clients keep one idle (httpx: 5 s), so a client does not send on a
+    # connection the gateway is closing at that moment (it would read a reset).
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 120.0
-    keep_alive_timeout_seconds: int = 5
+    keep_alive_timeout_seconds: int = 10
     # Request bodies read at once (each up to max_body_bytes in memory); others wait their turn.
     max_concurrent_bodies: int = 8
     # Browser origins allowed to call the API (CORS); empty: CORS is off.

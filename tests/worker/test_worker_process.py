@@ -55,7 +55,7 @@ def start_worker(
     )
     url = f"http://127.0.0.1:{port}"
     if ready:
-        wait_http(f"{url}/readyz", 120, p)
+        wait_http(f"{url}/readyz", 300, p)
     return p, url
 
 
@@ -71,7 +71,7 @@ def test_sigterm_finishes_the_current_job_then_exits(
     job_id = gateway.submit(TINY, "drain me gently", steps=40, size={"width": 1024, "height": 1024})
     wait_running(gateway, job_id)
     p.signal(signal.SIGTERM)
-    assert p.wait(timeout=120) == 0, p.log()[-3000:]
+    assert p.wait(timeout=300) == 0, p.log()[-3000:]
     job = gateway.job(job_id)
     assert job["status"] == "succeeded", (job, p.log()[-3000:])
     assert png_size(gateway.result(job_id)) == (1024, 1024)
@@ -92,12 +92,14 @@ def test_sigterm_on_an_idle_worker_ends_its_lease_poll_at_once(
     p.signal(signal.SIGTERM)
     time.sleep(0.5)
     job_id = gateway.submit(TINY, "not for a leaving worker")
-    assert p.wait(timeout=90) == 0, p.log()[-3000:]
+    assert p.wait(timeout=120) == 0, p.log()[-3000:]
     took = time.monotonic() - stopped
     leases = gateway.gw.metrics.registry.get_sample_value("remotegpu_job_wait_seconds_count", {"model": TINY})
     assert not leases, f"the job was leased {leases:.0f} time(s) by the leaving worker\n{p.log()[-3000:]}"
     assert gateway.gw.store.get_job(job_id, None).status == "pending"
-    assert took < 10, f"the worker took {took:.1f}s to stop: it waited out its 60 s poll"
+    # Well below the poll (the longest the protocol allows), with a margin for a loaded
+    # machine: only a poll cut short passes.
+    assert took < 45, f"the worker took {took:.1f}s to stop: it waited out its 60 s poll"
 
 
 def test_sigterm_past_the_grace_hands_the_job_back(
@@ -127,7 +129,7 @@ def test_sigterm_past_the_grace_hands_the_job_back(
     lt = LoopThread(engines("flux1"), gateway)
     try:
         assert (
-            gateway.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=120)["status"] == "succeeded"
+            gateway.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=300)["status"] == "succeeded"
         )
     finally:
         lt.stop()
@@ -156,7 +158,7 @@ def test_sigkill_mid_job_the_job_completes_after_lease_expiry(
     # ... and a healthy worker completes it (second attempt).
     lt = LoopThread(engines("flux1"), gw)
     try:
-        job = gw.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
+        job = gw.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=300)
         assert job["status"] == "succeeded", job
         assert gw.gw.store.get_job(job_id, None).attempt == 2
         assert png_size(gw.result(job_id)) == (1024, 1024)

@@ -53,6 +53,15 @@ def _start_timeout_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _webhook_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--webhook-allowed-networks",
+        metavar="CIDRS",
+        help="comma-separated networks webhooks may call although private, loopback or link-local "
+        "(default $REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS; none)",
+    )
+
+
 def _action_state_options(p: argparse.ArgumentParser) -> None:
     """The state flags also after the action (`keys create --data-dir D`); absent ones leave the parent's."""
     p.add_argument("--data-dir", default=argparse.SUPPRESS, help="state folder")
@@ -89,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _retention_option(p)
     _cors_option(p)
     _start_timeout_option(p)
+    _webhook_option(p)
     p.add_argument(
         "--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start"
     )
@@ -105,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _retention_option(p)
     _cors_option(p)
     _start_timeout_option(p)
+    _webhook_option(p)
     p.set_defaults(func=_handler("remotegpu_gateway.server:run"))
 
     p = sub.add_parser("worker", help="an inference worker for one model")
@@ -136,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("rotate", help="new secret for the same key identity")
     k.add_argument("id")
     k.add_argument("--grace-seconds", type=int, default=0, help="keep the old secret valid this long")
+    _action_state_options(k)
+    k = keys.add_parser(
+        "webhook-secret",
+        help="create or rotate the key's webhook signing secret (whsec_...); prints it as the last line",
+    )
+    k.add_argument("key", metavar="NAME", help="the key's name (or id)")
     _action_state_options(k)
     k = keys.add_parser("revoke", help="revoke a key")
     k.add_argument("id")

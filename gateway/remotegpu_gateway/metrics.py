@@ -57,7 +57,18 @@ class ColdStartTracker:
         self._states = states
         self._since: dict[str, float] = {}
         self._last: dict[str, str] = {}
+        # The latest cold start's seconds per model: what the ETA of a waiting job expects.
+        self.durations: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def ready_in(self, model: str) -> float | None:
+        """Seconds until the model is expected ready (as long as its latest cold start took,
+        less the time this one has run); None without one measured."""
+        took = self.durations.get(model)
+        if took is None:
+            return None
+        since = self._since.get(model)
+        return max(0.0, took - (time.monotonic() - since)) if since is not None else took
 
     def update(self) -> None:
         states = self._states()
@@ -75,6 +86,7 @@ class ColdStartTracker:
                 started = self._since.pop(model, None)
                 if started is not None:
                     self._histogram.labels(model).observe(now - started)
+                    self.durations[model] = now - started
             else:
                 self._since.pop(model, None)
 
@@ -141,9 +153,9 @@ class Metrics:
     ) -> None:
         self.registry.register(_QueueCollector(snapshot, states))
 
-    def track_cold_starts(self, states: Callable[[], dict[str, str]]) -> Callable[[], None]:
-        """The callback to register with the runtime registry's on_change."""
-        return ColdStartTracker(self.cold_start, states).update
+    def track_cold_starts(self, states: Callable[[], dict[str, str]]) -> ColdStartTracker:
+        """The tracker whose `update` goes to the runtime registry's on_change."""
+        return ColdStartTracker(self.cold_start, states)
 
     def finished(self, model: str, status: str, started_at: float | None, completed_at: float | None) -> None:
         self.jobs_finished.labels(model, status).inc()

@@ -2,7 +2,8 @@
 
 `Store` is a thin facade over one class per concern, all on the same `Database`:
 keys (`keys.py`), jobs (`jobs.py`, inserts through the group-commit thread in
-`batcher.py`), the queue and its leases (`leases.py`), retention (`retention.py`) and
+`batcher.py`; idempotency keys, listing, queue position), webhook deliveries
+(`webhooks.py`), the queue and its leases (`leases.py`), retention (`retention.py`) and
 read-only statistics (`stats.py`). The schema and its migrations are in `schema.py`.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 from remotegpu_gateway.store.batcher import InsertBatcher
 from remotegpu_gateway.store.database import normalise_url
+from remotegpu_gateway.store.jobs import Idempotency, IdempotencyConflict, JobOptions
 from remotegpu_gateway.store.keys import KeyStore, hash_secret, split_token
 from remotegpu_gateway.store.leases import LeaseStore
 from remotegpu_gateway.store.records import (
@@ -30,6 +32,8 @@ from remotegpu_gateway.store.schema import (
     KEY_PREFIX,
     MIGRATIONS,
     PENDING,
+    PRIORITIES,
+    PRIORITY_NAMES,
     RUNNING,
     SCOPES,
     SUCCEEDED,
@@ -37,11 +41,14 @@ from remotegpu_gateway.store.schema import (
     api_key_secrets,
     api_keys,
     gateway_settings,
+    idempotency_keys,
     jobs,
     metadata,
     schema_migrations,
+    webhook_deliveries,
 )
 from remotegpu_gateway.store.stats import StatsStore
+from remotegpu_gateway.store.webhooks import WEBHOOK_EVENTS, Delivery, record_from_snapshot
 
 __all__ = [
     "CANCELLED",
@@ -49,11 +56,18 @@ __all__ = [
     "KEY_PREFIX",
     "MIGRATIONS",
     "PENDING",
+    "PRIORITIES",
+    "PRIORITY_NAMES",
     "RUNNING",
     "SCOPES",
     "SUCCEEDED",
     "TERMINAL_STATES",
+    "WEBHOOK_EVENTS",
     "CancelOutcome",
+    "Delivery",
+    "Idempotency",
+    "IdempotencyConflict",
+    "JobOptions",
     "JobRecord",
     "KeyRecord",
     "LeaseLostError",
@@ -64,11 +78,14 @@ __all__ = [
     "api_keys",
     "gateway_settings",
     "hash_secret",
+    "idempotency_keys",
     "jobs",
     "metadata",
     "normalise_url",
+    "record_from_snapshot",
     "schema_migrations",
     "split_token",
+    "webhook_deliveries",
 ]
 
 

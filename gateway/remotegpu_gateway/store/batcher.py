@@ -7,9 +7,10 @@ import threading
 from typing import Any
 
 from remotegpu_gateway.store.database import Database
-from remotegpu_gateway.store.schema import jobs
+from remotegpu_gateway.store.schema import idempotency_keys, jobs
 
 _INSERT_JOB = jobs.insert()
+_INSERT_KEY = idempotency_keys.insert()
 
 _STOP = object()
 
@@ -81,7 +82,10 @@ class InsertBatcher:
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         store = self._store
+        keys = [r["_idempotency"] for r in rows if "_idempotency" in r]
         with store._tx() as conn:
-            conn.execute(_INSERT_JOB, rows)
+            conn.execute(_INSERT_JOB, [{k: v for k, v in r.items() if k != "_idempotency"} for r in rows])
+            if keys:  # a key already taken fails the insert: its job is the original's
+                conn.execute(_INSERT_KEY, keys)
             for model in sorted({r["model"] for r in rows}):
                 store._notify(conn, model)

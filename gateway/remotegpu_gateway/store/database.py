@@ -61,6 +61,8 @@ class Database:
 
     # PostgreSQL NOTIFY channel: every queue change, payload = model ID.
     CHANNEL = "remotegpu_queue"
+    # Per-job changes that leave the queue as it is (progress), payload = job ID.
+    JOB_CHANNEL = "remotegpu_jobs"
 
     def __init__(self, url: str, *, max_attempts: int = 3, clock: Callable[[], float] = time.time):
         self.url = normalise_url(url)
@@ -128,6 +130,13 @@ class Database:
         if not self.is_sqlite:
             conn.execute(
                 sa.text("SELECT pg_notify(:channel, :model)"), {"channel": self.CHANNEL, "model": model}
+            )
+
+    def _notify_job(self, conn: Connection, job_id: str) -> None:
+        """A change only the job's event streams show (its progress): on JOB_CHANNEL."""
+        if not self.is_sqlite:
+            conn.execute(
+                sa.text("SELECT pg_notify(:channel, :job)"), {"channel": self.JOB_CHANNEL, "job": job_id}
             )
 
     @contextlib.contextmanager

@@ -22,7 +22,7 @@ class LeaseStore(JobStore):
     """The queue: leases are fenced by a token; a stale holder gets LeaseLostError."""
 
     def lease(self, model: str, worker_id: str, ttl: float) -> JobRecord | None:
-        """Leases the oldest pending job of `model` to `worker_id`."""
+        """Leases the oldest pending job of `model` to `worker_id`, normal priority first."""
         if not _key(model):
             return None
         worker_id = _text(worker_id)
@@ -32,7 +32,7 @@ class LeaseStore(JobStore):
             job_id = conn.execute(
                 sa.select(jobs.c.id)
                 .where(jobs.c.model == model, jobs.c.status == PENDING)
-                .order_by(jobs.c.created_at, jobs.c.id)
+                .order_by(jobs.c.priority, jobs.c.created_at, jobs.c.id)
                 .limit(1)
                 .with_for_update(skip_locked=True)
             ).scalar()
@@ -51,8 +51,10 @@ class LeaseStore(JobStore):
                     updated_at=now,
                     progress_step=None,
                     progress_total=None,
+                    revision=jobs.c.revision + 1,
                 )
             )
+            self._queue_webhook(conn, job_id, now)
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
             self._notify(conn, model)
         return JobRecord.from_row(row)
@@ -73,8 +75,10 @@ class LeaseStore(JobStore):
         with self._tx() as conn:
             job = self._fenced(conn, job_id, token)
             values: dict[str, Any] = {"lease_expires_at": now + ttl, "updated_at": now}
-            if progress is not None:
+            if progress is not None and progress != (job.progress_step, job.progress_total):
                 values["progress_step"], values["progress_total"] = progress
+                values["revision"] = jobs.c.revision + 1
+                self._notify_job(conn, job_id)  # wakes its event streams on every replica
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         return job.cancel_requested, now + ttl
 
@@ -88,8 +92,11 @@ class LeaseStore(JobStore):
             else:
                 values = {"status": SUCCEEDED, "result_key": result_key}
             conn.execute(
-                jobs.update().where(jobs.c.id == job_id).values(completed_at=now, updated_at=now, **values)
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(completed_at=now, updated_at=now, revision=jobs.c.revision + 1, **values)
             )
+            self._queue_webhook(conn, job_id, now)
             self._notify(conn, job.model)
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
         return JobRecord.from_row(row)
@@ -131,6 +138,7 @@ class LeaseStore(JobStore):
             updated_at=now,
             progress_step=None,
             progress_total=None,
+            revision=jobs.c.revision + 1,
         )
 
     def _end_attempt(
@@ -149,7 +157,8 @@ class LeaseStore(JobStore):
                 "updated_at": now,
                 "error_message": message[:4000],
             }
-        conn.execute(jobs.update().where(jobs.c.id == job.id).values(**values))
+        conn.execute(jobs.update().where(jobs.c.id == job.id).values(revision=jobs.c.revision + 1, **values))
+        self._queue_webhook(conn, job.id, now)
         self._notify(conn, job.model)
         return str(values["status"])
 
@@ -184,8 +193,16 @@ class LeaseStore(JobStore):
                 conn.execute(
                     jobs.update()
                     .where(jobs.c.id.in_([j.id for j in batch]))
-                    .values(status=FAILED, completed_at=now, updated_at=now, error_message=error_message)
+                    .values(
+                        status=FAILED,
+                        completed_at=now,
+                        updated_at=now,
+                        error_message=error_message,
+                        revision=jobs.c.revision + 1,
+                    )
                 )
+                for job in batch:
+                    self._queue_webhook(conn, job.id, now)
                 self._notify(conn, model)
         for job in batch:
             job.status, job.completed_at, job.updated_at, job.error_message = FAILED, now, now, error_message
@@ -211,3 +228,39 @@ class LeaseStore(JobStore):
                 status = self._end_attempt(conn, job, now, msg, retryable=True)
                 changed.append((job, status))
         return changed
+
+    def expire_deadlines(self, now: float | None = None) -> list[JobRecord]:
+        """Cancels the jobs (waiting or running) whose deadline passed, saying so in
+        error_message. A running job loses its lease: its worker's next heartbeat stops it."""
+        now = self.clock() if now is None else now
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.status.in_([PENDING, RUNNING]), jobs.c.deadline_at < now)
+                .limit(500)
+                .with_for_update(skip_locked=True)
+            ).all()
+            expired = [JobRecord.from_row(row) for row in rows]
+            for job in expired:
+                assert job.deadline_at is not None
+                where = "while it was running" if job.status == RUNNING else "before it started"
+                message = f"cancelled: its deadline of {job.deadline_at - job.created_at:g}s passed {where}"
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job.id)
+                    .values(
+                        status=CANCELLED,
+                        completed_at=now,
+                        updated_at=now,
+                        cancel_requested=True,
+                        lease_token=None,
+                        lease_expires_at=None,
+                        error_message=message,
+                        revision=jobs.c.revision + 1,
+                    )
+                )
+                self._queue_webhook(conn, job.id, now)
+                job.status, job.completed_at, job.error_message = CANCELLED, now, message
+            for model in sorted({j.model for j in expired}):
+                self._notify(conn, model)
+        return expired

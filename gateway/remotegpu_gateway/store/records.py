@@ -36,6 +36,12 @@ class JobRecord:
     result_key: str | None
     progress_step: int | None = None
     progress_total: int | None = None
+    priority: int = 0
+    deadline_at: float | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] = field(default_factory=list)
+    base_url: str | None = None
+    revision: int = 0
 
     @classmethod
     def from_row(cls, row: Any) -> JobRecord:
@@ -60,6 +66,12 @@ class JobRecord:
             result_key=m["result_key"],
             progress_step=m["progress_step"],
             progress_total=m["progress_total"],
+            priority=m["priority"],
+            deadline_at=m["deadline_at"],
+            webhook_url=m["webhook_url"],
+            webhook_events=m["webhook_events"].split(",") if m["webhook_events"] else [],
+            base_url=m["base_url"],
+            revision=m["revision"],
         )
 
     def wait_ms(self, now: float) -> int:
@@ -99,6 +111,9 @@ class KeyRecord:
 @dataclass
 class QueueCount:
     pending: int = 0
+    # Of `pending`, the low-priority jobs: they run only on workers already up, so the
+    # operator's demand leaves them out.
+    pending_low: int = 0
     running: int = 0
     oldest_pending_created_at: float | None = None
     # When the longest-waiting pending job entered the queue (submitted or handed back).

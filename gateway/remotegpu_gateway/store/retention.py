@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from remotegpu_gateway.store.database import Database
 from remotegpu_gateway.store.records import JobRecord
-from remotegpu_gateway.store.schema import TERMINAL_STATES, jobs
+from remotegpu_gateway.store.schema import TERMINAL_STATES, jobs, webhook_deliveries
 
 
 class RetentionStore(Database):
@@ -23,5 +23,7 @@ class RetentionStore(Database):
             ).all()
             purged = [JobRecord.from_row(row) for row in rows]
             if purged:
-                conn.execute(sa.delete(jobs).where(jobs.c.id.in_([j.id for j in purged])))
+                ids = [j.id for j in purged]
+                conn.execute(sa.delete(webhook_deliveries).where(webhook_deliveries.c.job_id.in_(ids)))
+                conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids)))
         return purged

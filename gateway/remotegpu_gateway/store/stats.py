@@ -6,7 +6,11 @@ import sqlalchemy as sa
 
 from remotegpu_gateway.store.database import Database, _key
 from remotegpu_gateway.store.records import QueueCount
-from remotegpu_gateway.store.schema import PENDING, RUNNING, SUCCEEDED, jobs
+from remotegpu_gateway.store.schema import PENDING, PRIORITIES, RUNNING, SUCCEEDED, jobs
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 class StatsStore(Database):
@@ -16,12 +20,13 @@ class StatsStore(Database):
                 sa.select(
                     jobs.c.model,
                     jobs.c.status,
+                    jobs.c.priority,
                     sa.func.count(),
                     sa.func.min(jobs.c.created_at),
                     sa.func.min(jobs.c.updated_at),
                 )
                 .where(jobs.c.status.in_([PENDING, RUNNING]))
-                .group_by(jobs.c.model, jobs.c.status)
+                .group_by(jobs.c.model, jobs.c.status, jobs.c.priority)
             ).all()
             busy = conn.execute(
                 sa.select(jobs.c.model, jobs.c.worker_id)
@@ -29,14 +34,16 @@ class StatsStore(Database):
                 .distinct()
             ).all()
         out: dict[str, QueueCount] = {}
-        for model, status, count, oldest, oldest_queued in rows:
+        for model, status, priority, count, oldest, oldest_queued in rows:
             q = out.setdefault(model, QueueCount())
             if status == PENDING:
-                q.pending = int(count)
-                q.oldest_pending_created_at = oldest
-                q.oldest_pending_queued_at = oldest_queued
+                q.pending += int(count)
+                if priority != PRIORITIES["normal"]:
+                    q.pending_low += int(count)
+                q.oldest_pending_created_at = _earliest(q.oldest_pending_created_at, oldest)
+                q.oldest_pending_queued_at = _earliest(q.oldest_pending_queued_at, oldest_queued)
             else:
-                q.running = int(count)
+                q.running += int(count)
         for model, worker_id in busy:
             out.setdefault(model, QueueCount()).busy_workers.append(worker_id)
         return out

@@ -185,14 +185,14 @@ class Gateway:
     def reap(self, sweep: bool = True) -> int:
         """Blocking: expired leases back to the queue (or failed), jobs past their deadline
         cancelled, then (with `sweep`) the jobs that cannot start failed."""
+        late = self.store.expire_deadlines()  # first: a job past its deadline is not retried
+        for job in late:
+            log.info("job %s (%s): %s", job.id, job.model, job.error_message)
+            self.metrics.finished(job.model, job.status, job.started_at, job.completed_at)
         changed = self.store.expire_leases()
         for job, status in changed:
             if status in TERMINAL_STATES:
                 self.metrics.finished(job.model, status, job.started_at, self.clock())
-        late = self.store.expire_deadlines()
-        for job in late:
-            log.info("job %s (%s): %s", job.id, job.model, job.error_message)
-            self.metrics.finished(job.model, job.status, job.started_at, job.completed_at)
         failed = self.fail_unstartable() if sweep else []
         models = {job.model for job, _ in changed} | {job.model for job in failed} | {j.model for j in late}
         if models:

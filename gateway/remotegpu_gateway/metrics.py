@@ -31,7 +31,13 @@ class _QueueCollector(Collector):
         oldest = GaugeMetricFamily(
             "remotegpu_queue_oldest_wait_seconds", "Age of the oldest job waiting per model", labels=["model"]
         )
+        low = GaugeMetricFamily(
+            "remotegpu_queue_low_priority",
+            "Low-priority jobs waiting per model (not in remotegpu_queue_depth: they are not demand)",
+            labels=["model"],
+        )
         for model, q in sorted(snap.models.items()):
+            low.add_metric([model], q.low_priority)
             depth.add_metric([model, "queued"], q.queued)
             depth.add_metric([model, "warming"], q.warming)
             depth.add_metric([model, "running"], q.running)
@@ -44,7 +50,7 @@ class _QueueCollector(Collector):
         for model, state in sorted(self._states().items()):
             for s in ("ready", "starting", "sleeping"):
                 runtime.add_metric([model, s], 1.0 if s == state else 0.0)
-        return [depth, oldest, runtime]
+        return [depth, low, oldest, runtime]
 
 
 class ColdStartTracker:

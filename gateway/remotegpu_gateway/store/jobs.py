@@ -117,15 +117,19 @@ class JobStore(WebhookStore):
         """The job an Idempotency-Key already made (None: the key is new, or expired). Raises
         IdempotencyConflict if the key was used with another body."""
         since = self.clock() - IDEMPOTENCY_SECONDS
+        mine = sa.and_(
+            idempotency_keys.c.owner_key_id == owner_key_id, idempotency_keys.c.key == _text(idempotency.key)
+        )
         with self._ro() as conn:
             row = conn.execute(
-                sa.select(idempotency_keys.c.request_hash, idempotency_keys.c.job_id).where(
-                    idempotency_keys.c.owner_key_id == owner_key_id,
-                    idempotency_keys.c.key == _text(idempotency.key),
-                    idempotency_keys.c.created_at >= since,
-                )
+                sa.select(idempotency_keys.c.request_hash, idempotency_keys.c.job_id, idempotency_keys.c.created_at)
+                .where(mine)
             ).first()
         if row is None:
+            return None
+        if row.created_at < since:  # expired: the key is free again
+            with self._tx() as conn:
+                conn.execute(sa.delete(idempotency_keys).where(mine, idempotency_keys.c.created_at < since))
             return None
         if row.request_hash != idempotency.request_hash:
             raise IdempotencyConflict(idempotency.key)

@@ -9,7 +9,14 @@ from fastapi import APIRouter, Request
 
 from remotegpu_gateway.auth import auth_first, gateway, require_scope
 from remotegpu_gateway.errors import ApiError
-from remotegpu_gateway.schemas import ErrorResponse, KeyCreate, KeyInfo, KeyRotate, KeyWithSecret, WebhookSecret
+from remotegpu_gateway.schemas import (
+    ErrorResponse,
+    KeyCreate,
+    KeyInfo,
+    KeyRotate,
+    KeyWithSecret,
+    WebhookSecret,
+)
 from remotegpu_gateway.store import NotFoundError
 
 admin_key = require_scope("admin")

@@ -365,6 +365,7 @@ async def job_status(
 
 
 SSE_KEEPALIVE_SECONDS = 15.0
+ETA_FIELDS = ("queue_position", "estimated_start_at", "estimated_completion_at")
 
 
 @router.get(
@@ -413,8 +414,8 @@ async def _events(
     """The job's changes as SSE until it ends; the store is re-read on every wake-up (a
     change on this replica, or LISTEN/NOTIFY from another) and at the poll interval."""
     status: str | None = None
-    progress: tuple[int | None, int | None] = (job.progress_step, job.progress_total)
-    place: tuple[Any, ...] | None = None
+    progress: tuple[int | None, int | None] = (None, None)
+    place: int | None = None
     last_sent = time.monotonic()
     yield b"retry: 1000\n\n"
     while True:
@@ -425,15 +426,16 @@ async def _events(
         job = current
         view = await anyio.to_thread.run_sync(gw.job_view_with_eta, job, base)
         sent = False
-        if job.revision > seen or status is None and seen < 0:
+        if status is None and 0 <= job.revision <= seen:
+            status = view["status"]  # resumed: the client saw this revision already
+            progress = (job.progress_step, job.progress_total)
+        if job.revision > seen:
             if view["status"] != status:
                 status = view["status"]
                 yield _sse("status", job.revision, view)
                 sent = True
             now_progress = (job.progress_step, job.progress_total)
-            if job.progress_step is not None and (
-                now_progress != progress or not sent and job.revision > seen
-            ):
+            if job.progress_step is not None and now_progress != progress:
                 yield _sse(
                     "progress", job.revision, {"step": job.progress_step, "total_steps": job.progress_total}
                 )
@@ -446,23 +448,10 @@ async def _events(
             sent = True
         if job.status in TERMINAL_STATES:
             return
-        now_place = tuple(
-            view.get(k) for k in ("queue_position", "estimated_start_at", "estimated_completion_at")
-        )
-        if now_place != place:
-            place = now_place
+        if job.status == PENDING and view.get("queue_position") != place:
+            place = view.get("queue_position")
             if not sent:
-                yield _sse(
-                    "queue",
-                    job.revision,
-                    dict(
-                        zip(
-                            ("queue_position", "estimated_start_at", "estimated_completion_at"),
-                            now_place,
-                            strict=True,
-                        )
-                    ),
-                )
+                yield _sse("queue", job.revision, {k: view.get(k) for k in ETA_FIELDS})
             sent = True
         if sent:
             last_sent = time.monotonic()

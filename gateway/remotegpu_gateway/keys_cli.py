@@ -72,7 +72,9 @@ def _key_id(store: Store, name_or_id: str) -> str:
         return name_or_id
     named = [k for k in keys if k.name == name_or_id and k.revoked_at is None]
     if len(named) > 1:
-        raise ValueError(f"{len(named)} keys are named {name_or_id!r}; pass the key's id (remotegpu keys list)")
+        raise ValueError(
+            f"{len(named)} keys are named {name_or_id!r}; pass the key's id (remotegpu keys list)"
+        )
     if not named:
         raise NotFoundError(name_or_id)
     return named[0].id

@@ -54,7 +54,9 @@ def test_listing_newest_first_filtered_and_paginated(gateway: RunningGateway, ke
 
     by_model = gateway.http.get("/v1/inference/jobs", params={"model": DEV}, headers=auth(key)).json()
     assert [j["job_id"] for j in by_model["jobs"]] == [dev_id]
-    cancelled = gateway.http.get("/v1/inference/jobs", params={"status": "cancelled"}, headers=auth(key)).json()
+    cancelled = gateway.http.get(
+        "/v1/inference/jobs", params={"status": "cancelled"}, headers=auth(key)
+    ).json()
     assert [j["job_id"] for j in cancelled["jobs"]] == [ids[0]]
     # No worker for either model: the waiting ones are warming, none queued.
     warming = gateway.http.get(
@@ -116,7 +118,9 @@ def test_concurrent_submits_with_one_key_make_one_job(gateway: RunningGateway, k
 
     def send() -> None:
         with httpx.Client(base_url=gateway.url, timeout=30) as c:
-            answers.append(c.post("/v1/inference/image", json=body, headers={**auth(key), "Idempotency-Key": "race"}))
+            answers.append(
+                c.post("/v1/inference/image", json=body, headers={**auth(key), "Idempotency-Key": "race"})
+            )
 
     threads = [threading.Thread(target=send) for _ in range(8)]
     for t in threads:
@@ -176,7 +180,9 @@ def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_deadline_cancels_a_waiting_and_a_running_job(gateway: RunningGateway, key: str, clock: Clock) -> None:
+def test_deadline_cancels_a_waiting_and_a_running_job(
+    gateway: RunningGateway, key: str, clock: Clock
+) -> None:
     waiting = submit(gateway, key, {"prompt": "w", "model": DEV, "deadline_seconds": 60}).json()["job_id"]
     running = submit(gateway, key, {"prompt": "r", "model": SCHNELL, "deadline_seconds": 60}).json()["job_id"]
     safe = submit(gateway, key, {"prompt": "s", "model": SCHNELL, "deadline_seconds": 600}).json()["job_id"]
@@ -240,7 +246,9 @@ def test_low_priority_goes_after_normal_and_is_not_demand(gateway: RunningGatewa
 # ---- 6. queue position and ETA -------------------------------------------------------------
 
 
-def test_queue_position_and_eta_from_recent_run_times(gateway: RunningGateway, key: str, clock: Clock) -> None:
+def test_queue_position_and_eta_from_recent_run_times(
+    gateway: RunningGateway, key: str, clock: Clock
+) -> None:
     gateway.ready(SCHNELL, "w1")
     w = gateway.worker()
     # One finished job that ran 10 s (the clock moves, not the test).

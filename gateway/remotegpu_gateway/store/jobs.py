@@ -122,8 +122,9 @@ class JobStore(WebhookStore):
         )
         with self._ro() as conn:
             row = conn.execute(
-                sa.select(idempotency_keys.c.request_hash, idempotency_keys.c.job_id, idempotency_keys.c.created_at)
-                .where(mine)
+                sa.select(
+                    idempotency_keys.c.request_hash, idempotency_keys.c.job_id, idempotency_keys.c.created_at
+                ).where(mine)
             ).first()
         if row is None:
             return None

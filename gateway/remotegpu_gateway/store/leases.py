@@ -157,7 +157,9 @@ class LeaseStore(JobStore):
                 "updated_at": now,
                 "error_message": message[:4000],
             }
-        conn.execute(jobs.update().where(jobs.c.id == job.id).values(**{"revision": jobs.c.revision + 1, **values}))
+        conn.execute(
+            jobs.update().where(jobs.c.id == job.id).values(**{"revision": jobs.c.revision + 1, **values})
+        )
         self._queue_webhook(conn, job.id, now)
         self._notify(conn, job.model)
         return str(values["status"])

@@ -171,7 +171,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--negative-prompt")
     p.add_argument("--image", action="append", default=[], help="input image path (repeatable)")
+    p.add_argument(
+        "--priority",
+        choices=["normal", "low"],
+        help="low: run only on workers already up, after normal jobs (never wakes a sleeping model)",
+    )
+    p.add_argument(
+        "--deadline-seconds",
+        type=int,
+        help="cancel the job if it has not finished this long after submitting",
+    )
+    p.add_argument(
+        "--webhook-url", help="http(s) URL that gets the job's signed webhooks (Standard Webhooks)"
+    )
+    p.add_argument(
+        "--webhook-event",
+        action="append",
+        choices=["running", "completed"],
+        help="which webhooks to send (repeatable; default both)",
+    )
+    p.add_argument(
+        "--idempotency-key",
+        help="retrying with the same key and request returns the original job, never a second",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        metavar="N",
+        help="ask the gateway to answer once the job finished, if within N s (at most 60; Prefer: wait)",
+    )
+    p.add_argument(
+        "--poll", action="store_true", help="poll the job status instead of following its event stream"
+    )
     p.set_defaults(func=_handler("remotegpu.client:generate"))
+
+    p = sub.add_parser("jobs", help="the jobs of your API key")
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    j = jobs.add_parser("list", help="your jobs, newest first")
+    j.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")
+    j.add_argument("--api-key", help="API key (default $REMOTEGPU_API_KEY)")
+    j.add_argument(
+        "--status",
+        choices=["queued", "warming", "running", "succeeded", "failed", "cancelled"],
+        action="append",
+    )
+    j.add_argument("--model")
+    j.add_argument("--limit", type=int, default=50, help="jobs per page (default 50, at most 200)")
+    j.add_argument("--all", action="store_true", help="every page, not only the first")
+    j.set_defaults(func=_handler("remotegpu.client:list_jobs"))
 
     p = sub.add_parser("models", help="the model catalog and the tiny random-weight models")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -122,6 +122,8 @@ async def submit(
     )
     headers = {"Idempotent-Replayed": "true"} if submitted.replayed else {}
     if not submitted.replayed:
+        if not gw.registry.has_ready_worker(submitted.model):
+            gw.cold_starts.job_waits(submitted.model)
         gw.metrics.jobs_submitted.labels(submitted.model).inc()
         gw.notifier.bump(submitted.model)
     wait = _prefer_wait(prefer)

@@ -63,9 +63,17 @@ class ColdStartTracker:
         self._states = states
         self._since: dict[str, float] = {}
         self._last: dict[str, str] = {}
-        # The latest cold start's seconds per model: what the ETA of a waiting job expects.
+        # The latest cold start's seconds per model, from the first job that waited for it
+        # (or `starting`, if earlier) to ready: what the ETA of a waiting job expects.
         self.durations: dict[str, float] = {}
+        self._waiting_since: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def job_waits(self, model: str) -> None:
+        """A job was queued for a model with no ready worker: a cold start begins (for the
+        ETA, which then counts the operator's decision and the pod's start too)."""
+        with self._lock:
+            self._waiting_since.setdefault(model, time.monotonic())
 
     def ready_in(self, model: str) -> float | None:
         """Seconds until the model is expected ready (as long as its latest cold start took,
@@ -73,8 +81,8 @@ class ColdStartTracker:
         took = self.durations.get(model)
         if took is None:
             return None
-        since = self._since.get(model)
-        return max(0.0, took - (time.monotonic() - since)) if since is not None else took
+        begun = [t for t in (self._since.get(model), self._waiting_since.get(model)) if t is not None]
+        return max(0.0, took - (time.monotonic() - min(begun))) if begun else took
 
     def update(self) -> None:
         states = self._states()
@@ -90,11 +98,14 @@ class ColdStartTracker:
                 self._since.setdefault(model, now)
             elif state == "ready":
                 started = self._since.pop(model, None)
+                waited = self._waiting_since.pop(model, None)
                 if started is not None:
                     self._histogram.labels(model).observe(now - started)
-                    self.durations[model] = now - started
-            else:
-                self._since.pop(model, None)
+                begun = [t for t in (started, waited) if t is not None]
+                if begun:
+                    self.durations[model] = now - min(begun)
+            elif self._since.pop(model, None) is not None:  # the start gave up: no cold start
+                self._waiting_since.pop(model, None)
 
 
 class Metrics:

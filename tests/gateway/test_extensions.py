@@ -283,3 +283,34 @@ def test_eta_is_null_until_a_run_time_is_known(gateway: RunningGateway, key: str
     st = gateway.job(key, job).json()
     assert st["queue_position"] == 0
     assert st["estimated_start_at"] is None and st["estimated_completion_at"] is None
+
+
+def test_a_sleeping_model_expects_its_last_cold_start(
+    gateway: RunningGateway, key: str, clock: Clock
+) -> None:
+    """With a run time and a cold start measured, a job on a sleeping model expects to start
+    after about as long as that cold start took, and to run the model's run time."""
+    from remotegpu_base.protocol import RuntimeState, WorkerStatus
+
+    w = gateway.worker()
+    first = submit(gateway, key, {"prompt": "0", "model": SCHNELL}).json()["job_id"]  # waits: a cold start
+    w.report_status(WorkerStatus(worker_id="w1", model=SCHNELL, state=RuntimeState.STARTING))
+    time.sleep(0.3)
+    w.report_status(WorkerStatus(worker_id="w1", model=SCHNELL, state=RuntimeState.READY))
+    took = gateway.gw.cold_starts.durations[SCHNELL]
+    assert took >= 0.3
+    lease = w.lease(SCHNELL, "w1", wait_seconds=10)
+    assert lease is not None and lease.job_id == first
+    clock.advance(10)
+    w.complete(first, lease.lease_token, png_bytes(512, 512))
+    w.report_status(WorkerStatus(worker_id="w1", model=SCHNELL, state=RuntimeState.SLEEPING))
+    gateway.gw._stats_cache = (0.0, {})
+
+    job = submit(gateway, key, {"prompt": "1", "model": SCHNELL}).json()["job_id"]
+    now = clock()
+    st = gateway.job(key, job).json()
+    assert st["status"] == "warming" and st["queue_position"] == 0
+    start, end = ts(st["estimated_start_at"]), ts(st["estimated_completion_at"])
+    assert now - 1 <= start <= now + took + 1
+    assert abs(end - start - 10) <= 1
+    w.close()

@@ -53,6 +53,15 @@ def _start_timeout_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _webhook_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--webhook-allowed-networks",
+        metavar="CIDRS",
+        help="comma-separated networks webhooks may call although private, loopback or link-local "
+        "(default $REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS; none)",
+    )
+
+
 def _action_state_options(p: argparse.ArgumentParser) -> None:
     """The state flags also after the action (`keys create --data-dir D`); absent ones leave the parent's."""
     p.add_argument("--data-dir", default=argparse.SUPPRESS, help="state folder")
@@ -89,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _retention_option(p)
     _cors_option(p)
     _start_timeout_option(p)
+    _webhook_option(p)
     p.add_argument(
         "--no-build-tiny", action="store_true", help="do not build the tiny random-weight models on start"
     )
@@ -105,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _retention_option(p)
     _cors_option(p)
     _start_timeout_option(p)
+    _webhook_option(p)
     p.set_defaults(func=_handler("remotegpu_gateway.server:run"))
 
     p = sub.add_parser("worker", help="an inference worker for one model")
@@ -137,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("id")
     k.add_argument("--grace-seconds", type=int, default=0, help="keep the old secret valid this long")
     _action_state_options(k)
+    k = keys.add_parser(
+        "webhook-secret",
+        help="create or rotate the key's webhook signing secret (whsec_...); prints it as the last line",
+    )
+    k.add_argument("key", metavar="NAME", help="the key's name (or id)")
+    _action_state_options(k)
     k = keys.add_parser("revoke", help="revoke a key")
     k.add_argument("id")
     _action_state_options(k)
@@ -154,7 +171,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--negative-prompt")
     p.add_argument("--image", action="append", default=[], help="input image path (repeatable)")
+    p.add_argument(
+        "--priority",
+        choices=["normal", "low"],
+        help="low: run only on workers already up, after normal jobs (never wakes a sleeping model)",
+    )
+    p.add_argument(
+        "--deadline-seconds",
+        type=int,
+        help="cancel the job if it has not finished this long after submitting",
+    )
+    p.add_argument(
+        "--webhook-url", help="http(s) URL that gets the job's signed webhooks (Standard Webhooks)"
+    )
+    p.add_argument(
+        "--webhook-event",
+        action="append",
+        choices=["running", "completed"],
+        help="which webhooks to send (repeatable; default both)",
+    )
+    p.add_argument(
+        "--idempotency-key",
+        help="retrying with the same key and request returns the original job, never a second",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        metavar="N",
+        help="ask the gateway to answer once the job finished, if within N s (at most 60; Prefer: wait)",
+    )
+    p.add_argument(
+        "--poll", action="store_true", help="poll the job status instead of following its event stream"
+    )
     p.set_defaults(func=_handler("remotegpu.client:generate"))
+
+    p = sub.add_parser("jobs", help="the jobs of your API key")
+    jobs = p.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    j = jobs.add_parser("list", help="your jobs, newest first")
+    j.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")
+    j.add_argument("--api-key", help="API key (default $REMOTEGPU_API_KEY)")
+    j.add_argument(
+        "--status",
+        choices=["queued", "warming", "running", "succeeded", "failed", "cancelled"],
+        action="append",
+    )
+    j.add_argument("--model")
+    j.add_argument("--limit", type=int, default=50, help="jobs per page (default 50, at most 200)")
+    j.add_argument("--all", action="store_true", help="every page, not only the first")
+    j.set_defaults(func=_handler("remotegpu.client:list_jobs"))
 
     p = sub.add_parser("models", help="the model catalog and the tiny random-weight models")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -1,23 +1,32 @@
-"""`remotegpu generate` and `remotegpu models list`: a small client of the public API.
+"""`remotegpu generate`, `remotegpu jobs list` and `remotegpu models list`: a small client
+of the public API.
 
     remotegpu generate --model remotegpu/tiny-random-flux1 "a lighthouse at dusk" -o out.png
         [--size 512x512] [--steps N] [--seed N] [--guidance G] [--negative-prompt TEXT]
         [--image PATH ...] [--url URL] [--api-key KEY]
+        [--priority low] [--deadline-seconds N] [--webhook-url URL [--webhook-event E ...]]
+        [--idempotency-key KEY] [--wait N] [--poll]
+    remotegpu jobs list [--status S] [--model M] [--limit N] [--all]
 
 The service URL is --url, else $REMOTEGPU_URL, else http://127.0.0.1:8000; the API key
-is --api-key, else $REMOTEGPU_API_KEY. Submits the job, follows its status (with the
-wait and run times) until it ends, and writes the PNG. Ctrl-C while waiting cancels
-the job. Exit codes: 0 written, 1 the job failed or was cancelled, 2 a usage or
-request error, 3 the service could not be reached.
+is --api-key, else $REMOTEGPU_API_KEY. Submits the job, follows it until it ends through
+its event stream (status, queue position with the expected start, and a progress bar of
+the denoising steps; with --poll, or against a gateway without the stream, by polling
+its status), and writes the PNG. Ctrl-C while waiting cancels the job. Exit codes: 0
+written, 1 the job failed or was cancelled, 2 a usage or request error, 3 the service
+could not be reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +107,54 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
             raise ClientError(f"--image {path}: {e.strerror or e}") from None
     if images:
         body["input_images_base64"] = images
+    # Extensions of the gateway (gateway/README.md).
+    if getattr(args, "priority", None):
+        body["priority"] = args.priority
+    if getattr(args, "deadline_seconds", None) is not None:
+        body["deadline_seconds"] = args.deadline_seconds
+    if getattr(args, "webhook_url", None):
+        body["webhook_url"] = args.webhook_url
+        if args.webhook_event:
+            body["webhook_events"] = args.webhook_event
     return body
+
+
+def submit_headers(args: argparse.Namespace) -> dict[str, str]:
+    headers = {}
+    if getattr(args, "idempotency_key", None):
+        headers["Idempotency-Key"] = args.idempotency_key
+    if getattr(args, "wait", None):
+        headers["Prefer"] = f"wait={args.wait:g}"
+    return headers
+
+
+def iter_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) of a Server-Sent Events stream; comments and retry lines skipped."""
+    event, data = "message", ""
+    for line in lines:
+        if not line:
+            if data:
+                yield event, json.loads(data)
+            event, data = "message", ""
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+
+
+def stream_job(http: httpx.Client, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The job's events (`status`, `queue`, `progress`) until it ends. Raises LookupError
+    without a stream (then poll the job's status instead)."""
+    with http.stream("GET", f"/v1/inference/jobs/{job_id}/events", timeout=httpx.Timeout(60, read=90)) as r:
+        if r.status_code != 200:  # an older gateway, or an error the status poll reports
+            raise LookupError(f"no event stream (HTTP {r.status_code})")
+        yield from iter_sse(r.iter_lines())
+
+
+def _seconds_until(when: str | None) -> float | None:
+    if not when:
+        return None
+    return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp() - datetime.now(UTC).timestamp()
 
 
 class _Status:
@@ -107,12 +163,33 @@ class _Status:
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.last = ""
+        self.job: dict[str, Any] = {}
+        self.step: tuple[int, int] | None = None
+
+    def queue(self, place: dict[str, Any], elapsed: float) -> None:
+        self.job = {**self.job, **place}
+        self.show(self.job, elapsed)
+
+    def progress(self, step: int, total: int, elapsed: float) -> None:
+        self.step = (step, total)
+        if self.job:
+            self.show(self.job, elapsed)
 
     def show(self, job: dict[str, Any], elapsed: float) -> None:
+        self.job = job
         status = job["status"]
         text = f"{status:<9} wait {job.get('wait_ms', 0) / 1000:.1f}s  run {job.get('run_ms', 0) / 1000:.1f}s"
         if status == "warming":
             text += "  (the model is loading)"
+        if status in ("queued", "warming") and job.get("queue_position") is not None:
+            text += f"  position {job['queue_position']}"
+            starts = _seconds_until(job.get("estimated_start_at"))
+            if starts is not None:
+                text += f", starts in ~{max(0.0, starts):.0f}s"
+        if status == "running" and self.step is not None:
+            step, total = self.step
+            filled = int(20 * step / max(1, total))
+            text += f"  [{'#' * filled}{'.' * (20 - filled)}] {step}/{total} steps"
         if self.tty:
             sys.stderr.write(f"\r{text}  [{elapsed:.0f}s]\033[K")
             sys.stderr.flush()
@@ -145,31 +222,23 @@ def _generate(args: argparse.Namespace) -> int:
     body = build_request(args)
     out = Path(args.output)
     headers = {"Authorization": f"Bearer {key}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+    wait = getattr(args, "wait", None) or 0
+    with httpx.Client(base_url=url, headers=headers, timeout=60 + wait) as http:
         try:
-            r = http.post("/v1/inference/image", json=body)
+            r = http.post("/v1/inference/image", json=body, headers=submit_headers(args))
         except httpx.TransportError as e:
             raise _unreachable(url, e) from None
         if r.status_code not in (200, 201, 202):
             raise _api_error(r)
         job_id = r.json()["job_id"]
-        print(f"job {job_id} accepted ({args.model})", file=sys.stderr, flush=True)
+        replayed = " (the Idempotency-Key's original job)" if r.headers.get("Idempotent-Replayed") else ""
+        print(f"job {job_id} accepted ({args.model}){replayed}", file=sys.stderr, flush=True)
         started = time.monotonic()
         display = _Status()
-        job: dict[str, Any] = {}
+        job: dict[str, Any] = r.json() if r.status_code == 200 else {}  # Prefer: wait answered it
         try:
-            while True:
-                try:
-                    r = http.get(f"/v1/inference/jobs/{job_id}")
-                except httpx.TransportError as e:
-                    raise _unreachable(url, e) from None
-                if r.status_code != 200:
-                    raise _api_error(r)
-                job = r.json()
-                display.show(job, time.monotonic() - started)
-                if job["status"] in TERMINAL:
-                    break
-                time.sleep(0.25 if time.monotonic() - started < 10 else 1.0)
+            if job.get("status") not in TERMINAL:
+                job = _follow(http, url, job_id, display, started, poll=getattr(args, "poll", False))
         except KeyboardInterrupt:
             display.done()
             print(f"cancelling job {job_id} ...", file=sys.stderr, flush=True)
@@ -194,6 +263,73 @@ def _generate(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(r.content)
         print(f"wrote {out} ({len(r.content)} bytes; {timings})", file=sys.stderr, flush=True)
+    return 0
+
+
+def _follow(
+    http: httpx.Client, url: str, job_id: str, display: _Status, started: float, poll: bool
+) -> dict[str, Any]:
+    """The job once finished: from its event stream, or by polling (--poll, a gateway
+    without the stream, or a stream that broke off)."""
+    if not poll:
+        try:
+            for event, data in stream_job(http, job_id):
+                elapsed = time.monotonic() - started
+                if event == "status":
+                    display.show(data, elapsed)
+                    if data["status"] in TERMINAL:
+                        return data
+                elif event == "queue":
+                    display.queue(data, elapsed)
+                elif event == "progress":
+                    display.progress(data["step"], data["total_steps"], elapsed)
+        except (LookupError, httpx.TransportError):
+            pass  # poll instead
+    while True:
+        try:
+            r = http.get(f"/v1/inference/jobs/{job_id}")
+        except httpx.TransportError as e:
+            raise _unreachable(url, e) from None
+        if r.status_code != 200:
+            raise _api_error(r)
+        job: dict[str, Any] = r.json()
+        display.show(job, time.monotonic() - started)
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(0.25 if time.monotonic() - started < 10 else 1.0)
+
+
+def list_jobs(args: argparse.Namespace) -> int:
+    """`remotegpu jobs list`: the key's jobs, newest first (all pages with --all)."""
+    url = _url(args)
+    key = getattr(args, "api_key", None) or os.environ.get("REMOTEGPU_API_KEY")
+    if not key:
+        _err("no API key; pass --api-key or set $REMOTEGPU_API_KEY")
+        return 2
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.status:
+        params["status"] = args.status
+    if args.model:
+        params["model"] = args.model
+    rows = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        while True:
+            try:
+                r = http.get("/v1/inference/jobs", params=params)
+            except httpx.TransportError as e:
+                _err(str(_unreachable(url, e)))
+                return 3
+            if r.status_code != 200:
+                _err(str(_api_error(r)))
+                return 2
+            page = r.json()
+            rows += page["jobs"]
+            if not args.all or not page["next_cursor"]:
+                break
+            params["cursor"] = page["next_cursor"]
+    print(f"{'JOB':<36}  {'STATUS':<9}  {'CREATED':<20}  MODEL")
+    for j in rows:
+        print(f"{j['job_id']:<36}  {j['status']:<9}  {j['created_at']:<20}  {j['model']}")
     return 0
 
 

@@ -115,6 +115,9 @@ class ModelQueue(BaseModel):
     queued: int = 0
     warming: int = 0
     running: int = 0
+    # Waiting low-priority jobs, in neither `queued` nor `warming` (so not in `depth`): they
+    # run only on workers already up; the operator never scales for them.
+    low_priority: int = 0
     oldest_wait_seconds: float = 0.0
     # Worker IDs (pod names) holding a lease on one of this model's jobs. The operator
     # marks those pods with a high pod-deletion-cost, so a scale-down takes idle ones.

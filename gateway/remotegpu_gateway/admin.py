@@ -9,7 +9,14 @@ from fastapi import APIRouter, Request
 
 from remotegpu_gateway.auth import auth_first, gateway, require_scope
 from remotegpu_gateway.errors import ApiError
-from remotegpu_gateway.schemas import ErrorResponse, KeyCreate, KeyInfo, KeyRotate, KeyWithSecret
+from remotegpu_gateway.schemas import (
+    ErrorResponse,
+    KeyCreate,
+    KeyInfo,
+    KeyRotate,
+    KeyWithSecret,
+    WebhookSecret,
+)
 from remotegpu_gateway.store import NotFoundError
 
 admin_key = require_scope("admin")
@@ -64,3 +71,19 @@ async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
     except NotFoundError:
         raise ApiError(404, f"no key {key_id}", "key_id") from None
     return key.public()
+
+
+@router.post(
+    "/keys/{key_id}/webhook-secret",
+    response_model=WebhookSecret,
+    summary="Create or rotate the key's webhook signing secret (extension; shown once)",
+    description="The `whsec_` secret signs the webhooks of this key's jobs (Standard Webhooks); a new one "
+    "replaces the old at once, also for deliveries still being retried.",
+)
+async def webhook_secret(key_id: str, request: Request) -> dict[str, Any]:
+    store = gateway(request).store
+    try:
+        secret = await anyio.to_thread.run_sync(store.set_webhook_secret, key_id)
+    except NotFoundError:
+        raise ApiError(404, f"no key {key_id}", "key_id") from None
+    return {"key_id": key_id, "webhook_secret": secret}

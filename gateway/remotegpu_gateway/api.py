@@ -1,31 +1,55 @@
-"""The public Image API: submit, job status, cancel, result, model catalog."""
+"""The public Image API: submit, job status, cancel, result, model catalog, and the
+extensions (gateway/README.md): job listing, live events (SSE), webhook deliveries,
+Idempotency-Key and `Prefer: wait` on submit."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
 import logging
+import re
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from remotegpu_gateway import validation
 from remotegpu_gateway.auth import authorize, bearer, gateway, require_scope
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
+from remotegpu_gateway.notify import wait_event
 from remotegpu_gateway.schemas import (
     CancelResponse,
     EnqueueResponse,
     ErrorResponse,
     ImageRequest,
+    JobListResponse,
     JobStatusResponse,
     ModelsResponse,
+    WebhookDeliveries,
     inline_schema,
 )
 from remotegpu_gateway.storage import StorageError
-from remotegpu_gateway.store import SUCCEEDED, KeyRecord
+from remotegpu_gateway.store import (
+    PENDING,
+    PRIORITIES,
+    SUCCEEDED,
+    TERMINAL_STATES,
+    Idempotency,
+    IdempotencyConflict,
+    JobOptions,
+    JobRecord,
+    KeyRecord,
+)
+from remotegpu_gateway.webhooks import destination_problem, parse_networks
 
 T = TypeVar("T")
 log = logging.getLogger("remotegpu_gateway")
@@ -74,24 +98,105 @@ def base_url(gw: Gateway, request: Request) -> str:
         "fixed guidance, input image count outside the model's limits); 503 if the model exists but is "
         "unavailable here; then the input images are decoded: 400 if one is not base64, not a PNG/JPEG/WebP "
         "image or exceeds 8192 px per axis, 422 if its dimensions are not an allowed size preset (strict "
-        "mode: images are never resized). 500 if storing the images fails; nothing is queued then."
+        "mode: images are never resized). 500 if storing the images fails; nothing is queued then.\n\n"
+        "Extensions (optional): the body fields `priority`, `deadline_seconds`, `webhook_url`, `webhook_events`; "
+        "the header `Idempotency-Key` (1-255 printable ASCII characters): the same key with the same body within "
+        "24 h answers 202 with the original `job_id` (and `Idempotent-Replayed: true`), the same key with another "
+        "body 422 (`idempotency_key_reused`); keys are per API key. The header `Prefer: wait=N` (N up to 60 s): if "
+        "the job finishes within N s the answer is 200 with its final status (the job status object), otherwise "
+        "the usual 202."
     ),
 )
-async def submit(request: Request) -> JSONResponse:
+async def submit(
+    request: Request,
+    idempotency_key: str | None = Header(default=None, include_in_schema=True),
+    prefer: str | None = Header(default=None),
+) -> JSONResponse:
     gw = gateway(request)
     key = await authorize(request, "inference")  # before a byte of the body is read
+    idem = _idempotency(idempotency_key)
     raw = await request.body()
     # Everything blocking (parsing, image decoding, storage, the insert) in one thread hop.
-    job_id, model = await anyio.to_thread.run_sync(_submit, gw, key, raw, limiter=gw.db_limiter)
-    gw.metrics.jobs_submitted.labels(model).inc()
-    gw.notifier.bump(model)
+    submitted = await anyio.to_thread.run_sync(
+        _submit, gw, key, raw, base_url(gw, request), idem, limiter=gw.db_limiter
+    )
+    headers = {"Idempotent-Replayed": "true"} if submitted.replayed else {}
+    if not submitted.replayed:
+        if not gw.registry.has_ready_worker(submitted.model):
+            gw.cold_starts.job_waits(submitted.model)
+        gw.metrics.jobs_submitted.labels(submitted.model).inc()
+        gw.notifier.bump(submitted.model)
+    wait = _prefer_wait(prefer)
+    if wait is not None:
+        job = await _wait_finished(request, gw, submitted.job_id, key.id, submitted.model, wait)
+        headers["Preference-Applied"] = f"wait={wait:g}"
+        if job is not None:
+            return JSONResponse(gw.job_view(job, base_url(gw, request)), status_code=200, headers=headers)
     return JSONResponse(
-        {"job_id": job_id, "job_type": "image", "result_url": gw.result_url(job_id, base_url(gw, request))},
+        {
+            "job_id": submitted.job_id,
+            "job_type": "image",
+            "result_url": gw.result_url(submitted.job_id, base_url(gw, request)),
+        },
         status_code=202,
+        headers=headers,
     )
 
 
-def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
+MAX_PREFER_WAIT = 60.0
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _idempotency(header: str | None) -> str | None:
+    if header is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(header):
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters", "Idempotency-Key")
+    return header
+
+
+def _prefer_wait(header: str | None) -> float | None:
+    """`Prefer: wait=N` (RFC 7240) -> N capped at 60; None when absent or not a number."""
+    for pref in (header or "").split(","):
+        name, _, value = pref.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                return max(0.0, min(MAX_PREFER_WAIT, float(value.strip().strip('"'))))
+            except ValueError:
+                return None
+    return None
+
+
+async def _wait_finished(
+    request: Request, gw: Gateway, job_id: str, owner: str, model: str, seconds: float
+) -> JobRecord | None:
+    """The job once finished, or None if it has not within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        ev = gw.notifier.job_event(job_id, model)
+        job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, owner)
+        if job is None or job.status in TERMINAL_STATES:
+            return job
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or gw.notifier.closing or await request.is_disconnected():
+            return None
+        await wait_event(ev, min(remaining, gw.settings.poll_interval_seconds))
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    model: str
+    replayed: bool = False
+
+
+def _submit(gw: Gateway, key: KeyRecord, raw: bytes, base: str, idempotency_key: str | None) -> Submitted:
+    idem = None
+    if idempotency_key is not None:
+        idem = Idempotency(idempotency_key, hashlib.sha256(raw).hexdigest())
+        original = _original(gw, key, idem)
+        if original is not None:
+            return original
     req = validation.check_request(validation.parse_body(raw))
     entry = gw.catalog.get(req.model)
     if entry is None:
@@ -108,6 +213,7 @@ def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
             f"model {entry.spec.model} is unavailable for serving: {reason or 'no reason given'}",
             "model",
         )
+    options = _options(gw, key, req, base)
     job_id = str(uuid.uuid4())
     image_keys: list[str] = []
     if req.input_images_base64:
@@ -121,24 +227,134 @@ def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
             raise ApiError(
                 500, "could not store the input images; nothing was queued", "input_images_base64"
             ) from None
-    gw.store.create_job(
-        owner_key_id=key.id,
-        model=entry.spec.model,
-        request=resolved,
-        input_image_keys=image_keys,
-        job_id=job_id,
+    try:
+        gw.store.create_job(
+            owner_key_id=key.id,
+            model=entry.spec.model,
+            request=resolved,
+            input_image_keys=image_keys,
+            job_id=job_id,
+            options=options,
+            idempotency=idem,
+        )
+    except sa.exc.IntegrityError:
+        if idem is None:
+            raise
+        # The same key raced in from another request: that one's job is the job.
+        for k in image_keys:
+            gw.storage.delete(k)
+        original = _original(gw, key, idem)
+        if original is None:
+            raise
+        return original
+    return Submitted(job_id, entry.spec.model)
+
+
+def _original(gw: Gateway, key: KeyRecord, idem: Idempotency) -> Submitted | None:
+    try:
+        job = gw.store.idempotent_job(key.id, idem)
+    except IdempotencyConflict:
+        raise ApiError(
+            422,
+            "this Idempotency-Key was used with a different request body; use a new key for a new request",
+            "Idempotency-Key",
+            type="idempotency_key_reused",
+        ) from None
+    return Submitted(job.id, job.model, replayed=True) if job is not None else None
+
+
+def _options(gw: Gateway, key: KeyRecord, req: ImageRequest, base: str) -> JobOptions:
+    """The submit's extensions, checked: 400 for a webhook the gateway will not call."""
+    options = JobOptions(
+        priority=PRIORITIES[req.priority or "normal"],
+        deadline_at=gw.clock() + req.deadline_seconds if req.deadline_seconds else None,
+        base_url=base,
     )
-    return job_id, entry.spec.model
+    if req.webhook_url is not None:
+        allowed = parse_networks(gw.settings.webhook_allowed_networks)
+        problem = destination_problem(req.webhook_url, allowed, resolve=False)
+        if problem:
+            raise ApiError(400, problem, "webhook_url")
+        if gw.store.webhook_secret(key.id) is None:
+            raise ApiError(
+                400,
+                "this API key has no webhook secret to sign webhooks with; create one with "
+                "`remotegpu keys webhook-secret NAME` or POST /v1/admin/keys/{key_id}/webhook-secret",
+                "webhook_url",
+            )
+        options.webhook_url = req.webhook_url
+        options.webhook_events = sorted(set(req.webhook_events)) if req.webhook_events else None
+    elif req.webhook_events is not None:
+        raise ApiError(400, "webhook_events needs a webhook_url", "webhook_events")
+    return options
+
+
+PUBLIC_STATUSES = ("queued", "warming", "running", "succeeded", "failed", "cancelled")
+
+
+@router.get(
+    "/jobs",
+    response_model=JobListResponse,
+    response_model_exclude_unset=True,
+    responses=_errors(401, 403, 422),
+    summary="List the caller's jobs (extension)",
+    description="Extension. The API key's jobs, newest first, optionally filtered by `status` (one of the job "
+    "statuses; repeatable or comma-separated) and `model`; `limit` per page (1-200, default 50). Pass "
+    "`next_cursor` back as `cursor` for the next page; it is null on the last page. A page may hold fewer than "
+    "`limit` jobs when filtering by `queued` or `warming`.",
+)
+async def list_jobs(
+    request: Request,
+    key: KeyRecord = Depends(inference_key),
+    status: list[str] | None = Query(default=None),
+    model: str | None = Query(default=None),
+    limit: int = Query(default=50, ge=1, le=200),
+    cursor: str | None = Query(default=None),
+) -> dict[str, Any]:
+    gw = gateway(request)
+    wanted = {s.strip() for v in status or [] for s in v.split(",") if s.strip()}
+    bad = sorted(wanted - set(PUBLIC_STATUSES))
+    if bad:
+        raise ApiError(422, f"unknown status {bad[0]!r}; one of: {', '.join(PUBLIC_STATUSES)}", "status")
+    internal = sorted({PENDING if s in ("queued", "warming") else s for s in wanted})
+    after = _parse_cursor(cursor) if cursor else None
+    rows = await anyio.to_thread.run_sync(
+        lambda: gw.store.list_jobs(key.id, statuses=internal or None, model=model, after=after, limit=limit)
+    )
+    base = base_url(gw, request)
+    views = [gw.job_view(j, base) for j in rows]
+    if wanted:
+        views = [v for v in views if v["status"] in wanted]
+    next_cursor = _cursor(rows[-1]) if len(rows) == limit else None
+    return {"jobs": views, "next_cursor": next_cursor}
+
+
+def _cursor(job: JobRecord) -> str:
+    return base64.urlsafe_b64encode(json.dumps([job.created_at, job.id]).encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return float(created), str(job_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise ApiError(
+            422, "cursor is not one this API returned; pass next_cursor unchanged", "cursor"
+        ) from None
 
 
 @router.get(
     "/jobs/{job_id}",
     response_model=JobStatusResponse,
+    response_model_exclude_unset=True,
     responses=_errors(401, 403, 404),
     summary="Job status (lightweight; result_url only once succeeded)",
     description="`queued`: its model has a ready worker; `warming`: capacity is being acquired. "
     "`wait_ms` is the time before running, `run_ms` the time in running (0 before). Jobs of other keys are 404, "
-    "and so are finished jobs past the retention period (default 7 days).",
+    "and so are finished jobs past the retention period (default 7 days). Extension: while the job has not "
+    "finished, `queue_position` (waiting jobs of the model taken first; null once running), "
+    "`estimated_start_at` and `estimated_completion_at` (null until estimable: from the queue, the model's "
+    "ready workers, running jobs' progress and recent run times).",
 )
 async def job_status(
     job_id: str, request: Request, key: KeyRecord = Depends(inference_key)
@@ -147,12 +363,132 @@ async def job_status(
     job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
     if job is None:
         raise ApiError(404, f"no job {job_id} for this API key", "job_id")
-    return gw.job_view(job, base_url(gw, request))
+    return await anyio.to_thread.run_sync(gw.job_view_with_eta, job, base_url(gw, request))
+
+
+SSE_KEEPALIVE_SECONDS = 15.0
+ETA_FIELDS = ("queue_position", "estimated_start_at", "estimated_completion_at")
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The job's events (Server-Sent Events)"},
+        **_errors(401, 403, 404),
+    },
+    response_class=StreamingResponse,
+    summary="Live job events (extension; Server-Sent Events)",
+    description="Extension. `event: status` (data: the job status object with the ETA fields) when the status "
+    "changes, first on connect; `event: queue` (`queue_position`, `estimated_start_at`, "
+    "`estimated_completion_at`) when the job's place in the queue moves; `event: progress` (`step`, "
+    "`total_steps`) per denoising step while it runs. After the final `status` event the stream ends. Every "
+    "event's `id` is the job's revision: reconnecting with `Last-Event-ID` skips what did not change since.",
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    key: KeyRecord = Depends(inference_key),
+    last_event_id: str | None = Header(default=None),
+) -> StreamingResponse:
+    gw = gateway(request)
+    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    try:
+        seen = int(last_event_id) if last_event_id else -1
+    except ValueError:
+        seen = -1
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(
+        _events(request, gw, job, seen, base_url(gw, request)),
+        media_type="text/event-stream",
+        headers=headers,
+    )
+
+
+def _sse(event: str, revision: int, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\nid: {revision}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _events(
+    request: Request, gw: Gateway, job: JobRecord, seen: int, base: str
+) -> AsyncIterator[bytes]:
+    """The job's changes as SSE until it ends; the store is re-read on every wake-up (a
+    change on this replica, or LISTEN/NOTIFY from another) and at the poll interval."""
+    status: str | None = None
+    progress: tuple[int | None, int | None] = (None, None)
+    place: int | None = None
+    last_sent = time.monotonic()
+    yield b"retry: 1000\n\n"
+    while True:
+        ev = gw.notifier.job_event(job.id, job.model)
+        current = await anyio.to_thread.run_sync(gw.store.get_job, job.id, None)
+        if current is None:  # purged meanwhile
+            return
+        job = current
+        view = await anyio.to_thread.run_sync(gw.job_view_with_eta, job, base)
+        sent = False
+        if status is None and 0 <= job.revision <= seen:
+            status = view["status"]  # resumed: the client saw this revision already
+            progress = (job.progress_step, job.progress_total)
+        if job.revision > seen:
+            if view["status"] != status:
+                status = view["status"]
+                yield _sse("status", job.revision, view)
+                sent = True
+            now_progress = (job.progress_step, job.progress_total)
+            if job.progress_step is not None and now_progress != progress:
+                yield _sse(
+                    "progress", job.revision, {"step": job.progress_step, "total_steps": job.progress_total}
+                )
+                sent = True
+            progress = now_progress
+            seen = job.revision
+        elif view["status"] != status and status is not None:  # queued <-> warming (the model's state)
+            status = view["status"]
+            yield _sse("status", job.revision, view)
+            sent = True
+        if job.status in TERMINAL_STATES:
+            return
+        if job.status == PENDING and view.get("queue_position") != place:
+            place = view.get("queue_position")
+            if not sent:
+                yield _sse("queue", job.revision, {k: view.get(k) for k in ETA_FIELDS})
+            sent = True
+        if sent:
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent >= SSE_KEEPALIVE_SECONDS:
+            yield b": keep-alive\n\n"
+            last_sent = time.monotonic()
+        if gw.notifier.closing or await request.is_disconnected():
+            return
+        await wait_event(ev, gw.settings.poll_interval_seconds)
+
+
+@router.get(
+    "/jobs/{job_id}/webhooks",
+    response_model=WebhookDeliveries,
+    responses=_errors(401, 403, 404),
+    summary="The job's webhook deliveries (extension)",
+    description="Extension. Each webhook the job caused: its id (the `webhook-id` header), event, status "
+    "(`pending`, `delivered`, `failed` once out of retries), attempts, the last answer's HTTP code or error, "
+    "and when it is tried next.",
+)
+async def job_webhooks(
+    job_id: str, request: Request, key: KeyRecord = Depends(inference_key)
+) -> dict[str, Any]:
+    gw = gateway(request)
+    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    deliveries = await anyio.to_thread.run_sync(gw.store.deliveries, job_id)
+    return {"deliveries": [d.public() for d in deliveries]}
 
 
 @router.post(
     "/jobs/{job_id}/cancel",
     response_model=CancelResponse,
+    response_model_exclude_unset=True,
     responses=_errors(401, 403, 404, 409),
     summary="Cancel a job",
     description="A queued or warming job becomes `cancelled` at once (`cancel: cancelled`). A running job is "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import heapq
 import logging
 import secrets
 import threading
@@ -26,7 +27,8 @@ from remotegpu_gateway.notify import Notifier
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, StorageError, UrlSigner
-from remotegpu_gateway.store import PENDING, TERMINAL_STATES, JobRecord, Store
+from remotegpu_gateway.store import PENDING, RUNNING, TERMINAL_STATES, Delivery, JobRecord, Store
+from remotegpu_gateway.webhooks import WebhookSender, parse_networks, webhook_body
 
 log = logging.getLogger("remotegpu_gateway")
 # Start timeouts are minutes (default 15): sweeping for them every few seconds is enough.
@@ -91,7 +93,8 @@ class Gateway:
         self.metrics = Metrics()
         self.metrics.add_queue_collector(self.queue_snapshot, self._states)
         self.registry.on_change(self._bump_all)
-        self.registry.on_change(self.metrics.track_cold_starts(self._states))
+        self.cold_starts = self.metrics.track_cold_starts(self._states)
+        self.registry.on_change(self.cold_starts.update)
         self.catalog.on_change(self._bump_all)
         self.catalog.on_change(self._wake_reaper)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -102,6 +105,19 @@ class Gateway:
         self._stats_cache: tuple[float, dict[str, Any]] = (0.0, {})
         self._listener_stop = threading.Event()
         self._listener: threading.Thread | None = None
+        self.webhooks = WebhookSender(
+            self.store,
+            self._webhook_body,
+            allowed=parse_networks(settings.webhook_allowed_networks),
+            timeout_seconds=settings.webhook_timeout_seconds,
+            retry_seconds=settings.webhook_retry_seconds,
+            clock=self.clock,
+        )
+
+    def _webhook_body(self, d: Delivery) -> dict[str, Any]:
+        return webhook_body(
+            d, lambda job: self.job_view(job, job.base_url or self.settings.public_url or ""), iso
+        )
 
     def _bump_all(self) -> None:
         self.notifier.bump()
@@ -124,6 +140,7 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._reaper(), name="lease-reaper"))
         if self.settings.retention_seconds > 0:
             self._tasks.append(asyncio.create_task(self._purger(), name="retention"))
+        self._tasks.append(asyncio.create_task(self._deliver_webhooks(), name="webhooks"))
         if not self.store.is_sqlite:
             self._listener = threading.Thread(target=self._listen, name="pg-listen", daemon=True)
             self._listener.start()
@@ -137,6 +154,7 @@ class Gateway:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         self._tasks.clear()
+        await self.webhooks.close()
         self._listener_stop.set()
         if self.watcher is not None:
             await anyio.to_thread.run_sync(self.watcher.stop)
@@ -165,14 +183,18 @@ class Gateway:
                 next_sweep = self.clock() + START_SWEEP_SECONDS
 
     def reap(self, sweep: bool = True) -> int:
-        """Blocking: expired leases back to the queue (or failed), then (with `sweep`) the
-        jobs that cannot start failed."""
+        """Blocking: expired leases back to the queue (or failed), jobs past their deadline
+        cancelled, then (with `sweep`) the jobs that cannot start failed."""
+        late = self.store.expire_deadlines()  # first: a job past its deadline is not retried
+        for job in late:
+            log.info("job %s (%s): %s", job.id, job.model, job.error_message)
+            self.metrics.finished(job.model, job.status, job.started_at, job.completed_at)
         changed = self.store.expire_leases()
         for job, status in changed:
             if status in TERMINAL_STATES:
                 self.metrics.finished(job.model, status, job.started_at, self.clock())
         failed = self.fail_unstartable() if sweep else []
-        models = {job.model for job, _ in changed} | {job.model for job in failed}
+        models = {job.model for job, _ in changed} | {job.model for job in failed} | {j.model for j in late}
         if models:
             self.notifier.bump(*models)
         return len(changed) + len(failed)
@@ -221,6 +243,18 @@ class Gateway:
             return f"the model failed to load {failures} time{'s' if failures != 1 else ''}"
         return "no capacity came up for this model"
 
+    async def _deliver_webhooks(self) -> None:
+        """Sends due webhook deliveries; woken by any queue change (a job change queues
+        them), else every second for retries that fell due."""
+        while True:
+            ev = self.notifier.any_event()
+            try:
+                await self.webhooks.run_once()
+            except Exception:  # noqa: BLE001 - keep delivering
+                log.exception("webhook delivery round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), 1.0)
+
     async def _purger(self) -> None:
         while True:
             try:
@@ -247,6 +281,7 @@ class Gateway:
         """One batch, off the event loop: the rows first, then their files (a failed file
         delete leaves an orphan file, never a job whose image is gone)."""
         purged = self.store.purge_finished(before, PURGE_BATCH)
+        self.store.purge_idempotency_keys()
         for job in purged:
             for key in [*job.input_image_keys, *([job.result_key] if job.result_key else [])]:
                 try:
@@ -264,9 +299,14 @@ class Gateway:
             try:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute(f"LISTEN {self.store.CHANNEL}")
+                    conn.execute(f"LISTEN {self.store.JOB_CHANNEL}")
                     while not self._listener_stop.is_set():
                         for n in conn.notifies(timeout=0.5):
-                            if n.pid not in self.store.own_backend_pids:
+                            if n.pid in self.store.own_backend_pids:
+                                continue
+                            if n.channel == self.store.JOB_CHANNEL:
+                                self.notifier.bump_job(n.payload)
+                            else:
                                 self.notifier.bump(*([n.payload] if n.payload else []))
             except Exception as e:  # noqa: BLE001
                 log.warning("PostgreSQL LISTEN failed (%s); retrying", e)
@@ -276,7 +316,10 @@ class Gateway:
 
     def public_status(self, job: JobRecord) -> str:
         if job.status == PENDING:
-            return "queued" if self.registry.has_ready_worker(job.model) else "warming"
+            # A low-priority job never wakes its model: it waits in the queue, not for warm-up.
+            if job.priority or self.registry.has_ready_worker(job.model):
+                return "queued"
+            return "warming"
         return job.status
 
     def result_url(self, job_id: str, base_url: str, completed_at: float | None = None) -> str:
@@ -307,6 +350,72 @@ class Gateway:
             "error_message": job.error_message,
         }
 
+    def job_view_with_eta(self, job: JobRecord, base_url: str) -> dict[str, Any]:
+        """Blocking: the status plus, while the job is not finished, the extension fields
+        queue_position, estimated_start_at and estimated_completion_at."""
+        view = self.job_view(job, base_url)
+        if job.status not in TERMINAL_STATES:
+            view.update(self.estimate(job))
+        return view
+
+    def typical_run_seconds(self, model: str) -> float | None:
+        """The model's recent median run time (None before its first success)."""
+        p50 = self.recent_stats().get(model, {}).get("run_ms", {}).get("p50")
+        return p50 / 1000 if p50 is not None else None
+
+    def estimate(self, job: JobRecord) -> dict[str, Any]:
+        """Blocking: queue position (0: next) and the expected start and end of a job, from
+        the jobs ahead of it, the model's ready workers, their running jobs' progress and
+        the model's recent run times. Unknown parts are null (no run measured yet, or a
+        sleeping model whose cold start was never measured)."""
+        now = self.clock()
+        run = self.typical_run_seconds(job.model)
+        if job.status == RUNNING:
+            end = self._expected_end(job, run, now)
+            return {
+                "queue_position": None,
+                "estimated_start_at": iso(job.started_at),
+                "estimated_completion_at": iso(end),
+            }
+        position = self.store.queue_position(job)
+        out: dict[str, Any] = {
+            "queue_position": position,
+            "estimated_start_at": None,
+            "estimated_completion_at": None,
+        }
+        if run is None:
+            return out
+        workers = self.registry.runtime(job.model).ready_workers
+        first_free = now
+        if workers == 0:
+            if job.priority:
+                return out  # waits for capacity that something else brings up
+            ready_in = self.cold_starts.ready_in(job.model)
+            if ready_in is None:
+                return out
+            workers, first_free = 1, now + ready_in  # a cold start brings one worker first
+        ends = sorted(self._expected_end(r, run, now) or now for r in self.store.running_jobs(job.model))
+        free = ends[-workers:] if len(ends) >= workers else ends + [first_free] * (workers - len(ends))
+        free = [max(t, first_free) for t in free]
+        heapq.heapify(free)
+        for _ in range(position):
+            heapq.heappush(free, heapq.heappop(free) + run)
+        start = heapq.heappop(free)
+        out["estimated_start_at"], out["estimated_completion_at"] = iso(start), iso(start + run)
+        return out
+
+    @staticmethod
+    def _expected_end(job: JobRecord, run: float | None, now: float) -> float | None:
+        """A running job's expected end: from its own progress when it reported some,
+        else its start plus the model's typical run time."""
+        started = job.started_at if job.started_at is not None else now
+        if job.progress_step and job.progress_total:
+            per_step = (now - started) / job.progress_step
+            return now + per_step * (job.progress_total - job.progress_step)
+        if run is None:
+            return None
+        return max(now, started + run)
+
     def _states(self) -> dict[str, str]:
         return {m: self.registry.state(m).value for m in self.catalog.ids()}
 
@@ -319,10 +428,13 @@ class Gateway:
             c = counts.get(model_id)
             q = ModelQueue()
             if c is not None:
+                # Low-priority jobs are not demand: they never wake a model nor add replicas.
+                normal = c.pending - c.pending_low
                 if self.registry.has_ready_worker(model_id):
-                    q.queued = c.pending
+                    q.queued = normal
                 else:
-                    q.warming = c.pending
+                    q.warming = normal
+                q.low_priority = c.pending_low
                 q.running = c.running
                 q.busy_workers = sorted(c.busy_workers)
                 if c.oldest_pending_created_at is not None:

@@ -90,6 +90,8 @@ async def heartbeat(job_id: str, body: Heartbeat, request: Request) -> Heartbeat
         )
     except LeaseLostError as e:
         raise _lost(e) from None
+    if progress is not None:
+        gw.notifier.bump_job(job_id)  # its event streams on this replica (others hear NOTIFY)
     from datetime import UTC, datetime
 
     return HeartbeatReply(

@@ -1,4 +1,4 @@
-"""`remotegpu keys create|list|rotate|revoke`: API keys straight in the database."""
+"""`remotegpu keys create|list|rotate|revoke|webhook-secret`: API keys straight in the database."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"rotated key {args.id}; the old secret {grace}")
             print("the new secret below is shown once; store it now:")
             print(secret)
+        elif cmd == "webhook-secret":
+            key_id = _key_id(store, args.key)
+            secret = store.set_webhook_secret(key_id)
+            print(f"webhook secret of key {key_id} set; it signs the webhooks of this key's jobs")
+            print("the secret below is shown once; give it to your webhook receiver:")
+            print(secret)
         elif cmd == "revoke":
             store.revoke_key(args.id)
             print(f"revoked key {args.id}")
@@ -57,3 +63,18 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
+
+
+def _key_id(store: Store, name_or_id: str) -> str:
+    """A key's id from its id or its (unique, not revoked) name."""
+    keys = store.list_keys()
+    if any(k.id == name_or_id for k in keys):
+        return name_or_id
+    named = [k for k in keys if k.name == name_or_id and k.revoked_at is None]
+    if len(named) > 1:
+        raise ValueError(
+            f"{len(named)} keys are named {name_or_id!r}; pass the key's id (remotegpu keys list)"
+        )
+    if not named:
+        raise NotFoundError(name_or_id)
+    return named[0].id

@@ -31,7 +31,13 @@ class _QueueCollector(Collector):
         oldest = GaugeMetricFamily(
             "remotegpu_queue_oldest_wait_seconds", "Age of the oldest job waiting per model", labels=["model"]
         )
+        low = GaugeMetricFamily(
+            "remotegpu_queue_low_priority",
+            "Low-priority jobs waiting per model (not in remotegpu_queue_depth: they are not demand)",
+            labels=["model"],
+        )
         for model, q in sorted(snap.models.items()):
+            low.add_metric([model], q.low_priority)
             depth.add_metric([model, "queued"], q.queued)
             depth.add_metric([model, "warming"], q.warming)
             depth.add_metric([model, "running"], q.running)
@@ -44,7 +50,7 @@ class _QueueCollector(Collector):
         for model, state in sorted(self._states().items()):
             for s in ("ready", "starting", "sleeping"):
                 runtime.add_metric([model, s], 1.0 if s == state else 0.0)
-        return [depth, oldest, runtime]
+        return [depth, low, oldest, runtime]
 
 
 class ColdStartTracker:
@@ -57,7 +63,26 @@ class ColdStartTracker:
         self._states = states
         self._since: dict[str, float] = {}
         self._last: dict[str, str] = {}
+        # The latest cold start's seconds per model, from the first job that waited for it
+        # (or `starting`, if earlier) to ready: what the ETA of a waiting job expects.
+        self.durations: dict[str, float] = {}
+        self._waiting_since: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def job_waits(self, model: str) -> None:
+        """A job was queued for a model with no ready worker: a cold start begins (for the
+        ETA, which then counts the operator's decision and the pod's start too)."""
+        with self._lock:
+            self._waiting_since.setdefault(model, time.monotonic())
+
+    def ready_in(self, model: str) -> float | None:
+        """Seconds until the model is expected ready (as long as its latest cold start took,
+        less the time this one has run); None without one measured."""
+        took = self.durations.get(model)
+        if took is None:
+            return None
+        begun = [t for t in (self._since.get(model), self._waiting_since.get(model)) if t is not None]
+        return max(0.0, took - (time.monotonic() - min(begun))) if begun else took
 
     def update(self) -> None:
         states = self._states()
@@ -73,10 +98,14 @@ class ColdStartTracker:
                 self._since.setdefault(model, now)
             elif state == "ready":
                 started = self._since.pop(model, None)
+                waited = self._waiting_since.pop(model, None)
                 if started is not None:
                     self._histogram.labels(model).observe(now - started)
-            else:
-                self._since.pop(model, None)
+                begun = [t for t in (started, waited) if t is not None]
+                if begun:
+                    self.durations[model] = now - min(begun)
+            elif self._since.pop(model, None) is not None:  # the start gave up: no cold start
+                self._waiting_since.pop(model, None)
 
 
 class Metrics:
@@ -141,9 +170,9 @@ class Metrics:
     ) -> None:
         self.registry.register(_QueueCollector(snapshot, states))
 
-    def track_cold_starts(self, states: Callable[[], dict[str, str]]) -> Callable[[], None]:
-        """The callback to register with the runtime registry's on_change."""
-        return ColdStartTracker(self.cold_start, states).update
+    def track_cold_starts(self, states: Callable[[], dict[str, str]]) -> ColdStartTracker:
+        """The tracker whose `update` goes to the runtime registry's on_change."""
+        return ColdStartTracker(self.cold_start, states)
 
     def finished(self, model: str, status: str, started_at: float | None, completed_at: float | None) -> None:
         self.jobs_finished.labels(model, status).inc()

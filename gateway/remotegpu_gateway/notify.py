@@ -20,6 +20,8 @@ class Notifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._any = asyncio.Event()
         self._models: dict[str, asyncio.Event] = {}
+        # A job's event streams: woken by its own changes (progress) and its model's.
+        self._jobs: dict[str, tuple[str, asyncio.Event]] = {}
         self.closing = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -42,6 +44,25 @@ class Notifier:
             loop.call_soon_threadsafe(self._wake, models)
         return version
 
+    def bump_job(self, job_id: str) -> None:
+        """A change of one job that leaves its model's queue as it is (its progress)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake_job(job_id)
+        else:
+            loop.call_soon_threadsafe(self._wake_job, job_id)
+
+    def _wake_job(self, job_id: str) -> None:
+        entry = self._jobs.pop(job_id, None)
+        if entry is not None:
+            entry[1].set()
+
     def close(self) -> None:
         """Ends every long-poll now and every later one at once. Safe in a signal handler."""
         self.closing = True
@@ -57,6 +78,10 @@ class Notifier:
             ev = self._models.pop(m, None)
             if ev is not None:
                 ev.set()
+        for job_id, (model, job_ev) in list(self._jobs.items()):
+            if not models or model in models:
+                del self._jobs[job_id]
+                job_ev.set()
 
     def any_event(self) -> asyncio.Event:
         self._loop = asyncio.get_running_loop()
@@ -68,6 +93,14 @@ class Notifier:
         if ev is None:
             ev = self._models[model] = asyncio.Event()
         return ev
+
+    def job_event(self, job_id: str, model: str) -> asyncio.Event:
+        """Set on the next change of the job or of its model's queue."""
+        self._loop = asyncio.get_running_loop()
+        entry = self._jobs.get(job_id)
+        if entry is None:
+            entry = self._jobs[job_id] = (model, asyncio.Event())
+        return entry[1]
 
 
 async def wait_event(ev: asyncio.Event, timeout: float) -> bool:

@@ -33,6 +33,32 @@ class ImageRequest(BaseModel):
     input_images_base64: list[StrictStr] | None = Field(
         default=None, description="Source images as raw base64 or data URLs; count within the model's limits"
     )
+    # Extensions (optional; see gateway/README.md).
+    priority: Literal["normal", "low"] | None = Field(
+        default=None,
+        description="Extension. `low`: runs only on workers already up (never wakes a sleeping model or adds "
+        "replicas), after the model's normal jobs. Default `normal`",
+    )
+    deadline_seconds: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Extension. A job not finished this long after it was submitted is cancelled (running or "
+        "not), with the reason in error_message",
+    )
+    webhook_url: StrictStr | None = Field(
+        default=None,
+        max_length=2000,
+        description="Extension. http(s) URL that receives signed Standard Webhooks (job.running, job.completed); "
+        "private, loopback and link-local addresses only if the gateway allows them. The API key needs a "
+        "webhook secret (`remotegpu keys webhook-secret NAME`)",
+    )
+    webhook_events: list[Literal["running", "completed"]] | None = Field(
+        default=None,
+        min_length=1,
+        description="Extension. Which webhooks to send (default both); `completed` covers succeeded, failed and "
+        "cancelled",
+    )
 
 
 class EnqueueResponse(BaseModel):
@@ -54,6 +80,44 @@ class JobStatusResponse(BaseModel):
     run_ms: int
     result_url: str | None
     error_message: str | None
+    # Extensions, present while the job has not finished (see gateway/README.md).
+    queue_position: int | None = Field(
+        default=None, description="Extension. Waiting jobs of the model a worker takes first (0: next)"
+    )
+    estimated_start_at: str | None = Field(
+        default=None, description="Extension. Expected start (null: not yet estimable)"
+    )
+    estimated_completion_at: str | None = Field(
+        default=None, description="Extension. Expected completion (null: not yet estimable)"
+    )
+
+
+class JobListResponse(BaseModel):
+    jobs: list[JobStatusResponse]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+class WebhookDeliveryInfo(BaseModel):
+    id: str = Field(description="The webhook-id header (the same on every retry)")
+    event: Literal["job.running", "job.completed"]
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    created_at: float
+    next_attempt_at: float | None
+    last_attempt_at: float | None
+    delivered_at: float | None
+    last_status_code: int | None
+    last_error: str | None
+
+
+class WebhookDeliveries(BaseModel):
+    deliveries: list[WebhookDeliveryInfo]
+
+
+class WebhookSecret(BaseModel):
+    key_id: str
+    webhook_secret: str = Field(description="whsec_ secret that signs this key's webhooks; shown only here")
 
 
 class CancelResponse(JobStatusResponse):

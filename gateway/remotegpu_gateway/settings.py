@@ -63,6 +63,11 @@ class Settings:
     poll_interval_seconds: float = 1.0
     # Threads that run submits (auth, validation, image decoding, the insert) at once.
     submit_threads: int = 8
+    # Webhooks: destinations in these networks (CIDRs) are allowed although private,
+    # loopback or link-local; each attempt's timeout; how long a delivery is retried.
+    webhook_allowed_networks: list[str] = field(default_factory=list)
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_seconds: float = 24 * 3600.0
     extra: dict[str, str] = field(default_factory=dict)
     # Wall clock of job and lease times (tests move it forward instead of sleeping).
     clock: Callable[[], float] = time.time
@@ -130,6 +135,7 @@ def served_settings(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         public_url=config.public_url(getattr(args, "public_url", None), args.host, args.port),
         retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
         start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
+        webhook_allowed_networks=webhook_allowed_networks(getattr(args, "webhook_allowed_networks", None)),
         **http_settings(args),
     )
 
@@ -175,3 +181,21 @@ def worker_token(data_dir: Path, announce: bool = True) -> str:
     if announce:
         print(f"note: generated a worker token in {path} (set ${WORKER_TOKEN_ENV} to choose one)", flush=True)
     return token
+
+
+WEBHOOK_NETWORKS_ENV = "REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS"
+
+
+def webhook_allowed_networks(value: str | None = None) -> list[str]:
+    """--webhook-allowed-networks, else $REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS: comma-separated
+    CIDRs that webhooks may call although private, loopback or link-local."""
+    import ipaddress
+
+    raw = value if value is not None else os.environ.get(WEBHOOK_NETWORKS_ENV, "")
+    out = [v.strip() for v in raw.split(",") if v.strip()]
+    for v in out:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise SystemExit(f"webhook allowed network {v!r}: expected a CIDR such as 10.0.0.0/8") from None
+    return out

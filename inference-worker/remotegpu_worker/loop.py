@@ -52,6 +52,8 @@ def default_worker_id() -> str:
 class LoopSettings:
     lease_wait_seconds: float = 20.0  # long-poll length of one lease call
     heartbeat_seconds: float = 2.0  # upper bound; also at most a third of the lease TTL
+    # Steps are reported as they end, at most this often (each report is one request).
+    progress_seconds: float = 0.2
     drain_grace_seconds: float = 285.0  # how long a draining worker lets its current job run
     idle_seconds: float | None = None  # stop after this long without a job (embedded supervisor)
     status_report_seconds: float = 30.0  # keeps the gateway's view of this worker fresh
@@ -239,6 +241,7 @@ class WorkerLoop:
         flag = CancelFlag()
         progress: list[Progress | None] = [None]
         done = threading.Event()
+        stepped = threading.Event()  # a denoising step ended: report it (job event streams)
         with self._lock:
             self._current = (lease, flag)
             if self._stop.is_set() and self._drain_timer is None:  # drain() came between lease and here
@@ -249,7 +252,7 @@ class WorkerLoop:
                 self._drain_timer.start()
         hb = threading.Thread(
             target=self._heartbeat,
-            args=(lease, flag, progress, done),
+            args=(lease, flag, progress, done, stepped),
             name=f"heartbeat-{lease.job_id[:8]}",
             daemon=True,
         )
@@ -270,6 +273,7 @@ class WorkerLoop:
 
         def on_step(step: int, total: int) -> None:
             progress[0] = Progress(step=step, total_steps=total)
+            stepped.set()
 
         rendered: Rendered | None = None
         outcome = "failed"
@@ -297,6 +301,7 @@ class WorkerLoop:
 
         if rendered is None:
             done.set()  # already released or failed: no more heartbeats for it
+            stepped.set()  # wakes the heartbeat thread to see it
 
         def finish() -> str:
             nonlocal outcome
@@ -309,6 +314,7 @@ class WorkerLoop:
                 outcome = self._fail(lease, message, self._delivery)
             finally:
                 done.set()
+                stepped.set()
                 hb.join(timeout=10)
                 m.jobs.labels(self.model, outcome).inc()
                 m.job_seconds.labels(self.model, outcome).observe(time.monotonic() - started)
@@ -343,12 +349,23 @@ class WorkerLoop:
     # ---- per-job helpers ------------------------------------------------------------------
 
     def _heartbeat(
-        self, lease: Lease, flag: CancelFlag, progress: list[Progress | None], done: threading.Event
+        self,
+        lease: Lease,
+        flag: CancelFlag,
+        progress: list[Progress | None],
+        done: threading.Event,
+        stepped: threading.Event,
     ) -> None:
+        """Renews the lease every interval, and reports each step's progress as it comes
+        (at most every progress_seconds): the job's event stream shows it live."""
         interval = max(0.1, min(self.settings.heartbeat_seconds, lease.lease_ttl_seconds / 3))
         client = self._client_factory()
         try:
-            while not done.wait(interval):
+            while True:
+                stepped.wait(interval)
+                if done.is_set():
+                    return
+                stepped.clear()
                 try:
                     reply = client.heartbeat(lease.job_id, lease.lease_token, progress[0])
                 except LeaseLost:
@@ -364,6 +381,8 @@ class WorkerLoop:
                 if reply.action == HeartbeatAction.CANCEL:
                     log.info("job %s: cancel requested; stopping at the next step", lease.job_id)
                     flag.trigger("cancelled")
+                if done.wait(self.settings.progress_seconds):
+                    return
         finally:
             client.close()
 

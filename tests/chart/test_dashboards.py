@@ -76,7 +76,7 @@ def test_cold_start_histogram_observes_starting_to_ready():
 
     m = Metrics()
     states = {"a": "sleeping", "b": "ready"}
-    update = m.track_cold_starts(lambda: dict(states))
+    update = m.track_cold_starts(lambda: dict(states)).update
     update()
     states["a"] = "starting"
     update()

@@ -67,6 +67,7 @@ class RunningGateway:
 
     def stop(self) -> None:
         self.http.close()
+        self.gw.notifier.close()  # as GatewayServer does on SIGTERM: long-polls and streams end
         self.server.should_exit = True
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "gateway thread did not stop"

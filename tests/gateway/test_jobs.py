@@ -26,6 +26,8 @@ JOB_FIELDS = {
     "result_url",
     "error_message",
 }
+# Extension fields (issue 14), present while the job has not finished.
+ETA_FIELDS = {"queue_position", "estimated_start_at", "estimated_completion_at"}
 
 
 def parse_ts(s: str) -> datetime:
@@ -53,7 +55,7 @@ def test_full_lifecycle_and_timing(gateway: RunningGateway, key: str) -> None:
     job_id = gateway.submit(key, {"prompt": "a cat", "model": SCHNELL}).json()["job_id"]
     # No worker for the model: warming.
     st = gateway.job(key, job_id).json()
-    assert set(st) == JOB_FIELDS
+    assert set(st) == JOB_FIELDS | ETA_FIELDS
     assert st["status"] == "warming" and st["run_ms"] == 0 and st["result_url"] is None
     assert st["started_at"] is None and st["completed_at"] is None and st["error_message"] is None
     assert st["model"] == SCHNELL and st["job_type"] == "image"

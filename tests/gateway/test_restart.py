@@ -62,14 +62,17 @@ def test_jobs_in_every_state_survive_a_restart(start_gateway: Any) -> None:
 
 
 def test_migrations_are_versioned_and_idempotent(database_url: str) -> None:
+    from remotegpu_gateway.store import MIGRATIONS
+
+    latest = MIGRATIONS[-1][0]
     store = Store(database_url)
     first = store.migrate()
-    assert first == [1, 2]
+    assert first == [v for v, _, _ in MIGRATIONS] and first[:3] == [1, 2, 3]
     assert store.migrate() == []
-    assert store.schema_version() == 2
+    assert store.schema_version() == latest
     store.close()
     again = Store(database_url)
-    assert again.migrate() == [] and again.schema_version() == 2
+    assert again.migrate() == [] and again.schema_version() == latest
     again.close()
 
 
@@ -81,9 +84,35 @@ def test_a_version_1_database_gets_the_per_model_stats_index(database_url: str) 
     store.migrate()
     with store._write.begin() as conn:  # as a gateway before migration 2 left it
         conn.execute(sa.text("DROP INDEX ix_jobs_model_completed"))
-        conn.execute(schema_migrations.delete().where(schema_migrations.c.version == 2))
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version >= 2))
     assert store.schema_version() == 1
-    assert store.migrate() == [2] and store.schema_version() == 2
+    assert store.migrate()[0] == 2 and store.schema_version() >= 2
     with store._read.connect() as conn:
         assert "ix_jobs_model_completed" in {i["name"] for i in sa.inspect(conn).get_indexes("jobs")}
+    store.close()
+
+
+def test_a_version_2_database_gets_the_extension_columns_and_keeps_its_jobs(database_url: str) -> None:
+    """Migration 3 (priority, deadlines, webhooks, idempotency keys) on a database that a
+    gateway before it left: its jobs stay, with the defaults (normal priority)."""
+    import sqlalchemy as sa
+    from remotegpu_gateway.store import schema_migrations
+
+    store = Store(database_url)
+    store.migrate()
+    key, _ = store.create_key("k", ["inference"])
+    job = store.create_job(owner_key_id=key.id, model="m", request={}, input_image_keys=[])
+    with store._write.begin() as conn:  # as a gateway at version 2 left it
+        for index in ("ix_jobs_queue_priority", "ix_jobs_deadline", "ix_jobs_owner_created"):
+            conn.execute(sa.text(f"DROP INDEX {index}"))
+        for column in ("priority", "deadline_at", "webhook_url", "webhook_events", "base_url", "revision"):
+            conn.execute(sa.text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+        conn.execute(sa.text("ALTER TABLE api_keys DROP COLUMN webhook_secret"))
+        conn.execute(sa.text("DROP TABLE idempotency_keys"))
+        conn.execute(sa.text("DROP TABLE webhook_deliveries"))
+        conn.execute(schema_migrations.delete().where(schema_migrations.c.version >= 3))
+    assert store.migrate()[0] == 3
+    again = store.get_job(job.id)
+    assert again is not None and again.priority == 0 and again.revision == 0 and again.deadline_at is None
+    assert store.set_webhook_secret(key.id).startswith("whsec_")
     store.close()

@@ -252,3 +252,30 @@ def test_a_result_that_cannot_be_delivered_fails_the_job_at_once(
     finally:
         assert lt.stop() == "drained"
     assert engine.ready
+
+
+def test_each_step_is_reported_as_it_ends(engines: Any, gateway: RunningGateway, monkeypatch: Any) -> None:
+    """Progress goes out per step (for the job's event stream), not only at the heartbeat
+    interval: with a 10 s interval, a 4-step job whose steps take 1 s each still shows
+    its steps one by one (each report is one job revision)."""
+    engine = engines("flux1")
+    real_render = engine.render
+
+    def render(req: Any, flag: Any, on_step: Any) -> Any:
+        def slow_step(step: int, total: int) -> None:
+            on_step(step, total)
+            time.sleep(1.0)
+
+        return real_render(req, flag, slow_step)
+
+    monkeypatch.setattr(engine, "render", render)
+    job_id = gateway.submit(TINY, "steps", steps=4)
+    lt = LoopThread(engine, gateway, heartbeat_seconds=30.0, progress_seconds=0.05)
+    try:
+        assert gateway.wait(job_id, {"succeeded", "failed"})["status"] == "succeeded"
+    finally:
+        assert lt.stop() == "drained"
+    job = gateway.gw.store.get_job(job_id, None)
+    assert job.progress_total == 4
+    # Revisions: the lease, one per reported step, the completion.
+    assert job.revision >= 1 + 3 + 1, f"only {job.revision - 2} step reports reached the gateway"

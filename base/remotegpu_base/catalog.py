@@ -240,13 +240,33 @@ class WorkerPod(_Spec):
     termination_grace_period_seconds: int = Field(default=300, ge=0)
 
 
+class ScalingMode(StrEnum):
+    QUEUE = "Queue"  # the operator scales the workers from the queued work
+    EXTERNAL = "External"  # an HPA or KEDA scales the worker Deployment; the operator only reports
+    FIXED = "Fixed"  # always minReplicas workers (min == max)
+
+
 class Scaling(_Spec):
+    mode: ScalingMode = ScalingMode.QUEUE
     min_replicas: int = Field(default=0, ge=0)
     max_replicas: int = Field(default=1, ge=0)
     jobs_per_replica: int = Field(default=1, ge=1)
     idle_seconds: int = Field(default=300, ge=0)  # idle window before scaling to zero
     scale_up_limit: int = Field(default=4, ge=1)  # most replicas added per decision
-    scale_down_limit: int = Field(default=1, ge=1)  # most replicas removed per decision
+    # Scale-down rate limit, like the HPA's behavior policy: at most scaleDownLimit
+    # replicas removed per scaleDownPeriodSeconds.
+    scale_down_limit: int = Field(default=1, ge=1)
+    scale_down_period_seconds: int = Field(default=60, ge=0)
+    # Work-based capacity: enough workers to drain the queued GPU-seconds within this time.
+    target_drain_seconds: float = Field(default=60.0, gt=0)
+    # GPU-seconds one step costs per megapixel until the operator has measured it.
+    seconds_per_step_megapixel: float = Field(default=0.25, gt=0)
+    # A worker's load time (pod start to ready) until the operator has measured it.
+    cold_start_seconds: float = Field(default=60.0, ge=0)
+    # Higher-priority models take idle GPUs of lower-priority ones when GPUs run out.
+    priority: int = 0
+    # A worker is not reclaimed for another model before it has lived this long.
+    min_residency_seconds: int = Field(default=120, ge=0)
     # Longest a job waits to start before it fails; None: the gateway's default (15 min).
     start_timeout_seconds: int | None = Field(default=None, ge=1)
 
@@ -254,6 +274,8 @@ class Scaling(_Spec):
     def _bounds(self) -> Scaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("scaling.minReplicas must be <= scaling.maxReplicas")
+        if self.mode is ScalingMode.FIXED and self.min_replicas != self.max_replicas:
+            raise ValueError("scaling.mode Fixed needs scaling.minReplicas == scaling.maxReplicas")
         return self
 
 

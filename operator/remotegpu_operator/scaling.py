@@ -25,8 +25,9 @@ Rules of `decide()`, in order:
      new one could load (``coldStartSeconds``, measured when known).
 6. Pods that wait for capacity are dropped as soon as the demand for them is gone,
    without the idle window: they never ran, and would take the next free GPU.
-7. Scale down only after the idle window (``idleSeconds`` since the queue last needed
-   every replica, and for zero since the last job), at most ``scaleDownLimit``
+7. Scale down only after the idle window (``idleSeconds``, unset: the cold start
+   / (e - 1), see Scaling.idle_window) since the queue last needed every replica,
+   and for zero since the last job; at most ``scaleDownLimit``
    replicas per ``scaleDownPeriodSeconds`` (like the HPA's behavior policies), never
    below the busy workers, never below minReplicas.
 """
@@ -69,6 +70,7 @@ class Observation:
     work_seconds: float | None = None
     job_seconds: float = 7.0  # GPU-seconds of one job of the model's default size
     cold_start_seconds: float | None = None  # measured worker load time; None: the spec's estimate
+    ready: int | None = None  # workers ready to run jobs; None: all current ones
 
 
 @dataclass(frozen=True)
@@ -111,15 +113,24 @@ def busy_workers(queue: ModelQueue) -> int:
     return max(queue.running, len(queue.busy_workers))
 
 
+def queued_work(obs: Observation, q: ModelQueue) -> float:
+    """GPU-seconds of the queued and warming jobs: measured, else priced from their steps and
+    sizes, else the default job's cost times their number."""
+    if obs.work_seconds is not None:
+        return obs.work_seconds
+    if q.queued_step_megapixels is not None:
+        return q.queued_step_megapixels * obs.scaling.seconds_per_step_megapixel
+    return (q.queued + q.warming) * obs.job_seconds
+
+
 def work_target(obs: Observation) -> int:
     """Workers the queued work asks for, before min/max."""
     q = obs.queue
     if q is None or q.depth == 0:
         return 0
     s = obs.scaling
-    work = obs.work_seconds if obs.work_seconds is not None else (q.queued + q.warming) * obs.job_seconds
     # Running jobs are about half done, on average.
-    work += busy_workers(q) * obs.job_seconds / 2
+    work = queued_work(obs, q) + busy_workers(q) * obs.job_seconds / 2
     drain = max(1, math.ceil(work / s.target_drain_seconds - 1e-9))
     return min(drain, replicas_for(q.depth, s.jobs_per_replica))
 
@@ -237,16 +248,15 @@ def _scale_up(obs: Observation, q: ModelQueue, target: int, base: Decision, what
             capacity_blocked=True,
         )
     cold = obs.cold_start_seconds if obs.cold_start_seconds is not None else s.cold_start_seconds
-    if current >= max(1, s.min_replicas):
-        queued = (
-            obs.work_seconds if obs.work_seconds is not None else (q.queued + q.warming) * obs.job_seconds
-        )
-        drain = queued / current
+    ready = current if obs.ready is None else min(obs.ready, current)
+    if ready >= 1:
+        # Workers still loading are not counted: they drain nothing until they are ready.
+        drain = queued_work(obs, q) / ready
         if drain <= cold:
             return replace(
                 base,
                 reason="ColdStartPayback",
-                message=f"{what}: {current} replicas drain the queue in {drain:.0f}s, before a new "
+                message=f"{what}: {ready} ready replicas drain the queue in {drain:.0f}s, before a new "
                 f"worker could load ({cold:.0f}s); holding",
             )
     desired = min(target, current + s.scale_up_limit)
@@ -282,8 +292,9 @@ def _scale_down(
     idle = _idle_for(now, base.last_saturated)
     if floor == 0:
         idle = min(idle, _idle_for(now, base.last_active))
-    if idle < s.idle_seconds:
-        wait = max(0.0, s.idle_seconds - idle)
+    window = s.idle_window(obs.cold_start_seconds)
+    if idle < window:
+        wait = max(0.0, window - idle)
         return replace(
             base,
             reason="IdleWindow",

@@ -372,10 +372,12 @@ def test_no_worker_is_started_when_the_current_ones_drain_the_queue_first():
 def test_fixed_mode_pins_min_equals_max_and_external_mode_writes_nothing():
     d = decide(obs(current=0, mode="Fixed", min_replicas=2, max_replicas=2), NOW)
     assert d.desired == 2 and d.reason == "Fixed" and d.write
+    # `kubectl scale` writes minReplicas: in Fixed mode that is the count, whatever max says.
+    assert decide(obs(current=2, mode="Fixed", min_replicas=6, max_replicas=2), NOW).desired == 6
     d = decide(obs(current=3, queued=50, mode="External", last_active=ago(1e6), last_saturated=ago(1e6)), NOW)
     assert d.desired == 3 and d.reason == "External" and not d.write
-    with pytest.raises(ValueError, match="min == max|minReplicas == scaling.maxReplicas"):
-        Scaling(mode="Fixed", min_replicas=1, max_replicas=2)
+    with pytest.raises(ValueError, match="minReplicas must be <= scaling.maxReplicas"):
+        Scaling(mode="Queue", min_replicas=3, max_replicas=2)
 
 
 def test_victims_are_waiting_pods_then_unready_then_the_newest_idle_never_busy_ones():

@@ -564,6 +564,12 @@ def report_events(seen: Seen, plan: Plan, mem: Memory) -> None:
             )
 
 
+def _kept(key: str, value: datetime | None, mem: Memory, seen: Seen) -> datetime | None:
+    written = status.parse_time(mem.last_status.get(key))
+    busy = seen.queue is not None and seen.queue.depth > 0
+    return written if busy and written is not None and value is not None and value >= written else value
+
+
 async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
     """Writes the status (only what changed) and the metrics."""
     c = ctx()
@@ -582,8 +588,10 @@ async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
         queue=seen.queue,
         unschedulable=seen.unschedulable,
         gpu_resource=seen.spec.worker.gpu.resource_name,
-        last_active=mem.last_active,
-        last_saturated=mem.last_saturated,
+        # While jobs wait these move every tick; the status keeps the last written ones (the
+        # idle window only needs them once the work ends), so a busy model is not re-patched.
+        last_active=_kept("lastActiveTime", mem.last_active, mem, seen),
+        last_saturated=_kept("lastSaturatedTime", mem.last_saturated, mem, seen),
         last_scale=mem.last_scale,
         queue_unknown=unknown,
         failing=seen.failing,

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from remotegpu_base.catalog import ImageModelSpec, Scaling, ScalingMode
@@ -294,22 +294,22 @@ def _scale_down(
         idle = min(idle, _idle_for(now, base.last_active))
     window = s.idle_window(obs.cold_start_seconds)
     if idle < window:
-        wait = max(0.0, window - idle)
+        # An absolute time, not a countdown: the message (a status condition) stays put.
+        at = now + timedelta(seconds=max(0.0, window - idle))
         return replace(
             base,
             reason="IdleWindow",
-            message=f"{what}: {current} replicas, target {base.target}; scaling down in {wait:.0f}s "
-            "if it stays low",
+            message=f"{what}: {current} replicas, target {base.target}; scaling down at "
+            f"{at:%H:%M:%S} UTC if it stays low ({window:.0f}s idle window)",
         )
     allowance = s.scale_down_limit - removed_recently(base.scale_downs, now, s.scale_down_period_seconds)
     if allowance <= 0:
-        oldest = min(t for t, _ in base.scale_downs)
-        wait = s.scale_down_period_seconds - (now - oldest).total_seconds()
+        at = min(t for t, _ in base.scale_downs) + timedelta(seconds=s.scale_down_period_seconds)
         return replace(
             base,
             reason="ScaleDownRateLimited",
             message=f"{what}: removed {s.scale_down_limit} replica(s) in the last "
-            f"{s.scale_down_period_seconds}s; next scale-down in {wait:.0f}s",
+            f"{s.scale_down_period_seconds}s; next scale-down at {at:%H:%M:%S} UTC",
         )
     desired = max(floor, current - allowance)
     return replace(

@@ -135,8 +135,11 @@ class LeaderElector:
         """
         c = self.config
         while not stop.is_set():
+            # The next renewal is due renew_seconds after the last success (not after this
+            # loop started: starting kopf may have taken a while since the Lease was taken).
+            due = max(0.0, self.last_renew + c.renew_seconds - time.monotonic())
             try:
-                await asyncio.wait_for(stop.wait(), timeout=c.renew_seconds)
+                await asyncio.wait_for(stop.wait(), timeout=due)
                 return False
             except TimeoutError:
                 pass

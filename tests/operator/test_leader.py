@@ -81,3 +81,35 @@ def test_hold_returns_quietly_when_asked_to_stop():
             await api.aclose()
 
     assert asyncio.run(main()) is False
+
+
+def test_the_first_renewal_is_due_from_the_acquisition_not_from_when_holding_starts(monkeypatch):
+    # Starting kopf took longer than renew_seconds after the Lease was taken: the first
+    # renewal must come at once, inside the deadline, not renew_seconds later (lost).
+    async def main() -> tuple[bool, int]:
+        api = KubeAPI(kopf.ConnectionInfo(server="http://127.0.0.1:9"), timeout=1)
+        elector = LeaderElector(
+            LeaseConfig(namespace="ns", identity="me", lease_seconds=30, renew_seconds=5, renew_deadline=20),
+            api,
+        )
+        calls = 0
+        stop = asyncio.Event()
+
+        async def renew() -> bool:
+            nonlocal calls
+            calls += 1
+            elector.last_renew = time.monotonic()
+            stop.set()
+            return True
+
+        monkeypatch.setattr(elector, "try_acquire_or_renew", renew)
+        elector.last_renew = time.monotonic() - 6  # taken 6 s ago: a renewal is overdue
+        try:
+            t0 = time.monotonic()
+            lost = await asyncio.wait_for(elector.hold(stop), timeout=60)
+            assert time.monotonic() - t0 < 5, "waited a whole renew period first"
+            return lost, calls
+        finally:
+            await api.aclose()
+
+    assert asyncio.run(main()) == (False, 1)

@@ -600,3 +600,64 @@ def test_a_deleted_deployment_is_recreated_with_the_replicas_the_queue_needs(
     assert new["metadata"]["ownerReferences"][0]["name"] == "m12"
     wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 10, "replicas 1 again")
     assert len(kube.get_json("deployments", "-n", namespace)["items"]) == 1
+
+
+def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    # A GPU kind of this test's own, one on one node: the two models compete for it alone.
+    resource = f"example.com/gpu-{namespace[-6:]}"
+    escaped = resource.replace("/", "~1")
+    status = {"capacity": {resource: "1"}, "allocatable": {resource: "1"}}
+    kube.kubectl(
+        "patch",
+        "node",
+        "gpu-node-0",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
+    try:
+        gpu = {"count": 1, "resourceName": resource}
+        worker = {"image": "example.invalid/worker:test", "gpu": gpu}
+        low = imagemodel(
+            "low",
+            "test/low",
+            worker=worker,
+            scaling={"priority": 0, "minResidencySeconds": 0, "idleSeconds": 3600},
+        )
+        high = imagemodel("high", "test/high", worker=worker, scaling={"priority": 10})
+        operators.start()
+        apply(kube, namespace, low)
+        apply(kube, namespace, high)
+        queue.set("test/low", warming=1)
+        wait_for(lambda: state_of(kube, namespace, "low") == "ready", 30, "low ready")
+        queue.set("test/low")  # low's job is done; its worker idles (a 1 h idle window)
+        queue.set("test/high", warming=2)
+        wait_for(lambda: replicas_of(kube, namespace, "low") == 0, 30, "low's idle worker reclaimed")
+        wait_for(lambda: state_of(kube, namespace, "high") == "ready", 30, "high runs on the freed GPU")
+        reclaimed = [e for e in events(kube, namespace, "low") if e["reason"] == "Reclaimed"]
+        assert reclaimed and "released for high" in reclaimed[0]["message"]
+        # Never the other way round: low's jobs wait, high's worker is not taken.
+        queue.set("test/high", running=1, busy_workers=[])
+        queue.set("test/low", warming=1)
+        time.sleep(3)
+        assert replicas_of(kube, namespace, "high") >= 1 and state_of(kube, namespace, "high") == "ready"
+        im = wait_for(
+            lambda: (
+                (o := get(kube, namespace, "imagemodel", "low"))
+                and condition(o, "CapacityAvailable").get("status") == "False"
+                and o
+            ),
+            30,
+            "low waits for a GPU",
+        )
+        assert "held by models high" in condition(im, "CapacityAvailable")["message"]
+    finally:
+        kube.kubectl(
+            "patch", "node", "gpu-node-0", "--subresource=status", "--type=json",
+            "-p", json.dumps([{"op": "remove", "path": f"/status/capacity/{escaped}"},
+                              {"op": "remove", "path": f"/status/allocatable/{escaped}"}]),
+            check=False,
+        )  # fmt: skip

@@ -114,7 +114,11 @@ class ModelWorker:
         info = self.engine.info
         assert info is not None
         warm = info.warmup_seconds
-        idle = float(os.environ[IDLE_ENV]) if os.environ.get(IDLE_ENV) else float(spec.scaling.idle_seconds)
+        idle = (
+            float(os.environ[IDLE_ENV])
+            if os.environ.get(IDLE_ENV)
+            else spec.scaling.idle_window(info.load_seconds)
+        )
         settings = LoopSettings.from_env(
             idle_seconds=None if spec.scaling.min_replicas > 0 else idle,
             drain_grace_seconds=10.0,

@@ -7,6 +7,7 @@ field names are camelCase; the public API renders parameters in snake_case.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -240,19 +241,53 @@ class WorkerPod(_Spec):
     termination_grace_period_seconds: int = Field(default=300, ge=0)
 
 
+class ScalingMode(StrEnum):
+    QUEUE = "Queue"  # the operator scales the workers from the queued work
+    EXTERNAL = "External"  # an HPA or KEDA scales the worker Deployment; the operator only reports
+    FIXED = "Fixed"  # always minReplicas workers (`kubectl scale` sets it); maxReplicas unused
+
+
 class Scaling(_Spec):
+    mode: ScalingMode = ScalingMode.QUEUE
     min_replicas: int = Field(default=0, ge=0)
     max_replicas: int = Field(default=1, ge=0)
     jobs_per_replica: int = Field(default=1, ge=1)
-    idle_seconds: int = Field(default=300, ge=0)  # idle window before scaling to zero
+    # Idle window before a scale-down; None: derived from the cold start (idle_window()).
+    idle_seconds: int | None = Field(default=None, ge=0)
     scale_up_limit: int = Field(default=4, ge=1)  # most replicas added per decision
-    scale_down_limit: int = Field(default=1, ge=1)  # most replicas removed per decision
+    # Scale-down rate limit, like the HPA's behavior policy: at most scaleDownLimit
+    # replicas removed per scaleDownPeriodSeconds.
+    scale_down_limit: int = Field(default=1, ge=1)
+    scale_down_period_seconds: int = Field(default=60, ge=0)
+    # Work-based capacity: enough workers to drain the queued GPU-seconds within this time.
+    target_drain_seconds: float = Field(default=60.0, gt=0)
+    # GPU-seconds one step costs per megapixel until the operator has measured it.
+    seconds_per_step_megapixel: float = Field(default=0.25, gt=0)
+    # A worker's load time (pod start to ready) until the operator has measured it.
+    cold_start_seconds: float = Field(default=60.0, ge=0)
+    # Higher-priority models take idle GPUs of lower-priority ones when GPUs run out.
+    priority: int = 0
+    # A worker is not reclaimed for another model before it has lived this long.
+    min_residency_seconds: int = Field(default=120, ge=0)
     # Longest a job waits to start before it fails; None: the gateway's default (15 min).
     start_timeout_seconds: int | None = Field(default=None, ge=1)
 
+    def idle_window(self, cold_start_seconds: float | None = None) -> float:
+        """Seconds an idle worker is kept: idleSeconds, else the cold start / (e - 1).
+
+        Keeping an idle worker costs GPU-seconds; stopping it costs a cold start when the
+        next job comes. cold start / (e - 1) is the mean threshold of the randomized
+        ski-rental rule, which is within e / (e - 1) of the best choice in hindsight.
+        `cold_start_seconds` is the measured load time (else coldStartSeconds).
+        """
+        if self.idle_seconds is not None:
+            return float(self.idle_seconds)
+        cold = self.cold_start_seconds if cold_start_seconds is None else cold_start_seconds
+        return cold / (math.e - 1)
+
     @model_validator(mode="after")
     def _bounds(self) -> Scaling:
-        if self.min_replicas > self.max_replicas:
+        if self.mode is not ScalingMode.FIXED and self.min_replicas > self.max_replicas:
             raise ValueError("scaling.minReplicas must be <= scaling.maxReplicas")
         return self
 
@@ -261,7 +296,8 @@ class ImageModelSpec(_Spec):
     model: str = Field(min_length=1)  # the public model ID clients send
     architecture: Architecture
     description: str = ""
-    # A fixed worker count (the CRD's scale subresource); None means autoscale.
+    # A fixed worker count, capped at scaling.maxReplicas; None means autoscale. (The CRD's
+    # scale subresource writes scaling.minReplicas, a path that always has a value.)
     replicas: int | None = Field(default=None, ge=0)
     parameters: Parameters
     weights: Weights

@@ -122,6 +122,10 @@ class ModelQueue(BaseModel):
     # Worker IDs (pod names) holding a lease on one of this model's jobs. The operator
     # marks those pods with a high pod-deletion-cost, so a scale-down takes idle ones.
     busy_workers: list[str] = Field(default_factory=list)
+    # Sum of steps x megapixels over the queued and warming jobs: the operator prices
+    # the queue in GPU-seconds with it. None from a gateway that does not report it
+    # (the operator then assumes every job has the model's default steps and size).
+    queued_step_megapixels: float | None = None
 
     @property
     def depth(self) -> int:

@@ -1,30 +1,32 @@
-"""kopf handlers for ImageModel: the worker Deployment, the autoscaler daemon, status.
+"""kopf handlers for ImageModel: the worker Deployment, the autoscaler loop, status.
 
 - create / update / resume: reconcile the worker Deployment (deployment.py), then
-  wake the model's daemon so a changed pin or scaling setting applies at once.
-- delete: nothing to do by hand. The Deployment carries a controller owner
-  reference, so the garbage collector removes it (and its pods) with the
-  ImageModel; kopf's finalizer only makes sure the daemon has stopped first.
-- one daemon per ImageModel: every `interval` seconds, or at once when the queue
-  watcher (queuewatch.py) reports a change of its model's queue, it reads the
-  Deployment and its pods, asks scaling.decide(), writes the replica count,
-  marks idle and busy pods with pod-deletion-cost, and writes the status
-  (status.py) and metrics. Every replica change and every failure is a
-  Kubernetes Event on the ImageModel.
+  wake the model so a changed pin or scaling setting applies at once.
+- every event keeps the registry of ImageModels the autoscaler serves; deletion
+  needs nothing by hand: the Deployment carries a controller owner reference, so
+  the garbage collector removes it (and its pods) with the ImageModel. No handler
+  needs a finalizer, so an ImageModel never hangs in Terminating without the operator.
+- one autoscaler loop for all models (GPUs are shared across them): every
+  `interval` seconds, or at once for a model whose queue changed (queuewatch.py),
+  each model's tick runs four steps, each testable on its own:
+  observe (the Deployment, its pods, the queue) -> decide (scaling.py, pure, with
+  the GPU arbitration across models) -> act (replicas, named victims) -> report
+  (status.py, metrics, rate-limited Events).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
-from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec
+from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec, ScalingMode
 from remotegpu_base.protocol import ModelQueue
 
 from remotegpu_operator import deployment, metrics, scaling, status
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 BUSY_COST = "1000"  # busy workers are the last a scale-down takes
 IDLE_COST = "0"
+VICTIM_COST = "-1000"  # the pods a scale-down decision named go first
 
 
 @dataclass
@@ -50,10 +53,15 @@ class Context:
     worker: deployment.WorkerSettings
     queue: QueueWatcher
     interval: float = 2.0
+    models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # live ImageModels
+    memory: dict[tuple[str, str], Memory] = field(default_factory=dict)
+    claims: dict[tuple[str, str], scaling.Claim] = field(default_factory=dict)  # the GPU board
 
 
 _ctx: Context | None = None
-_wakers: dict[tuple[str, str], Any] = {}
+_woken: set[tuple[str, str]] = set()
+_loop_task: asyncio.Task[None] | None = None
+_wake_all: asyncio.Event | None = None
 
 
 def configure(ctx: Context) -> None:
@@ -68,9 +76,10 @@ def ctx() -> Context:
 
 
 def wake(ns: str, name: str) -> None:
-    waker = _wakers.get((ns, name))
-    if waker is not None:
-        waker()
+    """Runs the model's tick now rather than at the next interval."""
+    _woken.add((ns, name))
+    if _wake_all is not None:
+        _wake_all.set()
 
 
 def _event(body: Any, reason: str, message: str, warning: bool = False) -> None:
@@ -187,12 +196,77 @@ async def updated(body: Any, logger: Any, **_: Any) -> None:
     await _reconcile(body, logger)
 
 
-# -- the autoscaler daemon ------------------------------------------------------------
+# -- the registry of ImageModels ------------------------------------------------------
+
+
+@kopf.on.event(API_GROUP, API_VERSION, PLURAL)
+async def registry(type: str, body: Any, **_: Any) -> None:
+    """Keeps the autoscaler's view of the live ImageModels (no finalizer needed)."""
+    global _loop_task
+    if _loop_task is None:
+        # Started from a handler, so the loop inherits kopf's context and kopf.event() works in it.
+        _loop_task = asyncio.create_task(autoscale_forever())
+    c = ctx()
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        _forget(key)
+        return
+    old = c.models.get(key)
+    c.models[key] = copy.deepcopy(dict(body))
+    model = (body.get("spec") or {}).get("model")
+    if old is None or (old.get("spec") or {}).get("model") != model:
+        if old is not None:
+            _unregister(key, old)
+        if model:
+            loop = asyncio.get_running_loop()
+
+            def waker() -> None:  # called from the queue watcher's thread
+                loop.call_soon_threadsafe(wake, *key)
+
+            c.queue.register(model, _key_id(key), waker)
+    wake(*key)
+
+
+def _key_id(key: tuple[str, str]) -> int:
+    return hash(key)
+
+
+def _unregister(key: tuple[str, str], body: dict[str, Any]) -> None:
+    c = ctx()
+    model = (body.get("spec") or {}).get("model")
+    if model:
+        c.queue.unregister(model, _key_id(key))
+        metrics.forget_model(key[0], key[1], model)
+
+
+def _forget(key: tuple[str, str]) -> None:
+    c = ctx()
+    old = c.models.pop(key, None)
+    if old is not None:
+        _unregister(key, old)
+    c.memory.pop(key, None)
+    c.claims.pop(key, None)
+
+
+def duplicate_of(key: tuple[str, str], models: dict[tuple[str, str], dict[str, Any]]) -> str | None:
+    """The older ImageModel in the namespace serving the same spec.model, if any (it wins)."""
+    me = models[key]
+    mine = ((me["metadata"].get("creationTimestamp") or ""), key[1])
+    for (ns, name), other in models.items():
+        if ns != key[0] or name == key[1] or other["spec"].get("model") != me["spec"].get("model"):
+            continue
+        if ((other["metadata"].get("creationTimestamp") or ""), name) < mine:
+            return name
+    return None
+
+
+# -- the autoscaler: observe -> decide -> act -> report, per model ---------------------
 
 
 @dataclass
 class Memory:
-    """What one daemon remembers between ticks (seeded from status, so it survives restarts)."""
+    """What the autoscaler remembers of one model between ticks (seeded from its status)."""
 
     last_active: datetime | None = None
     last_saturated: datetime | None = None
@@ -202,14 +276,16 @@ class Memory:
     queue_known: bool = True
     was_active: bool = False
     was_saturated: bool = False
-    last_error: str = ""
-    last_error_at: float = 0.0
+    scale_downs: scaling.ScaleDowns = ()
+    cold_start_seconds: float | None = None  # measured: pod created -> ready
+    events: dict[str, tuple[str, float]] = field(default_factory=dict)  # reason -> (message, when)
 
-    def should_report(self, error: str, every: float = 60.0) -> bool:
-        """One Event per distinct failure, repeated at most every `every` seconds."""
+    def should_report(self, reason: str, message: str, every: float = 60.0) -> bool:
+        """One Event per distinct (reason, message), repeated at most every `every` seconds."""
         now = time.monotonic()
-        if error != self.last_error or now - self.last_error_at > every:
-            self.last_error, self.last_error_at = error, now
+        last = self.events.get(reason)
+        if last is None or last[0] != message or now - last[1] > every:
+            self.events[reason] = (message, now)
             return True
         return False
 
@@ -227,192 +303,376 @@ class Memory:
         )
 
 
-async def _set_deletion_costs(ns: str, pod_list: list[dict[str, Any]], queue: ModelQueue) -> None:
-    """Busy workers get a high pod-deletion-cost, idle ones the default, so scale-down takes idle pods."""
+@dataclass
+class Seen:
+    """Everything one tick observed about one model."""
+
+    body: dict[str, Any]
+    spec: ImageModelSpec
+    dep: dict[str, Any]
+    queue: ModelQueue | None
+    pods: list[dict[str, Any]]
+    unschedulable: list[status.Unschedulable]
+    failing: list[status.Failing]
+    workers: list[scaling.Worker]
+    now: datetime
+    duplicate_of: str | None = None
+
+    @property
+    def ns(self) -> str:
+        return str(self.body["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def current(self) -> int:
+        return int(self.dep["spec"].get("replicas", 0))
+
+
+@dataclass
+class Plan:
+    decision: scaling.Decision
+    victims: list[str] = field(default_factory=list)
+    holders: list[str] = field(default_factory=list)
+    beneficiary: str = ""
+
+
+def _time(value: str | None) -> datetime | None:
+    return status.parse_time(value)
+
+
+def worker_views(pod_list: list[dict[str, Any]], queue: ModelQueue | None) -> list[scaling.Worker]:
+    busy = set(queue.busy_workers) if queue else set()
+    out = []
+    for pod in pod_list:
+        meta, st = pod["metadata"], pod.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        conds = {c.get("type"): c.get("status") for c in st.get("conditions") or []}
+        out.append(
+            scaling.Worker(
+                name=meta["name"],
+                scheduled=conds.get("PodScheduled") == "True",
+                ready=conds.get("Ready") == "True",
+                busy=meta["name"] in busy,
+                started=_time(meta.get("creationTimestamp")),
+            )
+        )
+    return out
+
+
+def measured_cold_start(pod_list: list[dict[str, Any]]) -> float | None:
+    """The longest pod-created-to-ready time among the ready workers (None: none ready yet)."""
+    times = []
+    for pod in pod_list:
+        created = _time(pod["metadata"].get("creationTimestamp"))
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            ready_at = _time(c.get("lastTransitionTime"))
+            if c.get("type") == "Ready" and c.get("status") == "True" and created and ready_at:
+                times.append((ready_at - created).total_seconds())
+    return max(times) if times else None
+
+
+async def observe(body: dict[str, Any]) -> Seen:
+    """Reads the model's Deployment (creating or fixing it), its pods, and its queue."""
     c = ctx()
-    busy = set(queue.busy_workers)
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    spec = _spec(body)
+    dep = await c.api.get(deployments(ns, deployment.deployment_name(name)))
+    queue = c.queue.get(spec.model) if c.queue.available else None
+    pod_list: list[dict[str, Any]] = []
+    if dep is not None and (dep["spec"].get("replicas") or dep.get("status", {}).get("replicas")):
+        selector = deployment.selector_string(name)
+        pod_list = ((await c.api.get(pods(ns), labelSelector=selector)) or {}).get("items", [])
+    dep = await ensure_deployment(body, dep, _initial_replicas(spec))
+    return Seen(
+        body=body,
+        spec=spec,
+        dep=dep,
+        queue=queue,
+        pods=pod_list,
+        unschedulable=status.unschedulable_pods(pod_list, spec.worker.gpu.resource_name, dep),
+        failing=status.failing_pods(pod_list),
+        workers=worker_views(pod_list, queue),
+        now=datetime.now(UTC),
+        duplicate_of=duplicate_of((ns, name), c.models) if (ns, name) in c.models else None,
+    )
+
+
+def claim(seen: Seen, decision: scaling.Decision) -> scaling.Claim:
+    s = seen.spec.scaling
+    q = seen.queue
+    work = (q.queued + q.warming) * scaling.job_seconds(seen.spec) if q else 0.0
+    return scaling.Claim(
+        model=f"{seen.ns}/{seen.name}",
+        priority=s.priority,
+        work_seconds=work,
+        waiting_pods=len(seen.unschedulable) if decision.capacity_blocked or seen.unschedulable else 0,
+        gpus_per_worker=max(1, seen.spec.worker.gpu.count),
+        idle=tuple(w for w in seen.workers if w.ready and not w.busy),
+        workers=sum(1 for w in seen.workers if w.scheduled),
+        min_residency_seconds=s.min_residency_seconds,
+    )
+
+
+def decide(seen: Seen, mem: Memory, claims: dict[tuple[str, str], scaling.Claim]) -> Plan:
+    """The replica count, the pods to remove, and what the GPU arbitration says (pure)."""
+    s = seen.spec.scaling
+    obs = scaling.Observation(
+        scaling=s,
+        pinned=seen.spec.replicas,
+        queue=seen.queue,
+        current=seen.current,
+        unschedulable=len(seen.unschedulable),
+        last_active=mem.last_active,
+        last_saturated=mem.last_saturated,
+        was_active=mem.was_active,
+        was_saturated=mem.was_saturated,
+        scale_downs=mem.scale_downs,
+        job_seconds=scaling.job_seconds(seen.spec),
+        cold_start_seconds=mem.cold_start_seconds,
+    )
+    decision = scaling.decide(obs, seen.now)
+    if seen.duplicate_of is not None:
+        return Plan(
+            replace(
+                decision,
+                desired=0 if decision.write else seen.current,
+                reason="DuplicateModel",
+                message=f"ImageModel {seen.duplicate_of} already serves {seen.spec.model}; "
+                "delete one of them (this one is held at 0 replicas)",
+            )
+        )
+    me = (seen.ns, seen.name)
+    board = {**claims, me: claim(seen, decision)}
+    arbitration = scaling.reclaim([c for (ns, _), c in board.items() if ns == seen.ns], seen.now)
+    plan = Plan(decision, holders=[m.split("/", 1)[1] for m in arbitration.holders.get(board[me].model, [])])
+    released = arbitration.released_by(board[me].model)
+    if released and decision.write and s.mode is not ScalingMode.FIXED and seen.spec.replicas is None:
+        desired = max(s.min_replicas, min(decision.desired, seen.current - len(released)))
+        if desired < seen.current:
+            beneficiary = next(r.beneficiary for r in arbitration.reclaims if r.donor == board[me].model)
+            plan.decision = replace(
+                decision,
+                desired=desired,
+                reason="Reclaimed",
+                message=f"{seen.current - desired} idle worker(s) released for "
+                f"{beneficiary.split('/', 1)[1]}, whose jobs wait for a GPU",
+                scale_downs=(*decision.scale_downs, (seen.now, seen.current - desired)),
+            )
+            plan.beneficiary = beneficiary
+            plan.victims = released[: seen.current - desired]
+            return plan
+    if plan.decision.direction_from(seen.current) is scaling.Direction.DOWN:
+        plan.victims = scaling.victims(seen.workers, seen.current - plan.decision.desired)
+    return plan
+
+
+def remember(seen: Seen, plan: Plan, mem: Memory) -> None:
+    d = plan.decision
+    mem.last_active, mem.last_saturated = d.last_active, d.last_saturated
+    mem.scale_downs = d.scale_downs
+    if seen.queue is not None:
+        mem.was_active = seen.queue.depth > 0
+        mem.was_saturated = seen.queue.depth > 0 and d.last_saturated == seen.now
+    measured = measured_cold_start(seen.pods)
+    if measured is not None:
+        mem.cold_start_seconds = measured
+
+
+async def act(seen: Seen, plan: Plan, mem: Memory) -> None:
+    """Marks the named victims and busy workers, then writes the replica count (never in External mode)."""
+    c = ctx()
+    d = plan.decision
+    direction = d.direction_from(seen.current)
+    if not d.write or direction is scaling.Direction.NONE:
+        if seen.queue is not None and seen.pods:
+            await _set_deletion_costs(seen.ns, seen.pods, seen.queue, [])
+        return
+    if direction is scaling.Direction.DOWN:
+        await _set_deletion_costs(seen.ns, seen.pods, seen.queue, plan.victims)
+    dname = seen.dep["metadata"]["name"]
+    await c.api.patch(deployments(seen.ns, dname), {"spec": {"replicas": d.desired}})
+    mem.last_scale = seen.now
+    labels = (seen.ns, seen.name, seen.spec.model)
+    changed_at = c.queue.changed_at.get(seen.spec.model)
+    if direction is scaling.Direction.UP and changed_at is not None:
+        metrics.WAKE_LATENCY.labels(*labels).set(time.monotonic() - changed_at)
+    metrics.SCALE_DECISIONS.labels(*labels, direction.value, d.reason).inc()
+    victims = f" (removing {', '.join(plan.victims)})" if plan.victims else ""
+    _event(seen.body, d.reason, f"{dname}: {seen.current} -> {d.desired} replicas{victims}: {d.message}")
+    log.info("%s/%s: %s -> %s (%s)", seen.ns, seen.name, seen.current, d.desired, d.message)
+
+
+async def _set_deletion_costs(
+    ns: str, pod_list: list[dict[str, Any]], queue: ModelQueue | None, victims: list[str]
+) -> None:
+    """Named victims get the lowest pod-deletion-cost, busy workers the highest, so the
+    ReplicaSet controller removes exactly the pods the decision named."""
+    c = ctx()
+    busy = set(queue.busy_workers) if queue else set()
     for pod in pod_list:
         pmeta = pod["metadata"]
         if pmeta.get("deletionTimestamp"):
             continue
-        want = BUSY_COST if pmeta["name"] in busy else IDLE_COST
+        name = pmeta["name"]
+        want = VICTIM_COST if name in victims else BUSY_COST if name in busy else IDLE_COST
         have = (pmeta.get("annotations") or {}).get(deployment.DELETION_COST, IDLE_COST)
         if have != want:
             try:
                 await c.api.patch(
-                    pods(ns, pmeta["name"]), {"metadata": {"annotations": {deployment.DELETION_COST: want}}}
+                    pods(ns, name), {"metadata": {"annotations": {deployment.DELETION_COST: want}}}
                 )
             except ApiError as e:
                 if e.status != 404:  # a pod that just went away
                     raise
 
 
-async def tick(body: Any, mem: Memory) -> None:
-    """One autoscaling decision for one ImageModel."""
+def report_events(seen: Seen, plan: Plan, mem: Memory) -> None:
+    """Warning Events for failures, one per distinct failure and at most one a minute."""
     c = ctx()
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    spec = _spec(body)
-    dname = deployment.deployment_name(name)
-    selector = deployment.selector_string(name)
-
-    dep = await c.api.get(deployments(ns, dname))
-    queue = c.queue.get(spec.model) if c.queue.available else None
-    pod_list: list[dict[str, Any]] = []
-    if dep is not None and (dep["spec"].get("replicas") or dep.get("status", {}).get("replicas")):
-        pod_list = ((await c.api.get(pods(ns), labelSelector=selector)) or {}).get("items", [])
-    unschedulable = status.unschedulable_pods(pod_list)
-    now = datetime.now(UTC)
-
-    dep = await ensure_deployment(body, dep, _initial_replicas(spec))
-    current = int(dep["spec"].get("replicas", 0))
-    decision = scaling.decide(
-        scaling.Observation(
-            scaling=spec.scaling,
-            pinned=spec.replicas,
-            queue=queue,
-            current=current,
-            unschedulable=len(unschedulable),
-            last_active=mem.last_active,
-            last_saturated=mem.last_saturated,
-            was_active=mem.was_active,
-            was_saturated=mem.was_saturated,
-        ),
-        now,
-    )
-    mem.last_active, mem.last_saturated = decision.last_active, decision.last_saturated
-    if queue is not None:
-        mem.was_active = queue.depth > 0
-        mem.was_saturated = queue.depth > 0 and decision.last_saturated == now
-    direction = decision.direction_from(current)
-    labels = (ns, name, spec.model)
-
-    if queue is not None and pod_list and direction is not scaling.Direction.UP:
-        await _set_deletion_costs(ns, pod_list, queue)
-    if direction is not scaling.Direction.NONE:
-        await c.api.patch(deployments(ns, dname), {"spec": {"replicas": decision.desired}})
-        mem.last_scale = now
-        changed_at = c.queue.changed_at.get(spec.model)
-        if direction is scaling.Direction.UP and changed_at is not None:
-            metrics.WAKE_LATENCY.labels(*labels).set(time.monotonic() - changed_at)
-        metrics.SCALE_DECISIONS.labels(*labels, direction.value, decision.reason).inc()
-        _event(
-            body, decision.reason, f"{dname}: {current} -> {decision.desired} replicas: {decision.message}"
-        )
-        log.info("%s/%s: %s -> %s (%s)", ns, name, current, decision.desired, decision.message)
-
-    if decision.capacity_blocked or unschedulable:
-        if not mem.capacity_blocked:
-            first = unschedulable[0].message if unschedulable else decision.message
+    if seen.unschedulable:
+        first = seen.unschedulable[0]
+        held = f"; the GPUs are held by {', '.join(plan.holders)}" if plan.holders else ""
+        if mem.should_report(first.reason, first.message):
             _event(
-                body,
-                status.capacity_reason(first, spec.worker.gpu.resource_name),
-                f"worker pods cannot be scheduled, not adding replicas: {first}",
-                warning=True,
+                seen.body, first.reason, f"worker pods cannot be placed: {first.message}{held}", warning=True
             )
         mem.capacity_blocked = True
     elif mem.capacity_blocked:
         mem.capacity_blocked = False
-        _event(body, "CapacityAvailable", "every wanted worker pod is scheduled again")
-
-    unknown = c.queue.why_unknown() if queue is None else None
+        _event(seen.body, "CapacityAvailable", "every wanted worker pod is scheduled again")
+    for f in seen.failing[:1]:
+        if mem.should_report(f.reason, f.reason):
+            _event(seen.body, f.reason, f"worker pod failing: {f.message}", warning=True)
+    if plan.decision.reason == "DuplicateModel" and mem.should_report(
+        "DuplicateModel", plan.decision.message
+    ):
+        _event(seen.body, "DuplicateModel", plan.decision.message, warning=True)
+    unknown = c.queue.why_unknown() if seen.queue is None else None
     if (unknown is not None and unknown[0] == "GatewayUnreachable") == mem.queue_known:
         mem.queue_known = not mem.queue_known
         if not mem.queue_known:
             _event(
-                body,
+                seen.body,
                 "GatewayUnreachable",
                 "cannot read the gateway's queue depth; holding replicas",
-                warning=True,
+                True,
             )
 
-    dstatus = dep.get("status") or {}
+
+def _kept(key: str, value: datetime | None, mem: Memory, seen: Seen) -> datetime | None:
+    written = status.parse_time(mem.last_status.get(key))
+    busy = seen.queue is not None and seen.queue.depth > 0
+    return written if busy and written is not None and value is not None and value >= written else value
+
+
+async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
+    """Writes the status (only what changed) and the metrics."""
+    c = ctx()
+    report_events(seen, plan, mem)
+    d = plan.decision
+    desired = d.desired if d.write else seen.current
+    dstatus = seen.dep.get("status") or {}
+    unknown = c.queue.why_unknown() if seen.queue is None else ("", "")
     observed = status.Observed(
-        generation=int(meta.get("generation") or 0),
-        deployment=dname,
-        selector=selector,
-        desired=decision.desired,
+        generation=int(seen.body["metadata"].get("generation") or 0),
+        deployment=seen.dep["metadata"]["name"],
+        selector=deployment.selector_string(seen.name),
+        desired=desired,
         replicas=int(dstatus.get("replicas") or 0),
-        ready=int(dstatus.get("readyReplicas") or 0) if decision.desired > 0 else 0,
-        queue=queue,
-        unschedulable=unschedulable,
-        gpu_resource=spec.worker.gpu.resource_name,
-        last_active=mem.last_active,
-        last_saturated=mem.last_saturated,
+        ready=int(dstatus.get("readyReplicas") or 0) if desired > 0 else 0,
+        queue=seen.queue,
+        unschedulable=seen.unschedulable,
+        gpu_resource=seen.spec.worker.gpu.resource_name,
+        # While jobs wait these move every tick; the status keeps the last written ones (the
+        # idle window only needs them once the work ends), so a busy model is not re-patched.
+        last_active=_kept("lastActiveTime", mem.last_active, mem, seen),
+        last_saturated=_kept("lastSaturatedTime", mem.last_saturated, mem, seen),
         last_scale=mem.last_scale,
-        queue_unknown=unknown or ("", ""),
+        queue_unknown=unknown,
+        failing=seen.failing,
+        holders=plan.holders,
+        scaling=(d.reason not in ("QueueUnknown", "DuplicateModel"), d.reason, d.message),
     )
-    new_status = status.compute(observed, mem.last_status.get("conditions"), now)
+    new_status = status.compute(observed, mem.last_status.get("conditions"), seen.now)
     patch = status.changed(mem.last_status, new_status)
     if patch:
-        await c.api.patch(imagemodel_status(ns, name), {"status": patch})
+        await c.api.patch(imagemodel_status(seen.ns, seen.name), {"status": patch})
         mem.last_status = {**mem.last_status, **new_status}
-    state = status.runtime_state(observed.desired, observed.ready)
     metrics.set_model(
-        ns,
-        name,
-        spec.model,
-        desired=decision.desired,
+        seen.ns,
+        seen.name,
+        seen.spec.model,
+        desired=desired,
         replicas=observed.replicas,
         ready=observed.ready,
-        depth=queue.depth if queue else None,
-        state=state,
-        capacity_ok=not unschedulable,
+        depth=seen.queue.depth if seen.queue else None,
+        state=status.runtime_state(observed.desired, observed.ready),
+        capacity_ok=not seen.unschedulable,
     )
 
 
-@kopf.daemon(API_GROUP, API_VERSION, PLURAL, id="autoscaler", cancellation_timeout=5.0)
-async def autoscaler(body: Any, stopped: Any, logger: Any, **_: Any) -> None:
+async def tick(body: dict[str, Any], mem: Memory) -> None:
+    """One autoscaling round for one ImageModel."""
     c = ctx()
-    meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
-    loop = asyncio.get_running_loop()
-    woken = asyncio.Event()
-    key = id(woken)
+    seen = await observe(body)
+    plan = decide(seen, mem, {k: v for k, v in c.claims.items() if k != (seen.ns, seen.name)})
+    remember(seen, plan, mem)
+    c.claims[(seen.ns, seen.name)] = claim(seen, plan.decision)
+    await act(seen, plan, mem)
+    await report(seen, plan, mem)
 
-    def waker() -> None:
-        loop.call_soon_threadsafe(woken.set)
 
-    async def until_stopped() -> None:
-        await stopped.wait()
-
-    stop_task = asyncio.ensure_future(until_stopped())
-    mem = Memory.from_status(body.get("status"))
-    _wakers[(ns, name)] = waker
-    model: str | None = None
+async def _tick_safely(key: tuple[str, str]) -> None:
+    c = ctx()
+    body = c.models.get(key)
+    if body is None:
+        return
+    mem = c.memory.get(key)
+    if mem is None:
+        mem = c.memory[key] = Memory.from_status(body.get("status"))
+    ns, name = key
     try:
-        while not stopped:
-            current_model = body["spec"].get("model")
-            if current_model != model:
-                if model is not None:
-                    c.queue.unregister(model, key)
-                    metrics.forget_model(ns, name, model)
-                model = current_model
-                if model:
-                    c.queue.register(model, key, waker)
-            woken.clear()
+        await tick(body, mem)
+    except Exception as e:  # never let one model's failure stop the others; report it
+        metrics.RECONCILE_ERRORS.labels(ns, name).inc()
+        known = isinstance(e, ApiError | kopf.PermanentError | kopf.TemporaryError | OSError)
+        message = str(e) if known else f"{type(e).__name__}: {e}"
+        if known:
+            log.error("%s/%s: reconcile failed: %s", ns, name, e)
+        else:
+            log.exception("%s/%s: reconcile failed", ns, name)
+        if mem.should_report("ReconcileFailed", message):
+            _event(body, "ReconcileFailed", message, warning=True)
+
+
+async def autoscale_forever() -> None:
+    """Ticks every model each `interval`, and a woken model at once."""
+    global _wake_all
+    c = ctx()
+    _wake_all = asyncio.Event()
+    last_all = 0.0
+    while True:
+        due_all = time.monotonic() - last_all >= c.interval
+        keys = list(c.models) if due_all else [k for k in list(_woken) if k in c.models]
+        if due_all:
+            last_all = time.monotonic()
+        _woken.difference_update(keys)
+        _wake_all.clear()
+        await asyncio.gather(*(_tick_safely(k) for k in keys))
+        wait = max(0.0, c.interval - (time.monotonic() - last_all))
+        if not _woken:
             try:
-                await tick(body, mem)
-                mem.last_error = ""
-            except Exception as e:  # never let one bad tick kill the daemon; report it
-                metrics.RECONCILE_ERRORS.labels(ns, name).inc()
-                known = isinstance(e, ApiError | kopf.PermanentError | kopf.TemporaryError | OSError)
-                message = str(e) if known else f"{type(e).__name__}: {e}"
-                if known:
-                    logger.error("reconcile failed: %s", e)
-                else:
-                    logger.exception("reconcile failed")
-                if mem.should_report(message):
-                    _event(body, "ReconcileFailed", message, warning=True)
-            wake_task = asyncio.ensure_future(woken.wait())
-            await asyncio.wait(
-                {wake_task, stop_task}, timeout=c.interval, return_when=asyncio.FIRST_COMPLETED
-            )
-            wake_task.cancel()
-    finally:
-        stop_task.cancel()
-        if model:
-            c.queue.unregister(model, key)
-            metrics.forget_model(ns, name, model)
-        if _wakers.get((ns, name)) is waker:
-            del _wakers[(ns, name)]
+                await asyncio.wait_for(_wake_all.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+
+
+@kopf.on.cleanup()
+async def stop_autoscaler(**_: Any) -> None:
+    if _loop_task is not None:
+        _loop_task.cancel()

@@ -8,8 +8,9 @@ take over within `lease_seconds` when the holder stops renewing.
 
 - The holder renews every `renew_seconds`; if it cannot renew for
   `renew_deadline` it stops reconciling at once (the process exits and restarts as
-  a standby), so two holders can never act at the same time for longer than
-  clock drift allows.
+  a standby). Each renewal attempt is cut off at that deadline too (a hung API
+  call must not outlive it), and the deadline is shorter than the lease, so the
+  old holder has stopped before any standby can take the Lease over.
 - A candidate judges expiry by its own clock: it remembers when it last saw the
   Lease change (client-go's observedTime), so clock skew between nodes does not
   matter.
@@ -21,6 +22,7 @@ take over within `lease_seconds` when the holder stops renewing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -124,3 +126,34 @@ class LeaderElector:
             log.info("released the leader Lease %s/%s", c.namespace, c.name)
         except Exception as e:  # best effort: the Lease expires anyway
             log.warning("releasing the leader Lease failed: %s", e)
+
+    async def hold(self, stop: asyncio.Event) -> bool:
+        """Renews the Lease until `stop` is set (False) or it is lost (True).
+
+        Lost means: someone else holds it, or no renewal succeeded within
+        `renew_deadline` of the last one; no attempt may run past that deadline.
+        """
+        c = self.config
+        while not stop.is_set():
+            # The next renewal is due renew_seconds after the last success (not after this
+            # loop started: starting kopf may have taken a while since the Lease was taken).
+            due = max(0.0, self.last_renew + c.renew_seconds - time.monotonic())
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=due)
+                return False
+            except TimeoutError:
+                pass
+            left = c.renew_deadline - (time.monotonic() - self.last_renew)
+            try:
+                if left > 0 and await asyncio.wait_for(self.try_acquire_or_renew(), timeout=left):
+                    continue
+                if left > 0:
+                    log.error("the leader Lease is held by someone else: stopping")
+                    return True
+            except Exception as e:  # includes the cut-off (TimeoutError)
+                if time.monotonic() - self.last_renew < c.renew_deadline:
+                    log.warning("renewing the leader Lease failed (will retry): %s", e or type(e).__name__)
+                    continue
+            log.error("could not renew the leader Lease for %.0fs: stopping", c.renew_deadline)
+            return True
+        return False

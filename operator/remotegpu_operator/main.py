@@ -199,22 +199,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     async def keep_lease() -> None:
         assert elector is not None
-        cfg = elector.config
-        while not kopf_stop.is_set():
-            if await _wait(kopf_stop, cfg.renew_seconds):
-                return
-            try:
-                if await elector.try_acquire_or_renew():
-                    continue
-                log.error("the leader Lease is held by someone else: stopping")
-            except Exception as e:
-                if time.monotonic() - elector.last_renew < cfg.renew_deadline:
-                    log.warning("renewing the leader Lease failed (will retry): %s", e)
-                    continue
-                log.error("could not renew the leader Lease for %.0fs: stopping", cfg.renew_deadline)
+        if await elector.hold(kopf_stop):
             lost.set()
             kopf_stop.set()
-            return
 
     async def forward_stop() -> None:
         await stop.wait()

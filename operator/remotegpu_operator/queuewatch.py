@@ -121,7 +121,10 @@ class QueueWatcher:
             self._fresh_at = now
             models = set(snap.models) | (set(old.models) if old else set())
             changed = [
-                m for m in models if first or (old is not None and old.models.get(m) != snap.models.get(m))
+                m
+                for m in models
+                if first
+                or (old is not None and _what_matters(old.models.get(m)) != _what_matters(snap.models.get(m)))
             ]
             wakers = [w for m in changed for w in self._wakers.get(m, {}).values()]
             for m in changed:
@@ -131,3 +134,11 @@ class QueueWatcher:
                 wake()
             except Exception:  # a daemon that just stopped
                 log.debug("waking a daemon failed", exc_info=True)
+
+
+def _what_matters(q: ModelQueue | None) -> tuple[int, int, int, tuple[str, ...]] | None:
+    """The part of a model's queue a decision reads: the age of its oldest job ticks on
+    with every snapshot, and must not wake every model with a backlog."""
+    if q is None:
+        return None
+    return (q.queued, q.warming, q.running, tuple(sorted(q.busy_workers)))

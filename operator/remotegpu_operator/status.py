@@ -5,17 +5,23 @@ wanted but none ready; `ready` = at least one ready worker. Conditions follow th
 Kubernetes API conventions (type, status, reason, message, lastTransitionTime that
 only moves when the status flips, observedGeneration):
 
-- Ready: a worker is ready to take jobs (False with Sleeping / Starting / NoCapacity).
-- CapacityAvailable: every wanted pod could be scheduled; False with InsufficientGPU
-  (or Unschedulable) and the scheduler's own message when pods stay Pending.
+- Ready: a worker is ready to take jobs (False with Sleeping / WorkersStarting /
+  NoCapacity / a failing pod's reason such as CrashLoopBackOff or ImagePullBackOff).
+- CapacityAvailable: every wanted pod could be placed; False with InsufficientGPU,
+  Unschedulable, SchedulingGated (Kueue) or QuotaExceeded / FailedCreate, the
+  cluster's own message, and the models that hold the GPUs.
+- WorkersHealthy: no worker pod is crash-looping or failing to pull its image.
 - QueueObserved: the gateway's queue depth is being read (False: GatewayUnreachable, NoGateway,
   Waiting for the first read).
+- ScalingActive: the autoscaler's last decision as its reason (ScaledUp, IdleWindow,
+  ScaleDownRateLimited, ColdStartPayback, Pinned, Fixed, External, ...); False with
+  QueueUnknown or DuplicateModel.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from remotegpu_base.protocol import ModelQueue, RuntimeState
@@ -36,26 +42,101 @@ def parse_time(value: str | None) -> datetime | None:
 
 @dataclass(frozen=True)
 class Unschedulable:
+    """A worker pod (or a missing one) waiting for capacity, and why."""
+
     pod: str
+    message: str
+    reason: str = "Unschedulable"  # InsufficientGPU, Unschedulable, SchedulingGated, QuotaExceeded
+
+
+@dataclass(frozen=True)
+class Failing:
+    """A worker pod that will not get ready by waiting: a crash loop, an image that does not pull."""
+
+    pod: str
+    reason: str
     message: str
 
 
-def unschedulable_pods(pods: list[dict[str, Any]]) -> list[Unschedulable]:
-    """Pending pods the scheduler could not place (PodScheduled=False, reason Unschedulable)."""
+# Container waiting reasons that do not fix themselves.
+FAILING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
+
+
+def _live_pending(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in pods
+        if not p.get("metadata", {}).get("deletionTimestamp")
+        and (p.get("status") or {}).get("phase", "Pending") == "Pending"
+    ]
+
+
+def unschedulable_pods(
+    pods: list[dict[str, Any]], gpu_resource: str = "nvidia.com/gpu", deployment: dict[str, Any] | None = None
+) -> list[Unschedulable]:
+    """Worker pods waiting for capacity: not placed by the scheduler, held by a scheduling
+    gate (Kueue), or never created because a ResourceQuota refuses them."""
+    out = []
+    for pod in _live_pending(pods):
+        name = pod["metadata"]["name"]
+        if (pod.get("spec") or {}).get("schedulingGates"):
+            gates = ", ".join(g.get("name", "?") for g in pod["spec"]["schedulingGates"])
+            out.append(
+                Unschedulable(name, f"pod {name} is held by scheduling gates: {gates}", "SchedulingGated")
+            )
+            continue
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") != "PodScheduled" or c.get("status") != "False":
+                continue
+            if c.get("reason") == "Unschedulable":
+                message = c.get("message") or "unschedulable"
+                out.append(Unschedulable(name, message, capacity_reason(message, gpu_resource)))
+            elif c.get("reason") == "SchedulingGated":
+                out.append(
+                    Unschedulable(name, c.get("message") or "held by a scheduling gate", "SchedulingGated")
+                )
+    if deployment is not None:
+        out += _refused_pods(deployment, len(pods))
+    return out
+
+
+def _refused_pods(deployment: dict[str, Any], existing: int) -> list[Unschedulable]:
+    """Pods the ReplicaSet could not create (a ResourceQuota, a LimitRange): one entry per missing pod."""
+    st = deployment.get("status") or {}
+    for c in st.get("conditions") or []:
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            message = c.get("message") or "the ReplicaSet could not create pods"
+            reason = "QuotaExceeded" if "exceeded quota" in message else "FailedCreate"
+            missing = max(1, int((deployment.get("spec") or {}).get("replicas") or 0) - existing)
+            return [Unschedulable("", message, reason)] * missing
+    return []
+
+
+def failing_pods(pods: list[dict[str, Any]]) -> list[Failing]:
+    """Worker pods stuck in a crash loop or an image pull that keeps failing."""
     out = []
     for pod in pods:
         if pod.get("metadata", {}).get("deletionTimestamp"):
             continue
-        st = pod.get("status") or {}
-        if st.get("phase", "Pending") != "Pending":
-            continue
-        for c in st.get("conditions") or []:
-            if (
-                c.get("type") == "PodScheduled"
-                and c.get("status") == "False"
-                and c.get("reason") == "Unschedulable"
-            ):
-                out.append(Unschedulable(pod["metadata"]["name"], c.get("message") or "unschedulable"))
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in FAILING_REASONS:
+                message = waiting.get("message") or waiting["reason"]
+                out.append(
+                    Failing(
+                        pod["metadata"]["name"], waiting["reason"], f"{pod['metadata']['name']}: {message}"
+                    )
+                )
+                break
     return out
 
 
@@ -84,6 +165,10 @@ class Observed:
     deployment_current: bool = True  # the Deployment matches this generation's spec
     # (reason, message) when `queue` is None
     queue_unknown: tuple[str, str] = ("GatewayUnreachable", "the gateway's queue depth cannot be read")
+    failing: list[Failing] = field(default_factory=list)
+    holders: list[str] = field(default_factory=list)  # models holding the GPUs this one waits for
+    # The autoscaler's last decision (reason, message); ok=False when it cannot scale.
+    scaling: tuple[bool, str, str] = (True, "Steady", "")
 
 
 def _condition(
@@ -115,76 +200,53 @@ def capacity_reason(message: str, gpu_resource: str) -> str:
 def compute(obs: Observed, previous_conditions: list[dict[str, Any]] | None, now: datetime) -> dict[str, Any]:
     """The status to write. Equal inputs give an equal dict, so unchanged status is never re-written."""
     prev: dict[str, dict[str, Any]] = {c["type"]: c for c in previous_conditions or [] if c.get("type")}
-    state = runtime_state(obs.desired, obs.ready)
 
+    def cond(type_: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
+        return _condition(type_, ok, reason, message, obs.generation, prev, now)
+
+    state = runtime_state(obs.desired, obs.ready)
     if state is RuntimeState.READY:
-        ready = _condition(
-            "Ready",
-            True,
-            "WorkersReady",
-            f"{obs.ready}/{obs.desired} workers ready",
-            obs.generation,
-            prev,
-            now,
-        )
+        ready = cond("Ready", True, "WorkersReady", f"{obs.ready}/{obs.desired} workers ready")
     elif state is RuntimeState.STARTING:
-        reason = "NoCapacity" if obs.unschedulable else "WorkersStarting"
-        ready = _condition(
-            "Ready", False, reason, f"0/{obs.desired} workers ready", obs.generation, prev, now
-        )
+        if obs.failing:
+            reason, message = (
+                obs.failing[0].reason,
+                f"0/{obs.desired} workers ready: {obs.failing[0].message}",
+            )
+        elif obs.unschedulable:
+            reason, message = "NoCapacity", f"0/{obs.desired} workers ready: {obs.unschedulable[0].message}"
+        else:
+            reason, message = "WorkersStarting", f"0/{obs.desired} workers ready"
+        ready = cond("Ready", False, reason, message)
     else:
-        ready = _condition(
-            "Ready",
-            False,
-            "Sleeping",
-            "scaled to zero; the first job wakes the model",
-            obs.generation,
-            prev,
-            now,
-        )
+        ready = cond("Ready", False, "Sleeping", "scaled to zero; the first job wakes the model")
 
     if obs.unschedulable:
         first = obs.unschedulable[0]
-        capacity = _condition(
-            "CapacityAvailable",
-            False,
-            capacity_reason(first.message, obs.gpu_resource),
-            f"{len(obs.unschedulable)} worker pod(s) cannot be scheduled: {first.message}",
-            obs.generation,
-            prev,
-            now,
+        message = f"{len(obs.unschedulable)} worker pod(s) cannot be scheduled: {first.message}"
+        if obs.holders:
+            message += f"; the GPUs are held by models {', '.join(obs.holders)}"
+        capacity = cond("CapacityAvailable", False, first.reason, message)
+    else:
+        capacity = cond("CapacityAvailable", True, "Scheduled", "every wanted worker pod is scheduled")
+
+    if obs.failing:
+        f = obs.failing[0]
+        healthy = cond(
+            "WorkersHealthy", False, f.reason, f"{len(obs.failing)} worker pod(s) failing: {f.message}"
         )
     else:
-        capacity = _condition(
-            "CapacityAvailable",
-            True,
-            "Scheduled",
-            "every wanted worker pod is scheduled",
-            obs.generation,
-            prev,
-            now,
+        healthy = cond(
+            "WorkersHealthy", True, "NoFailures", "no worker pod is crash-looping or failing to pull"
         )
 
     if obs.queue is None:
-        queue_cond = _condition(
-            "QueueObserved",
-            False,
-            obs.queue_unknown[0],
-            obs.queue_unknown[1],
-            obs.generation,
-            prev,
-            now,
-        )
+        queue_cond = cond("QueueObserved", False, obs.queue_unknown[0], obs.queue_unknown[1])
     else:
-        queue_cond = _condition(
-            "QueueObserved",
-            True,
-            "QueueRead",
-            "queue depth is read from the gateway",
-            obs.generation,
-            prev,
-            now,
-        )
+        queue_cond = cond("QueueObserved", True, "QueueRead", "queue depth is read from the gateway")
+
+    scaling_ok, scaling_reason, scaling_message = obs.scaling
+    scaling = cond("ScalingActive", scaling_ok, scaling_reason, scaling_message or scaling_reason)
 
     status: dict[str, Any] = {
         "state": state.value,
@@ -193,7 +255,7 @@ def compute(obs: Observed, previous_conditions: list[dict[str, Any]] | None, now
         "desiredReplicas": obs.desired,
         "selector": obs.selector,
         "deployment": obs.deployment,
-        "conditions": [ready, capacity, queue_cond],
+        "conditions": [ready, capacity, healthy, queue_cond, scaling],
     }
     if obs.queue is not None:
         status["queueDepth"] = obs.queue.depth
@@ -201,8 +263,11 @@ def compute(obs: Observed, previous_conditions: list[dict[str, Any]] | None, now
             "queued": obs.queue.queued,
             "warming": obs.queue.warming,
             "running": obs.queue.running,
-            "oldestWaitSeconds": round(obs.queue.oldest_wait_seconds, 1),
         }
+        # A time, not an age: it stays put while the job waits, so it needs no status write per tick.
+        if obs.queue.oldest_wait_seconds > 0:
+            since = now - timedelta(seconds=obs.queue.oldest_wait_seconds)
+            status["queue"]["oldestQueuedTime"] = rfc3339(since.replace(second=since.second // 10 * 10))
     else:
         # Unknown, not stale: null removes the last reading (a merge patch).
         status["queueDepth"] = None

@@ -352,6 +352,16 @@ def test_preset_serving_overrides_merge_into_the_catalog(tmp_path: Path):
     assert out.returncode != 0 and "quantization" in out.stderr
 
 
+def test_preset_scaling_overrides_merge_into_the_catalog(tmp_path: Path):
+    values = {"presets": {"flux-1-dev": {"scaling": {"mode": "External", "priority": 5}, "maxReplicas": 3}}}
+    presets = {p["metadata"]["name"]: p["spec"] for p in find(render(values, tmp_path), "ImageModel")}
+    dev = ImageModelSpec.model_validate(presets["flux-1-dev"]).scaling
+    assert (dev.mode.value, dev.priority, dev.max_replicas) == ("External", 5, 3)
+    assert "mode" not in presets["flux-1-schnell"]["scaling"]  # untouched preset: the catalog's
+    out = template({"presets": {"flux-1-dev": {"scaling": {"mode": "Sometimes"}}}}, tmp_path, check=False)
+    assert out.returncode != 0 and "mode" in out.stderr
+
+
 def test_all_presets_off_renders_none(tmp_path: Path):
     objs = render({"presets": {n: {"enabled": False} for n in PRESETS}}, tmp_path)
     assert not find(objs, "ImageModel")

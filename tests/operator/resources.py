@@ -6,7 +6,7 @@ from typing import Any
 
 
 def imagemodel(name: str, model: str, **overrides: Any) -> dict[str, Any]:
-    """A small valid ImageModel; `overrides` replace top-level spec keys."""
+    """A small valid ImageModel; `overrides` replace top-level spec keys (scaling: merged)."""
     spec: dict[str, Any] = {
         "model": model,
         "architecture": "flux1",
@@ -18,8 +18,16 @@ def imagemodel(name: str, model: str, **overrides: Any) -> dict[str, Any]:
         },
         "weights": {"source": "tiny/flux1", "random": True},
         "worker": {"image": "example.invalid/worker:test", "gpu": {"count": 1}},
-        "scaling": {"maxReplicas": 2, "idleSeconds": 3},
+        # Each test job is priced at one drain window of GPU-seconds, so one job asks for
+        # one worker (the work-based target then reads like a job count).
+        "scaling": {
+            "maxReplicas": 2,
+            "idleSeconds": 3,
+            "secondsPerStepMegapixel": 60,
+            "targetDrainSeconds": 60,
+        },
     }
+    spec["scaling"].update(overrides.pop("scaling", {}))
     spec.update(overrides)
     return {
         "apiVersion": "remotegpu.ai/v1alpha1",

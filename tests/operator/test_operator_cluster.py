@@ -78,7 +78,7 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
         worker={
             "image": "example.invalid/worker:test",
             "gpu": {"count": 1},
-            "podAnnotations": {KWOK_DELAY: "10000"},  # long enough to see starting on a busy machine
+            "podAnnotations": {KWOK_DELAY: "10s"},  # a Go duration; long enough to see starting on a busy machine
         },
     )
     gw = gateway(im)
@@ -346,34 +346,142 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
     assert replicas_of(kube, namespace, "m8") == 1, "a running job's worker was scaled away"
 
 
-def test_pinned_replicas_through_the_scale_subresource(kube, namespace, operators: Operators):
+def scale_of(kube: Kube, ns: str, name: str) -> dict:
+    out = kube.kubectl(
+        "get", "--raw", f"/apis/remotegpu.ai/v1alpha1/namespaces/{ns}/imagemodels/{name}/scale"
+    )
+    return json.loads(out.stdout)
+
+
+def test_the_scale_subresource_answers_in_every_mode_and_kubectl_scale_sets_the_floor(
+    kube, namespace, operators: Operators
+):
     operators.start()
-    apply(kube, namespace, imagemodel("m9", "test/pin"))
+    apply(kube, namespace, imagemodel("m9", "test/pin", scaling={"scaleDownLimit": 2}))
     wait_for(lambda: state_of(kube, namespace, "m9") == "sleeping", 30, "sleeping")
+    # An autoscaled model (no spec.replicas) answers GET .../scale, as an HPA or KEDA needs.
+    scale = scale_of(kube, namespace, "m9")
+    assert scale["spec"].get("replicas", 0) == 0 and scale["status"]["replicas"] == 0  # 0 is omitted
+    assert scale["status"]["selector"] == "app.kubernetes.io/name=remotegpu-worker,remotegpu.ai/imagemodel=m9"
     kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=2")
-    wait_for(lambda: replicas_of(kube, namespace, "m9") == 2, 10, "pinned 2")
+    wait_for(lambda: replicas_of(kube, namespace, "m9") == 2, 10, "kept warm: 2")
     wait_for(
         lambda: get(kube, namespace, "imagemodel", "m9")["status"].get("readyReplicas") == 2, 20, "2 ready"
     )
-    scale = json.loads(
-        kube.kubectl(
-            "get", "--raw", f"/apis/remotegpu.ai/v1alpha1/namespaces/{namespace}/imagemodels/m9/scale"
-        ).stdout
-    )
+    scale = scale_of(kube, namespace, "m9")
     assert scale["spec"]["replicas"] == 2 and scale["status"]["replicas"] == 2
-    assert scale["status"]["selector"] == "app.kubernetes.io/name=remotegpu-worker,remotegpu.ai/imagemodel=m9"
-    # Unpinning hands the count back to the autoscaler (empty queue, idle window 3 s: to zero).
-    kube.kubectl(
-        "patch",
-        "imagemodel",
-        "m9",
-        "-n",
-        namespace,
-        "--type=json",
-        "-p",
-        '[{"op":"remove","path":"/spec/replicas"}]',
-    )
+    # Scaling to 0 hands the count back to the queue (empty: to zero after the idle window).
+    kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=0")
     wait_for(lambda: replicas_of(kube, namespace, "m9") == 0, 20, "back to the autoscaler")
+    # Fixed mode: the scale subresource sets the count, whatever maxReplicas says.
+    kube.kubectl(
+        "patch", "imagemodel", "m9", "-n", namespace, "--type=merge",
+        "-p", '{"spec":{"scaling":{"mode":"Fixed","maxReplicas":1}}}',
+    )  # fmt: skip
+    kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=3")
+    wait_for(lambda: replicas_of(kube, namespace, "m9") == 3, 20, "fixed at 3")
+    assert scale_of(kube, namespace, "m9")["spec"]["replicas"] == 3
+    im = get(kube, namespace, "imagemodel", "m9")
+    assert condition(im, "ScalingActive")["reason"] == "Fixed"
+
+
+def test_a_pin_above_max_replicas_is_capped(kube, namespace, operators: Operators):
+    operators.start()
+    apply(kube, namespace, imagemodel("m13", "test/cap", replicas=5, scaling={"maxReplicas": 2}))
+    wait_for(lambda: replicas_of(kube, namespace, "m13") == 2, 30, "capped at 2")
+    time.sleep(2)
+    assert replicas_of(kube, namespace, "m13") == 2
+    im = get(kube, namespace, "imagemodel", "m13")
+    assert "capped at maxReplicas 2" in condition(im, "ScalingActive")["message"]
+
+
+def test_external_mode_leaves_the_replicas_to_an_hpa_and_still_reports(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    operators.start()
+    apply(kube, namespace, imagemodel("m14", "test/external", scaling={"mode": "External", "maxReplicas": 4}))
+    wait_for(lambda: get(kube, namespace, "deployment", "m14-worker") is not None, 30, "Deployment")
+    queue.set("test/external", queued=3)
+    # Jobs wait, but in External mode the operator does not scale: the HPA does.
+    time.sleep(3)
+    assert replicas_of(kube, namespace, "m14") == 0
+    # As an HPA would: through the Deployment's scale subresource.
+    kube.kubectl("scale", "deployment", "m14-worker", "-n", namespace, "--replicas=2")
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "m14"))
+            and (o.get("status") or {}).get("readyReplicas") == 2
+            and o
+        ),
+        30,
+        "2 ready reported",
+    )
+    assert im["status"]["state"] == "ready" and im["status"]["desiredReplicas"] == 2
+    assert im["status"]["queueDepth"] == 3
+    assert condition(im, "ScalingActive")["reason"] == "External"
+    # The queue empties (idle window 3 s): the operator still leaves the count alone.
+    queue.set("test/external")
+    gen = get(kube, namespace, "deployment", "m14-worker")["metadata"]["generation"]
+    time.sleep(5)
+    d = get(kube, namespace, "deployment", "m14-worker")
+    assert d["spec"]["replicas"] == 2 and d["metadata"]["generation"] == gen
+
+
+def test_a_resource_quota_refusal_is_reported_not_starting_forever(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    kube.kubectl("create", "quota", "no-gpus", "-n", namespace, "--hard=requests.nvidia.com/gpu=0")
+    operators.start()
+    apply(kube, namespace, imagemodel("m15", "test/quota"))
+    wait_for(lambda: state_of(kube, namespace, "m15") == "sleeping", 30, "sleeping")
+    queue.set("test/quota", warming=1)
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "m15"))
+            and condition(o, "CapacityAvailable").get("reason") == "QuotaExceeded"
+            and o
+        ),
+        60,
+        "QuotaExceeded",
+    )
+    cap = condition(im, "CapacityAvailable")
+    assert cap["status"] == "False" and "exceeded quota" in cap["message"]
+    assert condition(im, "Ready")["reason"] == "NoCapacity"
+    assert any(
+        e["reason"] == "QuotaExceeded" and e["type"] == "Warning" for e in events(kube, namespace, "m15")
+    )
+
+
+def test_two_imagemodels_for_one_model_are_detected(kube, namespace, operators: Operators, queue: QueueStub):
+    operators.start()
+    apply(kube, namespace, imagemodel("m16a", "test/dup"))
+    wait_for(lambda: state_of(kube, namespace, "m16a") == "sleeping", 30, "first sleeping")
+    apply(kube, namespace, imagemodel("m16b", "test/dup"))
+    queue.set("test/dup", warming=1)
+    wait_for(lambda: replicas_of(kube, namespace, "m16a") == 1, 20, "the first one scales")
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "m16b"))
+            and condition(o, "ScalingActive").get("reason") == "DuplicateModel"
+            and o
+        ),
+        30,
+        "DuplicateModel",
+    )
+    assert condition(im, "ScalingActive")["status"] == "False"
+    assert "m16a" in condition(im, "ScalingActive")["message"]
+    assert replicas_of(kube, namespace, "m16b") == 0
+
+
+def test_an_imagemodel_is_deleted_without_the_operator(kube, namespace, operators: Operators):
+    op = operators.start()
+    apply(kube, namespace, imagemodel("m17", "test/orphan"))
+    wait_for(lambda: state_of(kube, namespace, "m17") == "sleeping", 30, "sleeping")
+    assert not get(kube, namespace, "imagemodel", "m17")["metadata"].get("finalizers")
+    op.stop()
+    # No finalizer waits for an operator that is gone (uninstall, namespace deletion).
+    kube.kubectl("delete", "imagemodel", "m17", "-n", namespace, "--timeout=20s")
+    assert get(kube, namespace, "imagemodel", "m17") is None
 
 
 @pytest.mark.parametrize(
@@ -493,3 +601,64 @@ def test_a_deleted_deployment_is_recreated_with_the_replicas_the_queue_needs(
     assert new["metadata"]["ownerReferences"][0]["name"] == "m12"
     wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 10, "replicas 1 again")
     assert len(kube.get_json("deployments", "-n", namespace)["items"]) == 1
+
+
+def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
+    kube, namespace, operators: Operators, queue: QueueStub
+):
+    # A GPU kind of this test's own, one on one node: the two models compete for it alone.
+    resource = f"example.com/gpu-{namespace[-6:]}"
+    escaped = resource.replace("/", "~1")
+    status = {"capacity": {resource: "1"}, "allocatable": {resource: "1"}}
+    kube.kubectl(
+        "patch",
+        "node",
+        "gpu-node-0",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
+    try:
+        gpu = {"count": 1, "resourceName": resource}
+        worker = {"image": "example.invalid/worker:test", "gpu": gpu}
+        low = imagemodel(
+            "low",
+            "test/low",
+            worker=worker,
+            scaling={"priority": 0, "minResidencySeconds": 0, "idleSeconds": 3600},
+        )
+        high = imagemodel("high", "test/high", worker=worker, scaling={"priority": 10})
+        operators.start()
+        apply(kube, namespace, low)
+        apply(kube, namespace, high)
+        queue.set("test/low", warming=1)
+        wait_for(lambda: state_of(kube, namespace, "low") == "ready", 30, "low ready")
+        queue.set("test/low")  # low's job is done; its worker idles (a 1 h idle window)
+        queue.set("test/high", warming=2)
+        wait_for(lambda: replicas_of(kube, namespace, "low") == 0, 30, "low's idle worker reclaimed")
+        wait_for(lambda: state_of(kube, namespace, "high") == "ready", 30, "high runs on the freed GPU")
+        reclaimed = [e for e in events(kube, namespace, "low") if e["reason"] == "Reclaimed"]
+        assert reclaimed and "released for high" in reclaimed[0]["message"]
+        # Never the other way round: low's jobs wait, high's worker is not taken.
+        queue.set("test/high", running=1, busy_workers=[])
+        queue.set("test/low", warming=1)
+        time.sleep(3)
+        assert replicas_of(kube, namespace, "high") >= 1 and state_of(kube, namespace, "high") == "ready"
+        im = wait_for(
+            lambda: (
+                (o := get(kube, namespace, "imagemodel", "low"))
+                and condition(o, "CapacityAvailable").get("status") == "False"
+                and o
+            ),
+            30,
+            "low waits for a GPU",
+        )
+        assert "held by models high" in condition(im, "CapacityAvailable")["message"]
+    finally:
+        kube.kubectl(
+            "patch", "node", "gpu-node-0", "--subresource=status", "--type=json",
+            "-p", json.dumps([{"op": "remove", "path": f"/status/capacity/{escaped}"},
+                              {"op": "remove", "path": f"/status/allocatable/{escaped}"}]),
+            check=False,
+        )  # fmt: skip

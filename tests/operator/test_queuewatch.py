@@ -82,3 +82,40 @@ def test_why_the_queue_is_unknown():
         assert w.get("m/a") is None and w.why_unknown()[0] == "GatewayUnreachable"
     finally:
         w.stop()
+
+
+def test_only_a_change_that_matters_wakes_a_model_not_the_age_of_its_backlog():
+    # Every queue change bumps the snapshot, and every backlogged model's oldest wait
+    # grows with it: that alone must not wake (and re-patch) every model.
+    stub = QueueStub()
+    stub.set("m/a", queued=1, oldest_wait_seconds=1.0)
+    stub.set("m/b", queued=3, oldest_wait_seconds=5.0)
+    watcher = QueueWatcher(stub.url, TOKEN, wait_seconds=25)
+    woken_a, woken_b = threading.Event(), threading.Event()
+    watcher.register("m/a", 1, woken_a.set)
+    watcher.register("m/b", 2, woken_b.set)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while watcher.get("m/b") is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.get("m/b") is not None
+        time.sleep(0.2)
+        woken_a.clear()
+        woken_b.clear()
+        with stub.cond:  # one snapshot: a gets a job, b's backlog only ages
+            stub.models["m/a"] = stub.models["m/a"].model_copy(
+                update={"queued": 2, "oldest_wait_seconds": 2.0}
+            )
+            stub.models["m/b"] = stub.models["m/b"].model_copy(update={"oldest_wait_seconds": 6.0})
+            stub.version += 1
+            stub.cond.notify_all()
+        assert woken_a.wait(15), "a was not woken"
+        deadline = time.monotonic() + 10
+        while watcher.get("m/b").oldest_wait_seconds != 6.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.get("m/b").oldest_wait_seconds == 6.0
+        assert not woken_b.is_set(), "a model whose backlog only aged was woken"
+    finally:
+        watcher.stop()
+        stub.close()

@@ -29,10 +29,19 @@ def obs(
     queue=True,
     was_active=False,
     was_saturated=False,
+    busy_workers=(),
+    scale_downs=(),
+    job_seconds=60.0,  # one job is one drain window of work: one worker per job
+    work_seconds=None,
+    cold_start_seconds=None,
     **scaling,
 ) -> Observation:
     s = Scaling(**{"max_replicas": 4, "idle_seconds": 60, **scaling})
-    q = ModelQueue(queued=queued, warming=warming, running=running) if queue else None
+    q = (
+        ModelQueue(queued=queued, warming=warming, running=running, busy_workers=list(busy_workers))
+        if queue
+        else None
+    )
     return Observation(
         scaling=s,
         pinned=pinned,
@@ -43,6 +52,10 @@ def obs(
         last_saturated=last_saturated,
         was_active=was_active,
         was_saturated=was_saturated,
+        scale_downs=scale_downs,
+        job_seconds=job_seconds,
+        work_seconds=work_seconds,
+        cold_start_seconds=cold_start_seconds,
     )
 
 
@@ -158,6 +171,8 @@ def test_pending_pods_do_not_block_a_scale_down():
         obs(current=3, unschedulable=2, last_active=ago(100), last_saturated=ago(100), scale_down_limit=3),
         NOW,
     )
+    assert d.desired == 1 and d.reason == "PendingDropped"
+    d = decide(obs(current=1, last_active=ago(100), last_saturated=ago(100), scale_down_limit=3), NOW)
     assert d.desired == 0
 
 
@@ -176,6 +191,74 @@ def test_lowered_max_sheds_excess_without_waiting():
 
 def test_max_zero_disables_a_model():
     assert decide(obs(current=0, queued=3, max_replicas=0), NOW).desired == 0
+
+
+# -- the faults of issue 13, one test each ------------------------------------------
+
+
+def test_scale_down_never_goes_below_the_busy_workers_with_jobs_per_replica_above_one():
+    # Two workers each run a job; jobsPerReplica 2 must not make one of them a victim.
+    d = decide(
+        obs(current=2, running=2, jobs_per_replica=2, last_saturated=ago(1000), last_active=ago(0)), NOW
+    )
+    assert d.desired == 2
+    # The gateway's list of busy workers counts too (a job between lease and run).
+    d = decide(obs(current=3, running=1, busy_workers=("a", "b"), last_saturated=ago(1000)), NOW)
+    assert d.desired == 2
+
+
+def run_for(seconds: float, every: float, o: Observation) -> tuple[int, list[str]]:
+    """Feeds each decision's replicas and memory into the next, every `every` seconds."""
+    reasons = []
+    t = NOW
+    end = NOW + timedelta(seconds=seconds)
+    while t <= end:
+        d = decide(o, t)
+        reasons.append(d.reason)
+        o = Observation(
+            **{
+                **o.__dict__,
+                "current": d.desired,
+                "last_active": d.last_active,
+                "last_saturated": d.last_saturated,
+                "scale_downs": d.scale_downs,
+            }
+        )
+        t += timedelta(seconds=every)
+    return o.current, reasons
+
+
+def test_scale_down_is_rate_limited_in_time_not_per_decision():
+    # A burst of queue events (a decision every 0.1 s) once the idle window has passed:
+    # 8 -> 0 in 14 s before; now scaleDownLimit replicas per scaleDownPeriodSeconds.
+    o = obs(current=8, max_replicas=8, last_active=ago(1000), last_saturated=ago(1000))
+    left, reasons = run_for(14, 0.1, o)
+    assert left == 7 and "ScaleDownRateLimited" in reasons
+    o = obs(
+        current=8,
+        max_replicas=8,
+        last_active=ago(1000),
+        last_saturated=ago(1000),
+        scale_down_limit=2,
+        scale_down_period_seconds=30,
+    )
+    assert run_for(59, 0.5, o)[0] == 4
+    assert run_for(121, 0.5, o)[0] == 0
+
+
+def test_pending_pods_are_dropped_as_soon_as_their_demand_is_gone():
+    # 3 replicas, 2 of them Pending for lack of a GPU; the queue just emptied (inside
+    # the idle window): the Pending pods go now, the scheduled worker stays for the window.
+    d = decide(obs(current=3, unschedulable=2, last_active=ago(1), last_saturated=ago(1)), NOW)
+    assert d.desired == 1 and d.reason == "PendingDropped"
+    # Demand fell from 3 to 1 job: the one Pending pod beyond it goes.
+    d = decide(obs(current=3, queued=1, running=1, unschedulable=2, last_saturated=ago(1)), NOW)
+    assert d.desired == 2
+
+
+def test_a_pin_above_max_replicas_is_capped():
+    d = decide(obs(pinned=9, max_replicas=2), NOW)
+    assert d.desired == 2 and "capped at maxReplicas 2" in d.message
 
 
 GRID = list(
@@ -219,7 +302,7 @@ def test_invariants_over_a_grid(case):
         # Steps are bounded by the limits.
         assert d.desired - current <= up, ctx
         if current <= mx:
-            assert current - d.desired <= down, ctx
+            assert current - d.desired <= max(down, unsched), ctx
             assert d.desired <= max(mx, current), ctx
         # Never below the floor, never above the max when scaling up.
         if d.desired > current:
@@ -230,12 +313,106 @@ def test_invariants_over_a_grid(case):
         # Work present: never zero (max >= 1 here).
         if depth > 0:
             assert d.desired >= 1 or current == 0 and unsched > 0, ctx
-        # Scale-down only after the idle window (or to shed replicas above max).
+        # Scale-down only after the idle window (or to shed replicas above max, or pods
+        # that wait for capacity nothing needs any more).
         if d.desired < current and current <= mx:
-            assert idle is None or idle >= 60, ctx
-        # Running jobs keep their workers.
+            assert idle is None or idle >= 60 or current - d.desired <= unsched, ctx
+        # Running jobs keep their workers: one worker per running job, whatever jobsPerReplica.
         if d.desired < current:
-            assert d.desired >= min(replicas_for(running, per), current), ctx
+            assert d.desired >= min(running, current), ctx
         # Scale-up only happens towards the target, never past it.
         if d.desired > current:
             assert d.desired <= max(replicas_for(depth, per), mn), ctx
+
+
+# -- the policy: work, drain time, cold-start payback, modes, victims, GPU arbitration --
+
+
+def test_the_target_comes_from_gpu_seconds_over_the_drain_time():
+    # 10 jobs of 7 GPU-s = 70 GPU-s; a 60 s drain target needs 2 workers, not 10.
+    d = decide(obs(queued=10, job_seconds=7, max_replicas=10, scale_up_limit=10), NOW)
+    assert d.target == 2 and d.desired == 2
+    # Measured work wins over the per-job estimate; jobsPerReplica still caps it.
+    d = decide(obs(queued=2, work_seconds=600, max_replicas=10, scale_up_limit=10), NOW)
+    assert d.target == 2
+    d = decide(
+        obs(queued=4, work_seconds=600, max_replicas=10, scale_up_limit=10, target_drain_seconds=20), NOW
+    )
+    assert d.target == 4
+
+
+def test_job_seconds_is_steps_times_megapixels_times_the_catalog_cost():
+    from remotegpu_base.catalog import load_models_file
+
+    spec = load_models_file()[0].spec
+    size = spec.parameters.size.default
+    want = (
+        spec.parameters.steps.default
+        * size.width
+        * size.height
+        / 1e6
+        * spec.scaling.seconds_per_step_megapixel
+    )
+    from remotegpu_operator.scaling import job_seconds
+
+    assert job_seconds(spec) == pytest.approx(want)
+
+
+def test_no_worker_is_started_when_the_current_ones_drain_the_queue_first():
+    # 1 worker, 3 jobs of 30 s: drained in 90 s; a new worker takes 120 s to load.
+    d = decide(obs(current=1, queued=3, job_seconds=30, target_drain_seconds=30, cold_start_seconds=120), NOW)
+    assert d.desired == 1 and d.reason == "ColdStartPayback"
+    # A fast load pays back.
+    d = decide(obs(current=1, queued=3, job_seconds=30, target_drain_seconds=30, cold_start_seconds=20), NOW)
+    assert d.desired == 3
+    # A sleeping model always wakes.
+    assert decide(obs(queued=1, job_seconds=1, cold_start_seconds=600), NOW).desired == 1
+
+
+def test_fixed_mode_pins_min_equals_max_and_external_mode_writes_nothing():
+    d = decide(obs(current=0, mode="Fixed", min_replicas=2, max_replicas=2), NOW)
+    assert d.desired == 2 and d.reason == "Fixed" and d.write
+    # `kubectl scale` writes minReplicas: in Fixed mode that is the count, whatever max says.
+    assert decide(obs(current=2, mode="Fixed", min_replicas=6, max_replicas=2), NOW).desired == 6
+    d = decide(obs(current=3, queued=50, mode="External", last_active=ago(1e6), last_saturated=ago(1e6)), NOW)
+    assert d.desired == 3 and d.reason == "External" and not d.write
+    with pytest.raises(ValueError, match="minReplicas must be <= scaling.maxReplicas"):
+        Scaling(mode="Queue", min_replicas=3, max_replicas=2)
+
+
+def test_victims_are_waiting_pods_then_unready_then_the_newest_idle_never_busy_ones():
+    from remotegpu_operator.scaling import Worker, victims
+
+    ws = [
+        Worker("busy", busy=True, started=ago(10)),
+        Worker("old-idle", started=ago(500)),
+        Worker("new-idle", started=ago(50)),
+        Worker("loading", ready=False, started=ago(5)),
+        Worker("pending", scheduled=False, ready=False, started=ago(1)),
+    ]
+    assert victims(ws, 4) == ["pending", "loading", "new-idle", "old-idle"]
+    assert victims(ws, 5)[-1] == "busy"
+
+
+def test_idle_gpus_of_other_models_are_reclaimed_by_priority_after_min_residency():
+    from remotegpu_operator.scaling import Claim, Worker, reclaim
+
+    hungry = Claim("hungry", priority=1, work_seconds=300, waiting_pods=2)
+    low = Claim(
+        "low",
+        priority=0,
+        work_seconds=50,
+        workers=3,
+        idle=(Worker("low-a", started=ago(600)), Worker("low-b", started=ago(10))),
+    )
+    idle_peer = Claim("peer", priority=1, workers=1, idle=(Worker("peer-a", started=ago(600)),))
+    busy_high = Claim("high", priority=5, workers=1, idle=(Worker("high-a", started=ago(600)),))
+    a = reclaim([hungry, low, idle_peer, busy_high], NOW)
+    # The lower-priority model gives its resident idle worker (low-b is too young); an
+    # equal-priority model with no work gives too; a higher-priority one never does.
+    assert a.released_by("low") == ["low-a"]
+    assert a.released_by("peer") == ["peer-a"]
+    assert a.released_by("high") == []
+    assert a.holders["hungry"] == ["high", "low", "peer"]
+    # Nobody waits: nothing is taken.
+    assert reclaim([low, idle_peer], NOW).reclaims == []

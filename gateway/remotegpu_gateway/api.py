@@ -267,7 +267,7 @@ def _options(gw: Gateway, key: KeyRecord, req: ImageRequest, base: str) -> JobOp
     """The submit's extensions, checked: 400 for a webhook the gateway will not call."""
     options = JobOptions(
         priority=PRIORITIES[req.priority or "normal"],
-        deadline_at=gw.clock() + req.deadline_seconds if req.deadline_seconds else None,
+        deadline_seconds=req.deadline_seconds,
         base_url=base,
     )
     if req.webhook_url is not None:

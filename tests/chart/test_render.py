@@ -211,7 +211,9 @@ def test_cors_origins_reach_the_gateway(tmp_path: Path):
 
 
 def test_webhook_allowed_networks_reach_the_gateway(tmp_path: Path):
-    assert "REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS" not in env_of(one(render(), "Deployment", "remotegpu-gateway"))
+    assert "REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS" not in env_of(
+        one(render(), "Deployment", "remotegpu-gateway")
+    )
     objs = render({"gateway": {"webhookAllowedNetworks": ["10.20.0.0/16", "fd00::/8"]}}, tmp_path)
     env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
     assert env["REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS"]["value"] == "10.20.0.0/16,fd00::/8"

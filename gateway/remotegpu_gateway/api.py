@@ -267,7 +267,7 @@ def _options(gw: Gateway, key: KeyRecord, req: ImageRequest, base: str) -> JobOp
     """The submit's extensions, checked: 400 for a webhook the gateway will not call."""
     options = JobOptions(
         priority=PRIORITIES[req.priority or "normal"],
-        deadline_at=gw.clock() + req.deadline_seconds if req.deadline_seconds else None,
+        deadline_seconds=req.deadline_seconds,
         base_url=base,
     )
     if req.webhook_url is not None:
@@ -410,14 +410,43 @@ def _sse(event: str, revision: int, data: dict[str, Any]) -> bytes:
     return f"event: {event}\nid: {revision}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+class _Seen:
+    """What a stream's client has seen; `news` gives the events a fresh read of the job adds.
+    Progress always moves the job's revision; queued <-> warming (the model's state) and
+    the queue position do not, so they are compared as they are."""
+
+    def __init__(self, last_event_id: int):
+        self.revision = last_event_id
+        self.status: str | None = None
+        self.progress: tuple[int | None, int | None] = (None, None)
+        self.place: int | None = None
+
+    def news(self, job: JobRecord, view: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        progress = (job.progress_step, job.progress_total)
+        if self.status is None and 0 <= job.revision <= self.revision:
+            self.status, self.progress = view["status"], progress  # resumed: seen already
+        out: list[tuple[str, dict[str, Any]]] = []
+        if view["status"] != self.status:
+            self.status = view["status"]
+            out.append(("status", view))
+        if job.progress_step is not None and progress != self.progress:
+            out.append(("progress", {"step": job.progress_step, "total_steps": job.progress_total}))
+        self.progress = progress
+        place = view.get("queue_position") if job.status == PENDING else None
+        if place != self.place:
+            self.place = place
+            if not out and place is not None:
+                out.append(("queue", {k: view.get(k) for k in ETA_FIELDS}))
+        self.revision = max(self.revision, job.revision)
+        return out
+
+
 async def _events(
-    request: Request, gw: Gateway, job: JobRecord, seen: int, base: str
+    request: Request, gw: Gateway, job: JobRecord, last_event_id: int, base: str
 ) -> AsyncIterator[bytes]:
     """The job's changes as SSE until it ends; the store is re-read on every wake-up (a
     change on this replica, or LISTEN/NOTIFY from another) and at the poll interval."""
-    status: str | None = None
-    progress: tuple[int | None, int | None] = (None, None)
-    place: int | None = None
+    seen = _Seen(last_event_id)
     last_sent = time.monotonic()
     yield b"retry: 1000\n\n"
     while True:
@@ -427,37 +456,12 @@ async def _events(
             return
         job = current
         view = await anyio.to_thread.run_sync(gw.job_view_with_eta, job, base)
-        sent = False
-        if status is None and 0 <= job.revision <= seen:
-            status = view["status"]  # resumed: the client saw this revision already
-            progress = (job.progress_step, job.progress_total)
-        if job.revision > seen:
-            if view["status"] != status:
-                status = view["status"]
-                yield _sse("status", job.revision, view)
-                sent = True
-            now_progress = (job.progress_step, job.progress_total)
-            if job.progress_step is not None and now_progress != progress:
-                yield _sse(
-                    "progress", job.revision, {"step": job.progress_step, "total_steps": job.progress_total}
-                )
-                sent = True
-            progress = now_progress
-            seen = job.revision
-        elif view["status"] != status and status is not None:  # queued <-> warming (the model's state)
-            status = view["status"]
-            yield _sse("status", job.revision, view)
-            sent = True
+        for event, data in seen.news(job, view):
+            yield _sse(event, job.revision, data)
+            last_sent = time.monotonic()
         if job.status in TERMINAL_STATES:
             return
-        if job.status == PENDING and view.get("queue_position") != place:
-            place = view.get("queue_position")
-            if not sent:
-                yield _sse("queue", job.revision, {k: view.get(k) for k in ETA_FIELDS})
-            sent = True
-        if sent:
-            last_sent = time.monotonic()
-        elif time.monotonic() - last_sent >= SSE_KEEPALIVE_SECONDS:
+        if time.monotonic() - last_sent >= SSE_KEEPALIVE_SECONDS:
             yield b": keep-alive\n\n"
             last_sent = time.monotonic()
         if gw.notifier.closing or await request.is_disconnected():

@@ -210,6 +210,15 @@ def test_cors_origins_reach_the_gateway(tmp_path: Path):
     assert env["REMOTEGPU_CORS_ORIGINS"]["value"] == "https://app.example.com,http://localhost:5173"
 
 
+def test_webhook_allowed_networks_reach_the_gateway(tmp_path: Path):
+    assert "REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS" not in env_of(
+        one(render(), "Deployment", "remotegpu-gateway")
+    )
+    objs = render({"gateway": {"webhookAllowedNetworks": ["10.20.0.0/16", "fd00::/8"]}}, tmp_path)
+    env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
+    assert env["REMOTEGPU_WEBHOOK_ALLOWED_NETWORKS"]["value"] == "10.20.0.0/16,fd00::/8"
+
+
 def test_operator_wiring():
     objs = render()
     op = one(objs, "Deployment", "remotegpu-operator")
@@ -628,6 +637,7 @@ def test_notes_tell_how_to_create_a_key_and_send_a_request(tmp_path: Path):
         ),
         ({"commonLabels": {"team": 7}}, "/commonLabels/team"),
         ({"gateway": {"retentionHours": -1}}, "/gateway/retentionHours"),
+        ({"gateway": {"webhookAllowedNetworks": ["everything"]}}, "/gateway/webhookAllowedNetworks/0"),
         ({"gateway": {"corsOrigins": ["https://app.example.com/path"]}}, "/gateway/corsOrigins/0"),
         ({"gateway": {"startTimeoutSeconds": 0}}, "/gateway/startTimeoutSeconds"),
     ],

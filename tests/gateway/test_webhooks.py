@@ -217,3 +217,17 @@ def test_a_delivery_gives_up_after_the_retry_period(
     assert final["attempts"] == 3 and final["next_attempt_at"] is None
     assert final["last_error"] == "answered HTTP 500"
     assert len(receiver.received) == 3
+
+
+def test_allowed_networks_come_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from remotegpu_gateway.settings import WEBHOOK_NETWORKS_ENV, webhook_allowed_networks
+    from remotegpu_gateway.webhooks import destination_problem, parse_networks
+
+    monkeypatch.setenv(WEBHOOK_NETWORKS_ENV, "10.0.0.0/8, 127.0.0.1/32")
+    assert webhook_allowed_networks() == ["10.0.0.0/8", "127.0.0.1/32"]
+    assert webhook_allowed_networks("192.168.1.0/24") == ["192.168.1.0/24"]
+    with pytest.raises(SystemExit, match="CIDR"):
+        webhook_allowed_networks("not-a-network")
+    allowed = parse_networks(["10.0.0.0/8"])
+    assert destination_problem("http://10.2.3.4/h", allowed, resolve=False) is None
+    assert destination_problem("http://192.168.0.1/h", allowed, resolve=False) is not None

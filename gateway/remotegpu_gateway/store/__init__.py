@@ -33,7 +33,6 @@ from remotegpu_gateway.store.schema import (
     MIGRATIONS,
     PENDING,
     PRIORITIES,
-    PRIORITY_NAMES,
     RUNNING,
     SCOPES,
     SUCCEEDED,
@@ -48,7 +47,7 @@ from remotegpu_gateway.store.schema import (
     webhook_deliveries,
 )
 from remotegpu_gateway.store.stats import StatsStore
-from remotegpu_gateway.store.webhooks import WEBHOOK_EVENTS, Delivery, record_from_snapshot
+from remotegpu_gateway.store.webhooks import Delivery, record_from_snapshot
 
 __all__ = [
     "CANCELLED",
@@ -57,12 +56,10 @@ __all__ = [
     "MIGRATIONS",
     "PENDING",
     "PRIORITIES",
-    "PRIORITY_NAMES",
     "RUNNING",
     "SCOPES",
     "SUCCEEDED",
     "TERMINAL_STATES",
-    "WEBHOOK_EVENTS",
     "CancelOutcome",
     "Delivery",
     "Idempotency",

@@ -25,7 +25,7 @@ class JobOptions:
     """The optional extensions of a submit."""
 
     priority: int = 0
-    deadline_at: float | None = None
+    deadline_seconds: float | None = None  # from the submit
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
     base_url: str | None = None
@@ -73,7 +73,7 @@ class JobStore(WebhookStore):
             attempt=0,
             cancel_requested=False,
             priority=o.priority,
-            deadline_at=o.deadline_at,
+            deadline_at=now + o.deadline_seconds if o.deadline_seconds else None,
             webhook_url=o.webhook_url,
             webhook_events=",".join(o.webhook_events) if o.webhook_events else None,
             base_url=o.base_url,
@@ -107,7 +107,7 @@ class JobStore(WebhookStore):
             error_message=None,
             result_key=None,
             priority=o.priority,
-            deadline_at=o.deadline_at,
+            deadline_at=values["deadline_at"],
             webhook_url=o.webhook_url,
             webhook_events=o.webhook_events or [],
             base_url=o.base_url,

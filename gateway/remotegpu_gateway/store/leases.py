@@ -246,7 +246,9 @@ class LeaseStore(JobStore):
             for job in expired:
                 assert job.deadline_at is not None
                 where = "while it was running" if job.status == RUNNING else "before it started"
-                message = f"cancelled: its deadline of {job.deadline_at - job.created_at:g}s passed {where}"
+                message = (
+                    f"cancelled: its deadline of {round(job.deadline_at - job.created_at):d}s passed {where}"
+                )
                 conn.execute(
                     jobs.update()
                     .where(jobs.c.id == job.id)

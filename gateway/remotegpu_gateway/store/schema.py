@@ -101,7 +101,6 @@ jobs = sa.Table(
 
 # Job priorities, in queue order.
 PRIORITIES = {"normal": 0, "low": 1}
-PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 
 # Idempotency-Key of a submit -> its job, per API key, for IDEMPOTENCY_SECONDS.
 idempotency_keys = sa.Table(

@@ -2,11 +2,13 @@
 
     remotegpu generate --model remotegpu/tiny-random-flux1 "a lighthouse at dusk" -o out.png
         [--size 512x512] [--steps N] [--seed N] [--guidance G] [--negative-prompt TEXT]
-        [--image PATH ...] [--url URL] [--api-key KEY]
+        [--image PATH ...] [--output-format png|jpeg|webp] [--output-quality 1-100]
+        [--url URL] [--api-key KEY]
 
 The service URL is --url, else $REMOTEGPU_URL, else http://127.0.0.1:8000; the API key
 is --api-key, else $REMOTEGPU_API_KEY. Submits the job, follows its status (with the
-wait and run times) until it ends, and writes the PNG. Ctrl-C while waiting cancels
+wait and run times) until it ends, and writes the image (PNG unless --output-format
+says otherwise; without -o, out.png / out.jpg / out.webp). Ctrl-C while waiting cancels
 the job. Exit codes: 0 written, 1 the job failed or was cancelled, 2 a usage or
 request error, 3 the service could not be reached.
 """
@@ -98,7 +100,19 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
             raise ClientError(f"--image {path}: {e.strerror or e}") from None
     if images:
         body["input_images_base64"] = images
+    if args.output_format:
+        body["output_format"] = args.output_format
+    if args.output_quality is not None:
+        body["output_quality"] = args.output_quality
     return body
+
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """-o, else out.<the format's extension>."""
+    return Path(args.output or f"out.{EXTENSIONS[args.output_format or 'png']}")
 
 
 class _Status:
@@ -143,7 +157,7 @@ def _generate(args: argparse.Namespace) -> int:
             "(same --data-dir as the service), then export REMOTEGPU_API_KEY=<the secret> or pass --api-key"
         )
     body = build_request(args)
-    out = Path(args.output)
+    out = output_path(args)
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -10,11 +11,13 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from remotegpu_base.catalog import ImageModel
 
 from remotegpu_gateway import validation
 from remotegpu_gateway.auth import authorize, bearer, gateway, require_scope
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
+from remotegpu_gateway.limits import Admission
 from remotegpu_gateway.schemas import (
     CancelResponse,
     EnqueueResponse,
@@ -24,7 +27,7 @@ from remotegpu_gateway.schemas import (
     ModelsResponse,
     inline_schema,
 )
-from remotegpu_gateway.storage import StorageError
+from remotegpu_gateway.storage import StorageError, result_media_type
 from remotegpu_gateway.store import SUCCEEDED, KeyRecord
 
 T = TypeVar("T")
@@ -38,6 +41,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "Valid JSON, but invalid for the selected model or endpoint",
         401: "Missing, invalid, revoked or expired API key",
         403: "The API key does not allow inference APIs",
+        429: "Over one of the API key's limits (extension): Retry-After and the RateLimit headers say when",
         404: "No such job for this API key",
         409: "Conflict with the job's state",
         413: "Request body too large",
@@ -56,7 +60,7 @@ def base_url(gw: Gateway, request: Request) -> str:
     "/image",
     status_code=202,
     response_model=EnqueueResponse,
-    responses=_errors(400, 401, 403, 413, 422, 500, 503),
+    responses=_errors(400, 401, 403, 413, 422, 429, 500, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -74,33 +78,54 @@ def base_url(gw: Gateway, request: Request) -> str:
         "fixed guidance, input image count outside the model's limits); 503 if the model exists but is "
         "unavailable here; then the input images are decoded: 400 if one is not base64, not a PNG/JPEG/WebP "
         "image or exceeds 8192 px per axis, 422 if its dimensions are not an allowed size preset (strict "
-        "mode: images are never resized). 500 if storing the images fails; nothing is queued then."
+        "mode: images are never resized). 500 if storing the images fails; nothing is queued then. "
+        "Extensions: `output_format` (`png` default, `jpeg`, `webp`; the result URL serves that content type) and "
+        "`output_quality` (jpeg/webp 1-100, default 90; 400 with png). 429 when the API key is over one of its "
+        "limits (requests per minute, concurrent unfinished jobs, GPU-seconds per day), with `Retry-After`; a key "
+        "with limits gets the IETF `RateLimit-Policy` and `RateLimit` headers on every answer of this endpoint."
     ),
 )
 async def submit(request: Request) -> JSONResponse:
     gw = gateway(request)
     key = await authorize(request, "inference")  # before a byte of the body is read
+    admission = await anyio.to_thread.run_sync(gw.limits.count_request, key.id, limiter=gw.db_limiter)
     raw = await request.body()
     # Everything blocking (parsing, image decoding, storage, the insert) in one thread hop.
-    job_id, model = await anyio.to_thread.run_sync(_submit, gw, key, raw, limiter=gw.db_limiter)
+    job_id, model = await anyio.to_thread.run_sync(_submit, gw, key, raw, admission, limiter=gw.db_limiter)
     gw.metrics.jobs_submitted.labels(model).inc()
     gw.notifier.bump(model)
     return JSONResponse(
         {"job_id": job_id, "job_type": "image", "result_url": gw.result_url(job_id, base_url(gw, request))},
         status_code=202,
+        headers=admission.headers(),
     )
 
 
-def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
+def _submit(gw: Gateway, key: KeyRecord, raw: bytes, admission: Admission) -> tuple[str, str]:
     req = validation.check_request(validation.parse_body(raw))
-    entry = gw.catalog.get(req.model)
+    entry = model_entry(gw, req.model)
+    resolved = validation.check_for_model(req, entry)
+    check_available(gw, entry)
+    job_id = str(uuid.uuid4())
+    image_keys = store_input_images(gw, job_id, req.input_images_base64 or [], entry, "input_images_base64")
+    queue_jobs(gw, admission, [(job_id, entry.spec.model, resolved, image_keys)])
+    return job_id, entry.spec.model
+
+
+def model_entry(gw: Gateway, model: str) -> ImageModel:
+    """The model's catalog entry; 400 if there is none."""
+    entry = gw.catalog.get(model)
     if entry is None:
         raise ApiError(
             400,
-            f"unknown model {req.model!r}; GET /v1/inference/models lists the supported models",
+            f"unknown model {model!r}; GET /v1/inference/models lists the supported models",
             "model",
         )
-    resolved = validation.check_for_model(req, entry)
+    return entry
+
+
+def check_available(gw: Gateway, entry: ImageModel) -> None:
+    """503 if the model cannot be served here."""
     available, reason = gw.registry.availability(entry.spec.model)
     if not available:
         raise ApiError(
@@ -108,27 +133,50 @@ def _submit(gw: Gateway, key: KeyRecord, raw: bytes) -> tuple[str, str]:
             f"model {entry.spec.model} is unavailable for serving: {reason or 'no reason given'}",
             "model",
         )
-    job_id = str(uuid.uuid4())
-    image_keys: list[str] = []
-    if req.input_images_base64:
-        images = validation.decode_images(req.input_images_base64, entry.spec.parameters.size.allowed)
-        image_keys = [f"inputs/{job_id}/{i}" for i in range(len(images))]
-        try:
-            for k, data in zip(image_keys, images, strict=True):
-                gw.storage.put(k, data)
-        except StorageError as e:
-            log.error("job %s: storing its input images failed, nothing queued: %s", job_id, e)
-            raise ApiError(
-                500, "could not store the input images; nothing was queued", "input_images_base64"
-            ) from None
-    gw.store.create_job(
-        owner_key_id=key.id,
-        model=entry.spec.model,
-        request=resolved,
-        input_image_keys=image_keys,
-        job_id=job_id,
-    )
-    return job_id, entry.spec.model
+
+
+def store_input_images(
+    gw: Gateway, job_id: str, items: list[str], entry: ImageModel, field: str
+) -> list[str]:
+    """Decodes (400/422) and stores a job's input images (500 if storing fails); their keys."""
+    if not items:
+        return []
+    images = validation.decode_images(items, entry.spec.parameters.size.allowed)
+    image_keys = [f"inputs/{job_id}/{i}" for i in range(len(images))]
+    try:
+        for k, data in zip(image_keys, images, strict=True):
+            gw.storage.put(k, data)
+    except StorageError as e:
+        log.error("job %s: storing its input images failed, nothing queued: %s", job_id, e)
+        raise ApiError(500, "could not store the input images; nothing was queued", field) from None
+    return image_keys
+
+
+def queue_jobs(
+    gw: Gateway, admission: Admission, new: list[tuple[str, str, dict[str, Any], list[str]]]
+) -> None:
+    """Queues (job_id, model, resolved request, input image keys) all or none, within the
+    key's limits (429); a refused job's stored images are deleted."""
+    try:
+        gw.store.create_jobs(
+            [
+                dict(
+                    owner_key_id=admission.key_id,
+                    model=model,
+                    request=req,
+                    input_image_keys=keys,
+                    job_id=job_id,
+                )
+                for job_id, model, req, keys in new
+            ],
+            admit=admission.admit if admission.limits_jobs else None,
+        )
+    except ApiError:
+        for _, _, _, keys in new:
+            for k in keys:
+                with contextlib.suppress(StorageError):
+                    gw.storage.delete(k)
+        raise
 
 
 @router.get(
@@ -170,6 +218,7 @@ async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inferen
         raise ApiError(409, f"job {job_id} already {job.status}; cancelling changes nothing", "job_id")
     if outcome.outcome == "cancelled":
         gw.metrics.finished(job.model, "cancelled", None, None)
+        await anyio.to_thread.run_sync(gw.usage.record, [job])
         gw.notifier.bump(job.model)
         message = "job cancelled"
     elif outcome.outcome == "requested":
@@ -185,7 +234,10 @@ RESULT_HEADERS = {"Cache-Control": "private, max-age=3600"}
 @router.get(
     "/jobs/{job_id}/result",
     responses={
-        200: {"content": {"image/png": {}}, "description": "The PNG image"},
+        200: {
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "description": "The image, in the request's output_format (default PNG)",
+        },
         **_errors(401, 403, 404, 409),
     },
     response_class=Response,
@@ -202,7 +254,7 @@ async def result(
     gw = gateway(request)
     result_key = await _result_key(request, job_id, expires, signature)
     data = await _read_result(job_id, gw.storage.get, result_key)
-    return Response(data, media_type="image/png", headers=RESULT_HEADERS)
+    return Response(data, media_type=result_media_type(result_key), headers=RESULT_HEADERS)
 
 
 @router.head("/jobs/{job_id}/result", include_in_schema=False)
@@ -216,7 +268,9 @@ async def result_head(
     gw = gateway(request)
     result_key = await _result_key(request, job_id, expires, signature)
     size = await _read_result(job_id, gw.storage.size, result_key)
-    return Response(media_type="image/png", headers={**RESULT_HEADERS, "Content-Length": str(size)})
+    return Response(
+        media_type=result_media_type(result_key), headers={**RESULT_HEADERS, "Content-Length": str(size)}
+    )
 
 
 async def _result_key(request: Request, job_id: str, expires: int | None, signature: str | None) -> str:

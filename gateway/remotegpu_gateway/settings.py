@@ -61,6 +61,10 @@ class Settings:
     poll_interval_seconds: float = 1.0
     # Threads that run submits (auth, validation, image decoding, the insert) at once.
     submit_threads: int = 8
+    # Per-key limits' defaults (limits.py; a key's own values override them); 0: unlimited.
+    key_requests_per_minute: int = 0
+    key_max_concurrent_jobs: int = 0
+    key_gpu_seconds_per_day: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
     # Wall clock of job and lease times (tests move it forward instead of sleeping).
     clock: Callable[[], float] = time.time
@@ -95,6 +99,25 @@ def retention_seconds(hours: float | None = None) -> float:
     return hours * 3600
 
 
+KEY_LIMITS_ENV = {
+    "key_requests_per_minute": ("REMOTEGPU_KEY_REQUESTS_PER_MINUTE", int),
+    "key_max_concurrent_jobs": ("REMOTEGPU_KEY_MAX_CONCURRENT_JOBS", int),
+    "key_gpu_seconds_per_day": ("REMOTEGPU_KEY_GPU_SECONDS_PER_DAY", float),
+}
+
+
+def key_limit_defaults() -> dict[str, Any]:
+    """The per-key limits' defaults from their environment variables (0: unlimited)."""
+    out: dict[str, Any] = {}
+    for name, (env, kind) in KEY_LIMITS_ENV.items():
+        value = _flag_or_env(None, env, "0 (unlimited) or a positive number")
+        if value is not None:
+            if value < 0:
+                raise SystemExit(f"${env} must be 0 (unlimited) or a positive number")
+            out[name] = kind(value)
+    return out
+
+
 HTTP_ENV = {
     "header_timeout_seconds": ("REMOTEGPU_HEADER_TIMEOUT_SECONDS", float),
     "body_timeout_seconds": ("REMOTEGPU_BODY_TIMEOUT_SECONDS", float),
@@ -121,7 +144,8 @@ def http_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def served_settings(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """What `remotegpu gateway` and `remotegpu serve` both take from their flags and the
-    environment: the database, the URLs, the retention, the start timeout, the HTTP limits."""
+    environment: the database, the URLs, the retention, the start timeout, the HTTP limits,
+    the per-key limits' defaults."""
     return dict(
         database_url=config.database_url(getattr(args, "database_url", None), data),
         data_dir=data,
@@ -129,6 +153,7 @@ def served_settings(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         retention_seconds=retention_seconds(getattr(args, "retention_hours", None)),
         start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
         **http_settings(args),
+        **key_limit_defaults(),
     )
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from remotegpu_gateway import accounting_tables
+
 PENDING = "pending"
 RUNNING = "running"
 SUCCEEDED = "succeeded"
@@ -120,10 +122,17 @@ def _migration_2(conn: Connection) -> None:
     )
 
 
+def _migration_3(conn: Connection) -> None:
+    accounting_tables.create_tables(conn)
+    # Usage (usage.py) finds a key's unfinished jobs and the finished ones not yet metered.
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_status ON jobs (owner_key_id, status)"))
+
+
 # Append-only: (version, name, function). Never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs, api keys, settings", _migration_1),
     (2, "index of each model's finished jobs", _migration_2),
+    (3, "per-key limits, rate windows and usage", _migration_3),
 ]
 
 
@@ -454,6 +463,13 @@ class Store:
         with self._read.connect() as conn:
             yield conn
 
+    # Modules with their own tables (limits.py, usage.py) use the store's connections.
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._tx()
+
+    def reading(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._ro()
+
     # ---- schema ---------------------------------------------------------------------------
 
     def migrate(self) -> list[int]:
@@ -678,40 +694,76 @@ class Store:
         request: dict[str, Any],
         input_image_keys: list[str],
         job_id: str | None = None,
+        admit: Callable[[Connection, int], None] | None = None,
     ) -> JobRecord:
+        """Queues one job. With `admit` (per-key limits), it runs in the insert's transaction
+        first and raises to refuse the job; without it, the insert joins a group commit."""
+        return self.create_jobs(
+            [
+                dict(
+                    owner_key_id=owner_key_id,
+                    model=model,
+                    request=request,
+                    input_image_keys=input_image_keys,
+                    job_id=job_id,
+                )
+            ],
+            admit=admit,
+        )[0]
+
+    def create_jobs(
+        self, new: list[dict[str, Any]], admit: Callable[[Connection, int], None] | None = None
+    ) -> list[JobRecord]:
+        """Queues jobs (keyword arguments of create_job each) all or none; `admit(conn, count)`
+        runs first in the same transaction, so limits hold across replicas."""
         now = self.clock()
-        values = dict(
-            id=job_id or str(uuid.uuid4()),
-            owner_key_id=owner_key_id,
-            model=model,
-            status=PENDING,
-            request=json.dumps(request, separators=(",", ":")),
-            input_image_keys=json.dumps(input_image_keys),
-            created_at=now,
-            updated_at=now,
-            attempt=0,
-            cancel_requested=False,
-        )
-        self._batcher.insert(values)
-        return JobRecord(
-            id=values["id"],  # type: ignore[arg-type]
-            owner_key_id=owner_key_id,
-            model=model,
-            status=PENDING,
-            request=request,
-            input_image_keys=input_image_keys,
-            created_at=now,
-            updated_at=now,
-            started_at=None,
-            completed_at=None,
-            attempt=0,
-            lease_token=None,
-            lease_expires_at=None,
-            worker_id=None,
-            cancel_requested=False,
-            error_message=None,
-            result_key=None,
-        )
+        records = [
+            JobRecord(
+                id=j.get("job_id") or str(uuid.uuid4()),
+                owner_key_id=j["owner_key_id"],
+                model=j["model"],
+                status=PENDING,
+                request=j["request"],
+                input_image_keys=j["input_image_keys"],
+                created_at=now,
+                updated_at=now,
+                started_at=None,
+                completed_at=None,
+                attempt=0,
+                lease_token=None,
+                lease_expires_at=None,
+                worker_id=None,
+                cancel_requested=False,
+                error_message=None,
+                result_key=None,
+            )
+            for j in new
+        ]
+        rows = [
+            dict(
+                id=r.id,
+                owner_key_id=r.owner_key_id,
+                model=r.model,
+                status=PENDING,
+                request=json.dumps(r.request, separators=(",", ":")),
+                input_image_keys=json.dumps(r.input_image_keys),
+                created_at=now,
+                updated_at=now,
+                attempt=0,
+                cancel_requested=False,
+            )
+            for r in records
+        ]
+        if admit is None and len(rows) == 1:
+            self._batcher.insert(rows[0])
+            return records
+        with self._tx() as conn:
+            if admit is not None:
+                admit(conn, len(rows))
+            conn.execute(_INSERT_JOB, rows)
+            for model in sorted({r["model"] for r in rows}):
+                self._notify(conn, model)
+        return records
 
     def get_job(self, job_id: str, owner_key_id: str | None = None) -> JobRecord | None:
         if not _key(job_id):

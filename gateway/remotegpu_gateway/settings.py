@@ -61,6 +61,8 @@ class Settings:
     poll_interval_seconds: float = 1.0
     # Threads that run submits (auth, validation, image decoding, the insert) at once.
     submit_threads: int = 8
+    # How long POST /v1/images/* waits for its images before answering 504 (the jobs go on).
+    openai_wait_seconds: float = 600.0
     # Per-key limits' defaults (limits.py; a key's own values override them); 0: unlimited.
     key_requests_per_minute: int = 0
     key_max_concurrent_jobs: int = 0

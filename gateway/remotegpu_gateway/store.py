@@ -739,7 +739,7 @@ class Store:
             )
             for j in new
         ]
-        rows = [
+        rows: list[dict[str, Any]] = [
             dict(
                 id=r.id,
                 owner_key_id=r.owner_key_id,
@@ -761,7 +761,7 @@ class Store:
             if admit is not None:
                 admit(conn, len(rows))
             conn.execute(_INSERT_JOB, rows)
-            for model in sorted({r["model"] for r in rows}):
+            for model in sorted({r.model for r in records}):
                 self._notify(conn, model)
         return records
 

@@ -44,7 +44,7 @@ class Usage:
 
     def record(self, finished: Iterable[JobRecord]) -> int:
         """Meters finished jobs (others are skipped); each job once, however often it is passed."""
-        rows = [
+        rows: list[dict[str, Any]] = [
             dict(
                 job_id=j.id,
                 key_id=j.owner_key_id,

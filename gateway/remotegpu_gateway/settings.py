@@ -120,6 +120,19 @@ def key_limit_defaults() -> dict[str, Any]:
     return out
 
 
+OPENAI_WAIT_ENV = "REMOTEGPU_OPENAI_WAIT_SECONDS"
+
+
+def openai_settings() -> dict[str, Any]:
+    """$REMOTEGPU_OPENAI_WAIT_SECONDS: how long /v1/images/* waits for its images."""
+    value = _flag_or_env(None, OPENAI_WAIT_ENV, "a number of seconds")
+    if value is None:
+        return {}
+    if value <= 0:
+        raise SystemExit(f"${OPENAI_WAIT_ENV} must be a positive number of seconds")
+    return {"openai_wait_seconds": value}
+
+
 HTTP_ENV = {
     "header_timeout_seconds": ("REMOTEGPU_HEADER_TIMEOUT_SECONDS", float),
     "body_timeout_seconds": ("REMOTEGPU_BODY_TIMEOUT_SECONDS", float),
@@ -156,6 +169,7 @@ def served_settings(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
         **http_settings(args),
         **key_limit_defaults(),
+        **openai_settings(),
     )
 
 

@@ -35,6 +35,7 @@ HINTS = {
     422: "check the request against `remotegpu models list` (sizes are fixed presets such as 512x512)",
     400: "check the model's limits with `remotegpu models list`",
     503: "this model cannot be served here right now; pick another with `remotegpu models list`",
+    429: "this key is over one of its limits (`remotegpu keys update NAME` changes them)",
 }
 
 
@@ -62,6 +63,8 @@ def _api_error(r: httpx.Response) -> ClientError:
     except ValueError:
         msg = r.text[:500] or r.reason_phrase
     hint = HINTS.get(r.status_code)
+    if r.status_code == 429 and r.headers.get("Retry-After"):
+        hint = f"{hint}; retry in {r.headers['Retry-After']} s"
     return ClientError(f"HTTP {r.status_code}: {msg}" + (f"\nhint: {hint}" if hint else ""))
 
 

@@ -36,6 +36,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
+from pydantic import BaseModel
 from remotegpu_base.catalog import ImageModel
 from starlette.datastructures import FormData, UploadFile
 
@@ -105,6 +106,33 @@ def openai_error(e: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=e.headers)
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIError, "description": text}
+    for code, text in {
+        400: "Invalid request (OpenAI's 400 covers the Image API's 422s), or a job's input was bad",
+        401: "Missing, invalid, revoked or expired API key (code invalid_api_key)",
+        403: "The API key does not allow inference APIs",
+        404: "Unknown model (code model_not_found)",
+        413: "Request body too large (this service's error shape)",
+        429: "Over one of the API key's limits; Retry-After and the RateLimit headers say when",
+        500: "A job failed, or storage failed",
+        503: "The model exists but is unavailable here",
+        504: "The images were not ready in time; the jobs go on (poll them by id)",
+    }.items()
+}
+
+
 @dataclass
 class Plan:
     """One OpenAI request as Image API jobs."""
@@ -120,7 +148,6 @@ class Plan:
 async def run(request: Request, parse: Any, known: tuple[str, ...]) -> JSONResponse:
     """Auth, limits, the body (`parse`), the jobs, the wait, the answer: errors in OpenAI's shape."""
     gw = gateway(request)
-    admission: Admission | None = None
     try:
         key = await authorize(request, "inference")
         admission = await anyio.to_thread.run_sync(gw.limits.count_request, key.id, limiter=gw.db_limiter)
@@ -128,15 +155,14 @@ async def run(request: Request, parse: Any, known: tuple[str, ...]) -> JSONRespo
         plan, job_ids = await anyio.to_thread.run_sync(
             _queue, gw, admission, fields, known, limiter=gw.db_limiter
         )
-        for _ in job_ids:
-            gw.metrics.jobs_submitted.labels(plan.entry.spec.model).inc()
+        gw.metrics.jobs_submitted.labels(plan.entry.spec.model).inc(len(job_ids))
         gw.notifier.bump(plan.entry.spec.model)
         jobs = await _wait(gw, request, key.id, plan.entry.spec.model, job_ids)
         data = await anyio.to_thread.run_sync(_images, gw, plan, jobs, base_url(gw, request))
     except ApiError as e:
         return openai_error(e)
     body = {"created": int(time.time()), "data": data, "output_format": plan.output_format, "size": plan.size}
-    return JSONResponse(body, headers=admission.headers())
+    return JSONResponse(body, headers=admission.headers())  # the limits as they were at admission
 
 
 @router.post(
@@ -146,7 +172,8 @@ async def run(request: Request, parse: Any, known: tuple[str, ...]) -> JSONRespo
     responses={
         200: {
             "description": "OpenAI's ImagesResponse: created, data[] (url or b64_json), output_format, size"
-        }
+        },
+        **ERRORS,
     },
 )
 async def generations(request: Request) -> JSONResponse:
@@ -160,7 +187,7 @@ async def generations(request: Request) -> JSONResponse:
     "/v1/images/edits",
     summary="OpenAI-compatible image edit (multipart; image / image[] are the reference images)",
     description=__doc__,
-    responses={200: {"description": "OpenAI's ImagesResponse"}},
+    responses={200: {"description": "OpenAI's ImagesResponse"}, **ERRORS},
 )
 async def edits(request: Request) -> JSONResponse:
     return await run(request, _parse_form, EDIT_FIELDS)

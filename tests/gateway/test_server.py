@@ -14,6 +14,7 @@ import httpx
 import yaml
 from remotegpu_base.catalog import load_models_file
 from remotegpu_base.protocol import WORKER_TOKEN_ENV, WorkerAPIClient
+from remotegpu_gateway.store import MIGRATIONS
 
 from tests.gateway.conftest import SCHNELL, auth, free_port, png_bytes
 from tests.waiting import wait_for
@@ -94,7 +95,7 @@ def test_gateway_command(tmp_path: Path, database_url: str) -> None:
             == "succeeded"
         )
         assert "remotegpu_jobs_submitted_total" in httpx.get(f"{url}/metrics").text
-        assert httpx.get(f"{url}/readyz").json()["schema_version"] == 2
+        assert httpx.get(f"{url}/readyz").json()["schema_version"] == MIGRATIONS[-1][0]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)

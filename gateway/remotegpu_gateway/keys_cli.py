@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             name = args.name or args.name_arg
             if not name:
                 raise ValueError("name the key: remotegpu keys create NAME (or --name NAME)")
+            Limits.validate(limit_values(args))  # before the key exists
             key, secret = store.create_key(name, scopes)
             if limit_values(args):
                 limits.set(key.id, limit_values(args))

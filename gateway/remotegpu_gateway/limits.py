@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 
 from remotegpu_gateway.accounting_tables import api_key_limits, rate_limit_windows
 from remotegpu_gateway.errors import ApiError
+from remotegpu_gateway.schemas import MAX_LIMIT
 from remotegpu_gateway.store import PENDING, RUNNING, Store, api_keys, jobs
 from remotegpu_gateway.usage import Usage, utc_day
 
@@ -165,12 +166,20 @@ class Limits:
     def view(self, key_id: str) -> dict[str, Any]:
         return {"key_id": key_id, **self.effective(key_id).public(), "overrides": self.overrides(key_id)}
 
+    @staticmethod
+    def validate(values: dict[str, Any]) -> dict[str, Any]:
+        """The limit fields of `values`; ValueError if one is out of range."""
+        values = {f: values[f] for f in LIMIT_FIELDS if f in values}
+        bad = [f for f, v in values.items() if v is not None and not (0 <= v <= MAX_LIMIT)]
+        if bad:
+            raise ValueError(
+                f"{bad[0]} must be 0 (unlimited), a positive number up to {MAX_LIMIT}, or null (the default)"
+            )
+        return values
+
     def set(self, key_id: str, values: dict[str, Any]) -> None:
         """Sets the key's own limits named in `values` (None: back to the default)."""
-        values = {f: values[f] for f in LIMIT_FIELDS if f in values}
-        bad = [f for f, v in values.items() if v is not None and v < 0]
-        if bad:
-            raise ValueError(f"{bad[0]} must be 0 (unlimited), a positive number, or null (the default)")
+        values = self.validate(values)
         self.store.get_key(key_id)  # NotFoundError for an unknown key
         now = self.store.clock()
         with self.store.transaction() as conn:

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+# Per-key limits are stored as 32-bit integers (PostgreSQL `integer`).
+MAX_LIMIT = 2**31 - 1
 Guidance = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
@@ -127,9 +129,9 @@ class KeyCreate(BaseModel):
         default=None, ge=1, le=10 * 365 * 24 * 3600, description="The secret expires this long after creation"
     )
     # Extension: the key's own limits (absent: the gateway's defaults; 0: unlimited).
-    requests_per_minute: StrictInt | None = Field(default=None, ge=0)
-    max_concurrent_jobs: StrictInt | None = Field(default=None, ge=0)
-    gpu_seconds_per_day: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    requests_per_minute: StrictInt | None = Field(default=None, ge=0, le=MAX_LIMIT)
+    max_concurrent_jobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LIMIT)
+    gpu_seconds_per_day: float | None = Field(default=None, ge=0, le=MAX_LIMIT, allow_inf_nan=False)
 
 
 class KeyRotate(BaseModel):
@@ -162,10 +164,14 @@ class KeyLimitsUpdate(BaseModel):
     """PATCH body: the named limits change (null: back to the gateway's default), others stay."""
 
     model_config = ConfigDict(extra="forbid")
-    requests_per_minute: StrictInt | None = Field(default=None, ge=0, description="0: unlimited")
-    max_concurrent_jobs: StrictInt | None = Field(default=None, ge=0, description="0: unlimited")
+    requests_per_minute: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_LIMIT, description="0: unlimited"
+    )
+    max_concurrent_jobs: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_LIMIT, description="0: unlimited"
+    )
     gpu_seconds_per_day: float | None = Field(
-        default=None, ge=0, allow_inf_nan=False, description="0: unlimited"
+        default=None, ge=0, le=MAX_LIMIT, allow_inf_nan=False, description="0: unlimited"
     )
 
 

@@ -4,6 +4,7 @@ replicas on one database: 429 with Retry-After and the IETF RateLimit headers.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -180,7 +181,13 @@ def test_admin_api_validation(gateway: RunningGateway) -> None:
     headers = admin(gateway)
     assert gateway.http.patch("/v1/admin/keys/key_nope/limits", json={}, headers=headers).status_code == 404
     key_id = gateway.gw.store.create_key("k", ["inference"])[0].id
-    for bad in ({"requests_per_minute": -1}, {"requests_per_minute": "2"}, {"burst": 3}):
+    for bad in (
+        {"requests_per_minute": -1},
+        {"requests_per_minute": "2"},
+        {"max_concurrent_jobs": 2**31},  # beyond the database's integer
+        {"gpu_seconds_per_day": 1e300},
+        {"burst": 3},
+    ):
         r = gateway.http.patch(f"/v1/admin/keys/{key_id}/limits", json=bad, headers=headers)
         assert r.status_code == 422, (bad, r.text)
     created = gateway.http.post(
@@ -208,3 +215,30 @@ def test_status_polls_are_not_counted(gateway: RunningGateway, clock: Clock) -> 
     for _ in range(3):
         assert gateway.job(token, job_id).status_code == 200
     assert gateway.submit(token, BODY).status_code == 429
+
+
+def test_cli_sets_limits_the_running_gateway_enforces(
+    gateway: RunningGateway, database_url: str, clock: Clock, tmp_path: Path
+) -> None:
+    from tests.gateway.test_keys import run_cli
+
+    db = ["--database-url", database_url, "--data-dir", str(tmp_path / "cli")]
+    bad = run_cli("create", "too-many", "--max-concurrent-jobs", str(2**31), *db)
+    assert bad.returncode == 1 and "max_concurrent_jobs" in bad.stdout
+    assert all(k.name != "too-many" for k in gateway.gw.store.list_keys()), "a refused create left a key"
+    made = run_cli("create", "team", "--requests-per-minute", "1", *db)
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    at_minute_start(clock)
+    assert gateway.submit(token, BODY).status_code == 202
+    assert gateway.submit(token, BODY).status_code == 429
+    updated = run_cli("update", "team", "--requests-per-minute", "5", "--max-concurrent-jobs", "2", *db)
+    assert updated.returncode == 0, updated.stderr
+    assert "requests-per-minute    5" in updated.stdout and "max-concurrent-jobs    2" in updated.stdout
+    ok = gateway.submit(token, BODY)
+    assert ok.status_code == 202
+    requests, concurrency = ok.headers["RateLimit"].split(", ")
+    assert requests.startswith('"requests";r=3;t=') and concurrency == '"concurrency";r=0'
+    assert gateway.submit(token, BODY).status_code == 429  # two unfinished jobs
+    assert run_cli("update", "nobody", "--requests-per-minute", "1", *db).returncode == 1
+    assert run_cli("update", "team", "--requests-per-minute", "-1", *db).returncode == 2  # argparse

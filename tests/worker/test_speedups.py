@@ -309,18 +309,18 @@ def test_distilled_models_follow_their_model_cards_steps() -> None:
 
 
 def test_png_encoding_runs_outside_the_engine_lock(engines: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While one job's PNG is encoded, the next job can take the engine (and the GPU)."""
+    """While one job's image is encoded, the next job can take the engine (and the GPU)."""
     engine = engines("flux1")
     rendered = engine.render(req())
     encoding, release = threading.Event(), threading.Event()
-    real = pipelines_mod.png_bytes
+    real = pipelines_mod.encode_image
 
-    def slow_png(image: Any) -> bytes:
+    def slow_encode(image: Any, *args: Any) -> bytes:
         encoding.set()
         assert release.wait(60)
-        return real(image)
+        return real(image, *args)
 
-    monkeypatch.setattr(pipelines_mod, "png_bytes", slow_png)
+    monkeypatch.setattr(pipelines_mod, "encode_image", slow_encode)
     result: list[Any] = []
     t = threading.Thread(target=lambda: result.append(rendered.encode()))
     t.start()

@@ -238,10 +238,10 @@ def test_a_result_that_cannot_be_delivered_fails_the_job_at_once(
     """An error after rendering (encoding, delivery) is reported, not left to the lease's expiry."""
     from remotegpu_worker.engine import pipelines
 
-    def broken(image: Any) -> bytes:
+    def broken(image: Any, *args: Any) -> bytes:
         raise OSError("disk full at /secret/path")
 
-    monkeypatch.setattr(pipelines, "png_bytes", broken)
+    monkeypatch.setattr(pipelines, "encode_image", broken)
     lt = LoopThread(engine := engines("flux1"), gateway)
     try:
         job_id = gateway.submit(TINY, "undeliverable", steps=2)

@@ -393,7 +393,7 @@ class Bench:
         sync()
         pipeline = time.monotonic() - t
         result = rendered.encode()
-        return pipeline, result.encode_seconds, result.png
+        return pipeline, result.encode_seconds, result.data
 
     def measure(self, case: Case, variant: str, once: Any, engine: Any) -> None:
         import torch

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
+from datetime import date
 
 from remotegpu_base import __version__
 
@@ -83,6 +84,39 @@ def _cors_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _limit(kind: type) -> Callable[[str], int | float | None]:
+    def parse(text: str) -> int | float | None:
+        if text == "default":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a number (0: unlimited) or `default`"
+            ) from None
+        if value < 0:
+            raise argparse.ArgumentTypeError("expected 0 (unlimited) or a positive number")
+        return value  # type: ignore[no-any-return]
+
+    return parse
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    """Per-key limits; absent flags leave the key's values alone (`default`: the gateway's)."""
+    for flag, kind, what in (
+        ("--requests-per-minute", int, "submits per minute"),
+        ("--max-concurrent-jobs", int, "unfinished (queued, warming, running) jobs at once"),
+        ("--gpu-seconds-per-day", float, "GPU-seconds (jobs' run time) per UTC day"),
+    ):
+        p.add_argument(
+            flag,
+            type=_limit(kind),
+            default=argparse.SUPPRESS,
+            metavar="N",
+            help=f"{what}; 0: unlimited, default: the gateway's",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remotegpu", description=__doc__)
     parser.add_argument("--version", action="version", version=f"remotegpu {__version__}")
@@ -133,14 +167,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8002, help="port of the health and metrics endpoint")
     p.set_defaults(func=_handler("remotegpu_operator.main:run"))
 
-    p = sub.add_parser("keys", help="create, list, rotate and revoke API keys")
+    p = sub.add_parser(
+        "keys", help="create, list, rotate and revoke API keys; set their limits and read their usage"
+    )
     _state_options(p)
     keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = keys.add_parser("create", help="create a key; prints the secret as the last line")
-    k.add_argument("--name", required=True)
+    k.add_argument("name_arg", nargs="?", metavar="NAME", help="the key's name (or --name)")
+    k.add_argument("--name")
     k.add_argument(
         "--scope", action="append", choices=["inference", "admin"], help="repeatable (default inference)"
     )
+    _limit_options(k)
+    _action_state_options(k)
+    k = keys.add_parser(
+        "update",
+        help="set a key's limits (every gateway replica applies them at once); prints them",
+        description="Set a key's limits; flags not given stay as they are. N: a number (0: unlimited) "
+        "or `default` (the gateway's default: $REMOTEGPU_KEY_REQUESTS_PER_MINUTE, "
+        "$REMOTEGPU_KEY_MAX_CONCURRENT_JOBS, $REMOTEGPU_KEY_GPU_SECONDS_PER_DAY, the chart's gateway.keyLimits).",
+    )
+    k.add_argument("key", help="the key's id or name")
+    _limit_options(k)
+    _action_state_options(k)
+    k = keys.add_parser(
+        "usage",
+        help="a key's finished jobs and GPU-seconds by UTC day and model (for chargeback)",
+        description="Finished jobs (succeeded, failed, cancelled) and GPU-seconds by UTC day and model. "
+        "GPU-seconds are the jobs' run time (run_ms / 1000). Kept after the jobs themselves are deleted.",
+    )
+    k.add_argument("key", help="the key's id or name")
+    k.add_argument("--since", type=date.fromisoformat, help="first UTC day, YYYY-MM-DD")
+    k.add_argument("--until", type=date.fromisoformat, help="last UTC day, YYYY-MM-DD")
+    k.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
     _action_state_options(k)
     k = keys.add_parser("list", help="list keys (never their secrets)")
     _action_state_options(k)
@@ -162,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="submit a job, follow it and write the image")
     p.add_argument("prompt")
     p.add_argument("--model", required=True)
-    p.add_argument("-o", "--output", default="out.png")
+    p.add_argument("-o", "--output", help="where to write the image (default out.png, out.jpg or out.webp)")
     p.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")
     p.add_argument("--api-key", help="API key (default $REMOTEGPU_API_KEY)")
     p.add_argument("--size", help="WIDTHxHEIGHT, one of the presets")
@@ -203,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--poll", action="store_true", help="poll the job status instead of following its event stream"
     )
+    p.add_argument(
+        "--output-format", choices=["png", "jpeg", "webp"], help="the result's format (default png)"
+    )
+    p.add_argument("--output-quality", type=int, help="jpeg/webp quality 1-100 (default 90)")
     p.set_defaults(func=_handler("remotegpu.client:generate"))
 
     p = sub.add_parser("jobs", help="the jobs of your API key")

@@ -3,7 +3,8 @@ of the public API.
 
     remotegpu generate --model remotegpu/tiny-random-flux1 "a lighthouse at dusk" -o out.png
         [--size 512x512] [--steps N] [--seed N] [--guidance G] [--negative-prompt TEXT]
-        [--image PATH ...] [--url URL] [--api-key KEY]
+        [--image PATH ...] [--output-format png|jpeg|webp] [--output-quality 1-100]
+        [--url URL] [--api-key KEY]
         [--priority low] [--deadline-seconds N] [--webhook-url URL [--webhook-event E ...]]
         [--idempotency-key KEY] [--wait N] [--poll]
     remotegpu jobs list [--status S] [--model M] [--limit N] [--all]
@@ -12,7 +13,8 @@ The service URL is --url, else $REMOTEGPU_URL, else http://127.0.0.1:8000; the A
 is --api-key, else $REMOTEGPU_API_KEY. Submits the job, follows it until it ends through
 its event stream (status, queue position with the expected start, and a progress bar of
 the denoising steps; with --poll, or against a gateway without the stream, by polling
-its status), and writes the PNG. Ctrl-C while waiting cancels the job. Exit codes: 0
+its status), and writes the image (PNG unless --output-format says otherwise; without
+-o, out.png / out.jpg / out.webp). Ctrl-C while waiting cancels the job. Exit codes: 0
 written, 1 the job failed or was cancelled, 2 a usage or request error, 3 the service
 could not be reached.
 """
@@ -42,6 +44,7 @@ HINTS = {
     422: "check the request against `remotegpu models list` (sizes are fixed presets such as 512x512)",
     400: "check the model's limits with `remotegpu models list`",
     503: "this model cannot be served here right now; pick another with `remotegpu models list`",
+    429: "this key is over one of its limits (`remotegpu keys update NAME` changes them)",
 }
 
 
@@ -69,6 +72,8 @@ def _api_error(r: httpx.Response) -> ClientError:
     except ValueError:
         msg = r.text[:500] or r.reason_phrase
     hint = HINTS.get(r.status_code)
+    if r.status_code == 429 and r.headers.get("Retry-After"):
+        hint = f"{hint}; retry in {r.headers['Retry-After']} s"
     return ClientError(f"HTTP {r.status_code}: {msg}" + (f"\nhint: {hint}" if hint else ""))
 
 
@@ -116,6 +121,10 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
         body["webhook_url"] = args.webhook_url
         if args.webhook_event:
             body["webhook_events"] = args.webhook_event
+    if args.output_format:
+        body["output_format"] = args.output_format
+    if args.output_quality is not None:
+        body["output_quality"] = args.output_quality
     return body
 
 
@@ -155,6 +164,14 @@ def _seconds_until(when: str | None) -> float | None:
     if not when:
         return None
     return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp() - datetime.now(UTC).timestamp()
+
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """-o, else out.<the format's extension>."""
+    return Path(args.output or f"out.{EXTENSIONS[args.output_format or 'png']}")
 
 
 class _Status:
@@ -220,7 +237,7 @@ def _generate(args: argparse.Namespace) -> int:
             "(same --data-dir as the service), then export REMOTEGPU_API_KEY=<the secret> or pass --api-key"
         )
     body = build_request(args)
-    out = Path(args.output)
+    out = output_path(args)
     headers = {"Authorization": f"Bearer {key}"}
     wait = getattr(args, "wait", None) or 0
     with httpx.Client(base_url=url, headers=headers, timeout=60 + wait) as http:

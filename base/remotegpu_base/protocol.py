@@ -6,7 +6,7 @@ import the paths and bodies from here, so they cannot drift apart.
 
     POST {PREFIX}/lease                      LeaseRequest -> 200 Lease | 204 (nothing within wait_seconds)
     POST {PREFIX}/jobs/{job_id}/heartbeat    Heartbeat -> 200 HeartbeatReply | 409 lease lost
-    POST {PREFIX}/jobs/{job_id}/complete     body: PNG bytes, header X-Lease-Token -> 200 | 409 stale token
+    POST {PREFIX}/jobs/{job_id}/complete     body: the image (the request's output_format), header X-Lease-Token -> 200 | 409 stale token
     POST {PREFIX}/jobs/{job_id}/fail         Failure -> 200 | 409 stale token
     POST {PREFIX}/jobs/{job_id}/release      Release -> 200 | 409 (hand the job back to the queue, e.g. on SIGTERM)
     GET  {PREFIX}/queue?since=V&wait_seconds=S   -> QueueSnapshot (long-polls until version > since)
@@ -19,6 +19,7 @@ import base64
 import time
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 
 import httpx
 from pydantic import BaseModel, Field
@@ -26,6 +27,24 @@ from pydantic import BaseModel, Field
 PREFIX = "/internal/v1"
 LEASE_TOKEN_HEADER = "X-Lease-Token"
 WORKER_TOKEN_ENV = "REMOTEGPU_WORKER_TOKEN"
+
+
+# Result image formats (a request's output_format) and the media type each is served as.
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# JPEG and WebP quality when a request names none (PNG is lossless and takes none).
+DEFAULT_OUTPUT_QUALITY = 90
+
+
+def image_format(data: bytes) -> str | None:
+    """The output format whose signature `data` starts with, or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 class JobStatus(StrEnum):
@@ -58,6 +77,9 @@ class GenerationRequest(BaseModel):
     seed: int
     # Raw image file bytes (PNG/JPEG/WebP), base64 in JSON; already validated by the gateway.
     input_images_base64: list[str] = Field(default_factory=list)
+    # The result's encoding; output_quality (1-100) for jpeg and webp, None: DEFAULT_OUTPUT_QUALITY.
+    output_format: OutputFormat = "png"
+    output_quality: int | None = Field(default=None, ge=1, le=100)
 
     def input_images(self) -> list[bytes]:
         return [base64.b64decode(s) for s in self.input_images_base64]
@@ -181,11 +203,11 @@ class WorkerAPIClient:
         self._raise_lost(r)
         return HeartbeatReply.model_validate(r.json())
 
-    def complete(self, job_id: str, lease_token: str, png: bytes) -> None:
+    def complete(self, job_id: str, lease_token: str, image: bytes, media_type: str = "image/png") -> None:
         r = self._http.post(
             f"/jobs/{job_id}/complete",
-            content=png,
-            headers={LEASE_TOKEN_HEADER: lease_token, "Content-Type": "image/png"},
+            content=image,
+            headers={LEASE_TOKEN_HEADER: lease_token, "Content-Type": media_type},
         )
         self._raise_lost(r)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from remotegpu_gateway.auth import auth_first, gateway, require_scope
 from remotegpu_gateway.errors import ApiError
@@ -13,8 +14,11 @@ from remotegpu_gateway.schemas import (
     ErrorResponse,
     KeyCreate,
     KeyInfo,
+    KeyLimitsUpdate,
+    KeyLimitsView,
     KeyRotate,
     KeyWithSecret,
+    UsageReport,
     WebhookSecret,
 )
 from remotegpu_gateway.store import NotFoundError
@@ -40,6 +44,9 @@ async def create_key(body: KeyCreate, request: Request) -> dict[str, Any]:
     store = gateway(request).store
     scopes: list[str] = list(body.scopes)
     key, secret = await anyio.to_thread.run_sync(store.create_key, body.name, scopes, body.expires_in_seconds)
+    limits = body.model_dump(include={"requests_per_minute", "max_concurrent_jobs", "gpu_seconds_per_day"})
+    if any(v is not None for v in limits.values()):
+        await anyio.to_thread.run_sync(gateway(request).limits.set, key.id, limits)
     return {**key.public(), "key": secret}
 
 
@@ -87,3 +94,70 @@ async def webhook_secret(key_id: str, request: Request) -> dict[str, Any]:
     except NotFoundError:
         raise ApiError(404, f"no key {key_id}", "key_id") from None
     return {"key_id": key_id, "webhook_secret": secret}
+
+
+@router.get(
+    "/keys/{key_id}/limits",
+    response_model=KeyLimitsView,
+    summary="A key's limits: in force, and its own overrides (0: unlimited)",
+)
+async def key_limits(key_id: str, request: Request) -> dict[str, Any]:
+    gw = gateway(request)
+    try:
+        await anyio.to_thread.run_sync(gw.store.get_key, key_id)
+    except NotFoundError:
+        raise ApiError(404, f"no key {key_id}", "key_id") from None
+    return await anyio.to_thread.run_sync(gw.limits.view, key_id)
+
+
+@router.patch(
+    "/keys/{key_id}/limits",
+    response_model=KeyLimitsView,
+    summary="Set a key's limits (every gateway replica enforces them at once)",
+    description="Requests per minute, concurrent unfinished jobs and GPU-seconds per UTC day. A field set to a "
+    "number becomes the key's own limit (0: unlimited); null returns it to the gateway's default; absent fields "
+    "stay as they are.",
+)
+async def update_key_limits(key_id: str, body: KeyLimitsUpdate, request: Request) -> dict[str, Any]:
+    gw = gateway(request)
+    try:
+        await anyio.to_thread.run_sync(gw.limits.set, key_id, body.model_dump(include=body.model_fields_set))
+    except NotFoundError:
+        raise ApiError(404, f"no key {key_id}", "key_id") from None
+    return await anyio.to_thread.run_sync(gw.limits.view, key_id)
+
+
+USAGE_DESCRIPTION = (
+    "Finished jobs (succeeded, failed, cancelled) and GPU-seconds, in total, by model and by UTC day and model, "
+    "between `since` and `until` (UTC dates, both included; default: all). GPU-seconds are the jobs' run time "
+    "(`run_ms` / 1000): from the start of the last attempt to the end. Kept after the jobs are deleted."
+)
+
+
+@router.get(
+    "/keys/{key_id}/usage", response_model=UsageReport, summary="A key's usage", description=USAGE_DESCRIPTION
+)
+async def key_usage(
+    key_id: str,
+    request: Request,
+    since: date | None = Query(default=None, description="first UTC day, YYYY-MM-DD"),
+    until: date | None = Query(default=None, description="last UTC day, YYYY-MM-DD"),
+) -> dict[str, Any]:
+    gw = gateway(request)
+    try:
+        await anyio.to_thread.run_sync(gw.store.get_key, key_id)
+    except NotFoundError:
+        raise ApiError(404, f"no key {key_id}", "key_id") from None
+    report = await anyio.to_thread.run_sync(gw.usage.report, key_id, since, until)
+    if not report["keys"]:
+        report["keys"] = [gw.usage.empty(key_id)]
+    return report
+
+
+@router.get("/usage", response_model=UsageReport, summary="Every key's usage", description=USAGE_DESCRIPTION)
+async def usage(
+    request: Request,
+    since: date | None = Query(default=None, description="first UTC day, YYYY-MM-DD"),
+    until: date | None = Query(default=None, description="last UTC day, YYYY-MM-DD"),
+) -> dict[str, Any]:
+    return await anyio.to_thread.run_sync(gateway(request).usage.report, None, since, until)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,11 +21,13 @@ import anyio
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from remotegpu_base.catalog import ImageModel
 
 from remotegpu_gateway import validation
 from remotegpu_gateway.auth import authorize, bearer, gateway, require_scope
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError
+from remotegpu_gateway.limits import Admission
 from remotegpu_gateway.notify import wait_event
 from remotegpu_gateway.schemas import (
     CancelResponse,
@@ -37,7 +40,7 @@ from remotegpu_gateway.schemas import (
     WebhookDeliveries,
     inline_schema,
 )
-from remotegpu_gateway.storage import StorageError
+from remotegpu_gateway.storage import StorageError, result_media_type
 from remotegpu_gateway.store import (
     PENDING,
     PRIORITIES,
@@ -48,6 +51,7 @@ from remotegpu_gateway.store import (
     JobOptions,
     JobRecord,
     KeyRecord,
+    NewJob,
 )
 from remotegpu_gateway.webhooks import destination_problem, parse_networks
 
@@ -62,6 +66,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "Valid JSON, but invalid for the selected model or endpoint",
         401: "Missing, invalid, revoked or expired API key",
         403: "The API key does not allow inference APIs",
+        429: "Over one of the API key's limits (extension): Retry-After and the RateLimit headers say when",
         404: "No such job for this API key",
         409: "Conflict with the job's state",
         413: "Request body too large",
@@ -80,7 +85,7 @@ def base_url(gw: Gateway, request: Request) -> str:
     "/image",
     status_code=202,
     response_model=EnqueueResponse,
-    responses=_errors(400, 401, 403, 413, 422, 500, 503),
+    responses=_errors(400, 401, 403, 413, 422, 429, 500, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -98,8 +103,13 @@ def base_url(gw: Gateway, request: Request) -> str:
         "fixed guidance, input image count outside the model's limits); 503 if the model exists but is "
         "unavailable here; then the input images are decoded: 400 if one is not base64, not a PNG/JPEG/WebP "
         "image or exceeds 8192 px per axis, 422 if its dimensions are not an allowed size preset (strict "
-        "mode: images are never resized). 500 if storing the images fails; nothing is queued then.\n\n"
-        "Extensions (optional): the body fields `priority`, `deadline_seconds`, `webhook_url`, `webhook_events`; "
+        "mode: images are never resized). 500 if storing the images fails; nothing is queued then. 429 when the "
+        "API key is over one of its limits (requests per minute, concurrent unfinished jobs, GPU-seconds per "
+        "day), with `Retry-After`; a key with limits gets the IETF `RateLimit-Policy` and `RateLimit` headers "
+        "on every answer of this endpoint.\n\n"
+        "Extensions (optional): the body fields `priority`, `deadline_seconds`, `webhook_url`, `webhook_events`, "
+        "`output_format` (`png` default, `jpeg`, `webp`; the result URL serves that content type) and "
+        "`output_quality` (jpeg/webp 1-100, default 90; 400 with png); "
         "the header `Idempotency-Key` (1-255 printable ASCII characters): the same key with the same body within "
         "24 h answers 202 with the original `job_id` (and `Idempotent-Replayed: true`), the same key with another "
         "body 422 (`idempotency_key_reused`); keys are per API key. The header `Prefer: wait=N` (N up to 60 s): if "
@@ -115,13 +125,16 @@ async def submit(
     gw = gateway(request)
     key = await authorize(request, "inference")  # before a byte of the body is read
     idem = _idempotency(idempotency_key)
+    admission = await anyio.to_thread.run_sync(gw.limits.count_request, key.id, limiter=gw.db_limiter)
     raw = await request.body()
     # Everything blocking (parsing, image decoding, storage, the insert) in one thread hop.
     submitted = await anyio.to_thread.run_sync(
-        _submit, gw, key, raw, base_url(gw, request), idem, limiter=gw.db_limiter
+        _submit, gw, key, raw, base_url(gw, request), idem, admission, limiter=gw.db_limiter
     )
-    headers = {"Idempotent-Replayed": "true"} if submitted.replayed else {}
-    if not submitted.replayed:
+    headers = admission.headers()
+    if submitted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
         if not gw.registry.has_ready_worker(submitted.model):
             gw.cold_starts.job_waits(submitted.model)
         gw.metrics.jobs_submitted.labels(submitted.model).inc()
@@ -190,7 +203,9 @@ class Submitted:
     replayed: bool = False
 
 
-def _submit(gw: Gateway, key: KeyRecord, raw: bytes, base: str, idempotency_key: str | None) -> Submitted:
+def _submit(
+    gw: Gateway, key: KeyRecord, raw: bytes, base: str, idempotency_key: str | None, admission: Admission
+) -> Submitted:
     idem = None
     if idempotency_key is not None:
         idem = Idempotency(idempotency_key, hashlib.sha256(raw).hexdigest())
@@ -198,51 +213,27 @@ def _submit(gw: Gateway, key: KeyRecord, raw: bytes, base: str, idempotency_key:
         if original is not None:
             return original
     req = validation.check_request(validation.parse_body(raw))
-    entry = gw.catalog.get(req.model)
-    if entry is None:
-        raise ApiError(
-            400,
-            f"unknown model {req.model!r}; GET /v1/inference/models lists the supported models",
-            "model",
-        )
+    entry = model_entry(gw, req.model)
     resolved = validation.check_for_model(req, entry)
-    available, reason = gw.registry.availability(entry.spec.model)
-    if not available:
-        raise ApiError(
-            503,
-            f"model {entry.spec.model} is unavailable for serving: {reason or 'no reason given'}",
-            "model",
-        )
+    check_available(gw, entry)
     options = _options(gw, key, req, base)
     job_id = str(uuid.uuid4())
-    image_keys: list[str] = []
-    if req.input_images_base64:
-        images = validation.decode_images(req.input_images_base64, entry.spec.parameters.size.allowed)
-        image_keys = [f"inputs/{job_id}/{i}" for i in range(len(images))]
-        try:
-            for k, data in zip(image_keys, images, strict=True):
-                gw.storage.put(k, data)
-        except StorageError as e:
-            log.error("job %s: storing its input images failed, nothing queued: %s", job_id, e)
-            raise ApiError(
-                500, "could not store the input images; nothing was queued", "input_images_base64"
-            ) from None
+    image_keys = store_input_images(gw, job_id, req.input_images_base64 or [], entry, "input_images_base64")
+    new = NewJob(
+        owner_key_id=key.id,
+        model=entry.spec.model,
+        request=resolved,
+        input_image_keys=image_keys,
+        job_id=job_id,
+        options=options,
+        idempotency=idem,
+    )
     try:
-        gw.store.create_job(
-            owner_key_id=key.id,
-            model=entry.spec.model,
-            request=resolved,
-            input_image_keys=image_keys,
-            job_id=job_id,
-            options=options,
-            idempotency=idem,
-        )
+        queue_jobs(gw, admission, [new])
     except sa.exc.IntegrityError:
         if idem is None:
             raise
         # The same key raced in from another request: that one's job is the job.
-        for k in image_keys:
-            gw.storage.delete(k)
         original = _original(gw, key, idem)
         if original is None:
             raise
@@ -341,6 +332,59 @@ def _parse_cursor(cursor: str) -> tuple[float, str]:
         raise ApiError(
             422, "cursor is not one this API returned; pass next_cursor unchanged", "cursor"
         ) from None
+
+
+def model_entry(gw: Gateway, model: str) -> ImageModel:
+    """The model's catalog entry; 400 if there is none."""
+    entry = gw.catalog.get(model)
+    if entry is None:
+        raise ApiError(
+            400,
+            f"unknown model {model!r}; GET /v1/inference/models lists the supported models",
+            "model",
+        )
+    return entry
+
+
+def check_available(gw: Gateway, entry: ImageModel) -> None:
+    """503 if the model cannot be served here."""
+    available, reason = gw.registry.availability(entry.spec.model)
+    if not available:
+        raise ApiError(
+            503,
+            f"model {entry.spec.model} is unavailable for serving: {reason or 'no reason given'}",
+            "model",
+        )
+
+
+def store_input_images(
+    gw: Gateway, job_id: str, items: list[str], entry: ImageModel, field: str
+) -> list[str]:
+    """Decodes (400/422) and stores a job's input images (500 if storing fails); their keys."""
+    if not items:
+        return []
+    images = validation.decode_images(items, entry.spec.parameters.size.allowed)
+    image_keys = [f"inputs/{job_id}/{i}" for i in range(len(images))]
+    try:
+        for k, data in zip(image_keys, images, strict=True):
+            gw.storage.put(k, data)
+    except StorageError as e:
+        log.error("job %s: storing its input images failed, nothing queued: %s", job_id, e)
+        raise ApiError(500, "could not store the input images; nothing was queued", field) from None
+    return image_keys
+
+
+def queue_jobs(gw: Gateway, admission: Admission, new: list[NewJob]) -> None:
+    """Queues the jobs all or none, within the key's limits (429); if they are refused (or
+    the insert fails), their stored input images are deleted."""
+    try:
+        gw.store.create_jobs(new, admit=admission.admit if admission.limits_jobs else None)
+    except Exception:
+        for job in new:
+            for k in job.input_image_keys:
+                with contextlib.suppress(StorageError):
+                    gw.storage.delete(k)
+        raise
 
 
 @router.get(
@@ -510,6 +554,7 @@ async def cancel(job_id: str, request: Request, key: KeyRecord = Depends(inferen
         raise ApiError(409, f"job {job_id} already {job.status}; cancelling changes nothing", "job_id")
     if outcome.outcome == "cancelled":
         gw.metrics.finished(job.model, "cancelled", None, None)
+        await anyio.to_thread.run_sync(gw.usage.record, [job])
         gw.notifier.bump(job.model)
         message = "job cancelled"
     elif outcome.outcome == "requested":
@@ -525,7 +570,10 @@ RESULT_HEADERS = {"Cache-Control": "private, max-age=3600"}
 @router.get(
     "/jobs/{job_id}/result",
     responses={
-        200: {"content": {"image/png": {}}, "description": "The PNG image"},
+        200: {
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "description": "The image, in the request's output_format (default PNG)",
+        },
         **_errors(401, 403, 404, 409),
     },
     response_class=Response,
@@ -542,7 +590,7 @@ async def result(
     gw = gateway(request)
     result_key = await _result_key(request, job_id, expires, signature)
     data = await _read_result(job_id, gw.storage.get, result_key)
-    return Response(data, media_type="image/png", headers=RESULT_HEADERS)
+    return Response(data, media_type=result_media_type(result_key), headers=RESULT_HEADERS)
 
 
 @router.head("/jobs/{job_id}/result", include_in_schema=False)
@@ -556,7 +604,9 @@ async def result_head(
     gw = gateway(request)
     result_key = await _result_key(request, job_id, expires, signature)
     size = await _read_result(job_id, gw.storage.size, result_key)
-    return Response(media_type="image/png", headers={**RESULT_HEADERS, "Content-Length": str(size)})
+    return Response(
+        media_type=result_media_type(result_key), headers={**RESULT_HEADERS, "Content-Length": str(size)}
+    )
 
 
 async def _result_key(request: Request, job_id: str, expires: int | None, signature: str | None) -> str:

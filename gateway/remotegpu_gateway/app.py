@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from remotegpu_base import __version__
 
-from remotegpu_gateway import admin, api, errors, internal
+from remotegpu_gateway import admin, api, errors, internal, openai_api
 from remotegpu_gateway.bodies import BodyGuard
 from remotegpu_gateway.catalog_source import Catalog
 from remotegpu_gateway.core import Gateway
@@ -72,6 +72,7 @@ def create_app(
     app.state.gateway = gw
     errors.install(app)
     app.include_router(api.router)
+    app.include_router(openai_api.router)
     app.include_router(admin.router)
     app.include_router(internal.router)
 

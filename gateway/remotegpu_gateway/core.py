@@ -22,12 +22,14 @@ from remotegpu_base.catalog import ImageModel, load_models_file
 from remotegpu_base.protocol import GenerationRequest, Lease, ModelQueue, QueueSnapshot
 
 from remotegpu_gateway.catalog_source import Catalog, KubernetesCatalogWatcher
+from remotegpu_gateway.limits import KeyLimits, Limits
 from remotegpu_gateway.metrics import Metrics
 from remotegpu_gateway.notify import Notifier
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, StorageError, UrlSigner
 from remotegpu_gateway.store import PENDING, RUNNING, TERMINAL_STATES, Delivery, JobRecord, Store
+from remotegpu_gateway.usage import Usage
 from remotegpu_gateway.webhooks import WebhookSender, parse_networks, webhook_body
 
 log = logging.getLogger("remotegpu_gateway")
@@ -91,6 +93,16 @@ class Gateway:
         self.signer = UrlSigner(secret)
         self.notifier = Notifier()
         self.metrics = Metrics()
+        self.usage = Usage(self.store, self.metrics)
+        self.limits = Limits(
+            self.store,
+            self.usage,
+            KeyLimits(
+                requests_per_minute=settings.key_requests_per_minute,
+                max_concurrent_jobs=settings.key_max_concurrent_jobs,
+                gpu_seconds_per_day=settings.key_gpu_seconds_per_day,
+            ),
+        )
         self.metrics.add_queue_collector(self.queue_snapshot, self._states)
         self.registry.on_change(self._bump_all)
         self.cold_starts = self.metrics.track_cold_starts(self._states)
@@ -194,6 +206,8 @@ class Gateway:
             if status in TERMINAL_STATES:
                 self.metrics.finished(job.model, status, job.started_at, self.clock())
         failed = self.fail_unstartable() if sweep else []
+        if sweep or late or any(status in TERMINAL_STATES for _, status in changed):
+            self.usage.backfill()  # the jobs that ended here, and any a stopped replica left unmetered
         models = {job.model for job, _ in changed} | {job.model for job in failed} | {j.model for j in late}
         if models:
             self.notifier.bump(*models)
@@ -232,6 +246,7 @@ class Gateway:
         for job in failed:
             log.warning("job %s (%s) failed before it started: %s", job.id, job.model, job.error_message)
             self.metrics.finished(job.model, job.status, None, job.completed_at)
+        self.usage.record(failed)
         return failed
 
     def no_start_reason(self, model_id: str) -> str:
@@ -283,6 +298,7 @@ class Gateway:
         delete leaves an orphan file, never a job whose image is gone)."""
         purged = self.store.purge_finished(before, PURGE_BATCH)
         self.store.purge_idempotency_keys()
+        self.usage.record(purged)  # metered already, unless its replica stopped before it could
         for job in purged:
             for key in [*job.input_image_keys, *([job.result_key] if job.result_key else [])]:
                 try:

@@ -23,6 +23,7 @@ _TYPES = {
     409: "conflict",
     413: "payload_too_large",
     422: "validation_error",
+    429: "rate_limited",
     500: "internal_error",
     503: "model_unavailable",
 }

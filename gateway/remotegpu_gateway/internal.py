@@ -22,13 +22,14 @@ from remotegpu_base.protocol import (
     Release,
     RuntimeState,
     WorkerStatus,
+    image_format,
 )
 
 from remotegpu_gateway.auth import auth_first, gateway, require_worker
 from remotegpu_gateway.core import Gateway
 from remotegpu_gateway.errors import ApiError, public_text
 from remotegpu_gateway.notify import wait_event
-from remotegpu_gateway.storage import StorageError
+from remotegpu_gateway.storage import StorageError, result_key
 from remotegpu_gateway.store import TERMINAL_STATES, JobRecord, LeaseLostError
 
 router = APIRouter(
@@ -37,16 +38,15 @@ router = APIRouter(
 
 log = logging.getLogger("remotegpu_gateway")
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
 
 def _lost(e: LeaseLostError) -> ApiError:
     return ApiError(409, str(e), "lease_token", type="lease_lost")
 
 
-def _finished(gw: Gateway, job: JobRecord) -> None:
+async def _finished(gw: Gateway, job: JobRecord) -> None:
     if job.status in TERMINAL_STATES:
         gw.metrics.finished(job.model, job.status, job.started_at, job.completed_at)
+        await anyio.to_thread.run_sync(gw.usage.record, [job])
     gw.notifier.bump(job.model)
 
 
@@ -109,12 +109,13 @@ async def complete(job_id: str, request: Request) -> dict[str, str]:
     current = await anyio.to_thread.run_sync(gw.store.get_job, job_id, None)
     if current is None or current.lease_token != token or current.status != "running":
         raise ApiError(409, f"job {job_id}: stale or unknown lease token", "lease_token", type="lease_lost")
-    png = await request.body()
-    if not png.startswith(PNG_MAGIC):
-        raise ApiError(400, "the result must be a PNG image", "body")
-    key = f"results/{job_id}/{hashlib.sha256(token.encode()).hexdigest()[:16]}.png"
+    image = await request.body()
+    wanted = current.request.get("output_format", "png")
+    if image_format(image) != wanted:
+        raise ApiError(400, f"the result must be a {wanted} image (the job's output_format)", "body")
+    key = result_key(job_id, hashlib.sha256(token.encode()).hexdigest()[:16], wanted)
     try:
-        await anyio.to_thread.run_sync(gw.storage.put, key, png)
+        await anyio.to_thread.run_sync(gw.storage.put, key, image)
     except StorageError as e:
         raise ApiError(500, f"could not store the result: {e}") from None
     try:
@@ -124,7 +125,7 @@ async def complete(job_id: str, request: Request) -> dict[str, str]:
         raise _lost(e) from None
     if job.status != "succeeded":
         await anyio.to_thread.run_sync(gw.storage.delete, key)
-    _finished(gw, job)
+    await _finished(gw, job)
     return {"status": job.status}
 
 
@@ -139,7 +140,7 @@ async def fail(job_id: str, body: Failure, request: Request) -> dict[str, str]:
         job = await anyio.to_thread.run_sync(gw.store.fail, job_id, body.lease_token, message, body.retryable)
     except LeaseLostError as e:
         raise _lost(e) from None
-    _finished(gw, job)
+    await _finished(gw, job)
     return {"status": gw.public_status(job)}
 
 
@@ -150,7 +151,7 @@ async def release(job_id: str, body: Release, request: Request) -> dict[str, str
         job = await anyio.to_thread.run_sync(gw.store.release, job_id, body.lease_token)
     except LeaseLostError as e:
         raise _lost(e) from None
-    _finished(gw, job)
+    await _finished(gw, job)
     return {"status": gw.public_status(job)}
 
 

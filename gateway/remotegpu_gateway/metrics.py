@@ -157,6 +157,26 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=r,
         )
+        # Usage per API key (usage.py), counted by the replica that metered each job: sum
+        # over replicas. The key label is the key's id (`remotegpu keys list` names it).
+        self.key_jobs = Counter(
+            "remotegpu_key_jobs",
+            "Finished jobs by API key, model and status (usage metering)",
+            ["key", "model", "status"],
+            registry=r,
+        )
+        self.key_gpu_seconds = Counter(
+            "remotegpu_key_gpu_seconds",
+            "GPU-seconds (the jobs' run time) by API key and model",
+            ["key", "model"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "remotegpu_rate_limited_requests",
+            "Requests refused with 429 by the per-key limit they hit",
+            ["limit"],
+            registry=r,
+        )
 
         self.bodies = Gauge(
             "remotegpu_http_request_bodies",

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+# Per-key limits are stored as 32-bit integers (PostgreSQL `integer`).
+MAX_LIMIT = 2**31 - 1
 Guidance = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
@@ -58,6 +60,13 @@ class ImageRequest(BaseModel):
         min_length=1,
         description="Extension. Which webhooks to send (default both); `completed` covers succeeded, failed and "
         "cancelled",
+    )
+    # Extensions (optional): how the worker encodes the result.
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(
+        default=None, description="Extension: the result's format, served with its content type; default png"
+    )
+    output_quality: StrictInt | None = Field(
+        default=None, ge=1, le=100, description="Extension: jpeg/webp quality 1-100 (default 90); not for png"
     )
 
 
@@ -183,6 +192,10 @@ class KeyCreate(BaseModel):
     expires_in_seconds: StrictInt | None = Field(
         default=None, ge=1, le=10 * 365 * 24 * 3600, description="The secret expires this long after creation"
     )
+    # Extension: the key's own limits (absent: the gateway's defaults; 0: unlimited).
+    requests_per_minute: StrictInt | None = Field(default=None, ge=0, le=MAX_LIMIT)
+    max_concurrent_jobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LIMIT)
+    gpu_seconds_per_day: float | None = Field(default=None, ge=0, le=MAX_LIMIT, allow_inf_nan=False)
 
 
 class KeyRotate(BaseModel):
@@ -209,6 +222,64 @@ class KeyInfo(BaseModel):
 
 class KeyWithSecret(KeyInfo):
     key: str = Field(description="The secret, shown only in this response")
+
+
+class KeyLimitsUpdate(BaseModel):
+    """PATCH body: the named limits change (null: back to the gateway's default), others stay."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_LIMIT, description="0: unlimited"
+    )
+    max_concurrent_jobs: StrictInt | None = Field(
+        default=None, ge=0, le=MAX_LIMIT, description="0: unlimited"
+    )
+    gpu_seconds_per_day: float | None = Field(
+        default=None, ge=0, le=MAX_LIMIT, allow_inf_nan=False, description="0: unlimited"
+    )
+
+
+class KeyLimitOverrides(BaseModel):
+    requests_per_minute: int | None
+    max_concurrent_jobs: int | None
+    gpu_seconds_per_day: float | None
+
+
+class KeyLimitsView(BaseModel):
+    key_id: str
+    requests_per_minute: int = Field(description="In force (the key's own, else the default); 0: unlimited")
+    max_concurrent_jobs: int
+    gpu_seconds_per_day: float
+    overrides: KeyLimitOverrides = Field(description="The key's own values; null: the gateway's default")
+
+
+class UsageBucket(BaseModel):
+    jobs: int = Field(description="Finished jobs: succeeded + failed + cancelled")
+    succeeded: int
+    failed: int
+    cancelled: int
+    gpu_seconds: float = Field(description="The jobs' run time (run_ms / 1000)")
+
+
+class ModelUsage(UsageBucket):
+    model: str
+
+
+class DayUsage(ModelUsage):
+    day: str = Field(description="UTC date the jobs finished, YYYY-MM-DD")
+
+
+class KeyUsage(BaseModel):
+    key_id: str
+    total: UsageBucket
+    by_model: list[ModelUsage]
+    by_day: list[DayUsage]
+
+
+class UsageReport(BaseModel):
+    since: str | None
+    until: str | None
+    keys: list[KeyUsage]
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -68,6 +68,12 @@ class Settings:
     webhook_allowed_networks: list[str] = field(default_factory=list)
     webhook_timeout_seconds: float = 10.0
     webhook_retry_seconds: float = 24 * 3600.0
+    # How long POST /v1/images/* waits for its images before answering 504 (the jobs go on).
+    openai_wait_seconds: float = 600.0
+    # Per-key limits' defaults (limits.py; a key's own values override them); 0: unlimited.
+    key_requests_per_minute: int = 0
+    key_max_concurrent_jobs: int = 0
+    key_gpu_seconds_per_day: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
     # Wall clock of job and lease times (tests move it forward instead of sleeping).
     clock: Callable[[], float] = time.time
@@ -102,6 +108,38 @@ def retention_seconds(hours: float | None = None) -> float:
     return hours * 3600
 
 
+KEY_LIMITS_ENV = {
+    "key_requests_per_minute": ("REMOTEGPU_KEY_REQUESTS_PER_MINUTE", int),
+    "key_max_concurrent_jobs": ("REMOTEGPU_KEY_MAX_CONCURRENT_JOBS", int),
+    "key_gpu_seconds_per_day": ("REMOTEGPU_KEY_GPU_SECONDS_PER_DAY", float),
+}
+
+
+def key_limit_defaults() -> dict[str, Any]:
+    """The per-key limits' defaults from their environment variables (0: unlimited)."""
+    out: dict[str, Any] = {}
+    for name, (env, kind) in KEY_LIMITS_ENV.items():
+        value = _flag_or_env(None, env, "0 (unlimited) or a positive number")
+        if value is not None:
+            if value < 0:
+                raise SystemExit(f"${env} must be 0 (unlimited) or a positive number")
+            out[name] = kind(value)
+    return out
+
+
+OPENAI_WAIT_ENV = "REMOTEGPU_OPENAI_WAIT_SECONDS"
+
+
+def openai_settings() -> dict[str, Any]:
+    """$REMOTEGPU_OPENAI_WAIT_SECONDS: how long /v1/images/* waits for its images."""
+    value = _flag_or_env(None, OPENAI_WAIT_ENV, "a number of seconds")
+    if value is None:
+        return {}
+    if value <= 0:
+        raise SystemExit(f"${OPENAI_WAIT_ENV} must be a positive number of seconds")
+    return {"openai_wait_seconds": value}
+
+
 HTTP_ENV = {
     "header_timeout_seconds": ("REMOTEGPU_HEADER_TIMEOUT_SECONDS", float),
     "body_timeout_seconds": ("REMOTEGPU_BODY_TIMEOUT_SECONDS", float),
@@ -128,7 +166,8 @@ def http_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def served_settings(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     """What `remotegpu gateway` and `remotegpu serve` both take from their flags and the
-    environment: the database, the URLs, the retention, the start timeout, the HTTP limits."""
+    environment: the database, the URLs, the retention, the start timeout, the HTTP limits,
+    the per-key limits' defaults."""
     return dict(
         database_url=config.database_url(getattr(args, "database_url", None), data),
         data_dir=data,
@@ -137,6 +176,8 @@ def served_settings(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         start_timeout_seconds=start_timeout_seconds(getattr(args, "start_timeout_seconds", None)),
         webhook_allowed_networks=webhook_allowed_networks(getattr(args, "webhook_allowed_networks", None)),
         **http_settings(args),
+        **key_limit_defaults(),
+        **openai_settings(),
     )
 
 

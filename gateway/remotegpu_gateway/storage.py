@@ -20,6 +20,20 @@ from typing import Protocol
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,400}$")
 
 
+# A result's storage key ends with its format's extension, which gives the media type the
+# result URL serves (results stored before output formats existed are .png).
+RESULT_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+
+
+def result_key(job_id: str, tag: str, output_format: str) -> str:
+    return f"results/{job_id}/{tag}.{RESULT_EXTENSIONS[output_format]}"
+
+
+def result_media_type(key: str) -> str:
+    return _MEDIA_TYPES.get(key.rpartition(".")[2], "application/octet-stream")
+
+
 class StorageError(Exception):
     pass
 

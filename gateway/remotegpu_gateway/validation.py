@@ -9,7 +9,8 @@ Status codes (the spec's mapping, documented in the OpenAPI description):
   `remove_bg` field, prompt or negative prompt too long, negative prompt on a model
   without one, steps/guidance out of the model's range or a changed fixed guidance,
   input image count outside the model's min/max, input image data that is not base64,
-  not a PNG/JPEG/WebP image, truncated, or larger than 8192 px on an axis.
+  not a PNG/JPEG/WebP image, truncated, or larger than 8192 px on an axis,
+  `output_quality` with a png `output_format` (PNG is lossless).
 """
 
 from __future__ import annotations
@@ -137,6 +138,11 @@ def check_for_model(req: ImageRequest, entry: ImageModel) -> dict[str, Any]:
             f"{model} takes {want} input images; got {len(images)}",
             "input_images_base64",
         )
+    output_format = req.output_format or "png"
+    if output_format == "png" and req.output_quality is not None:
+        raise ApiError(
+            400, "output_quality applies to jpeg and webp; PNG is lossless, omit it", "output_quality"
+        )
     return {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
@@ -145,6 +151,8 @@ def check_for_model(req: ImageRequest, entry: ImageModel) -> dict[str, Any]:
         "steps": steps,
         "guidance": guidance,
         "seed": req.seed if req.seed is not None else secrets.randbelow(2**32),
+        "output_format": output_format,
+        "output_quality": req.output_quality,
     }
 
 

@@ -334,15 +334,16 @@ class WorkerLoop:
         if flag.is_set() and flag.reason == "lease lost":
             outcome = "lost"
         else:
-            outcome = self._complete(lease, result.png)
+            outcome = self._complete(lease, result.data, result.media_type)
         log.info(
-            "job %s: %s in %.2fs (%.1f steps/s; PNG %.0f ms, %d KiB)",
+            "job %s: %s in %.2fs (%.1f steps/s; %s %.0f ms, %d KiB)",
             lease.job_id,
             outcome,
             result.seconds,
             result.steps_per_second,
+            lease.request.output_format.upper(),
             result.encode_seconds * 1000,
-            len(result.png) // 1024,
+            len(result.data) // 1024,
         )
         return outcome
 
@@ -416,12 +417,12 @@ class WorkerLoop:
             log.warning("job %s: could not report the failure (%s); the lease will expire", lease.job_id, e)
         return "failed"
 
-    def _complete(self, lease: Lease, png: bytes) -> str:
+    def _complete(self, lease: Lease, image: bytes, media_type: str) -> str:
         deadline = time.monotonic() + self.settings.complete_retry_seconds
         delay = 0.5
         while True:
             try:
-                self._delivery.complete(lease.job_id, lease.lease_token, png)
+                self._delivery.complete(lease.job_id, lease.lease_token, image, media_type)
                 return "succeeded"
             except LeaseLost:
                 log.warning("job %s: finished, but the lease was lost; result dropped", lease.job_id)

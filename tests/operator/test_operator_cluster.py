@@ -78,7 +78,9 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
         worker={
             "image": "example.invalid/worker:test",
             "gpu": {"count": 1},
-            "podAnnotations": {KWOK_DELAY: "10s"},  # a Go duration; long enough to see starting on a busy machine
+            "podAnnotations": {
+                KWOK_DELAY: "10s"
+            },  # a Go duration; long enough to see starting on a busy machine
         },
     )
     gw = gateway(im)

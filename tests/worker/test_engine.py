@@ -70,23 +70,23 @@ def test_each_architecture_end_to_end(engines: Any, arch: str) -> None:
     assert engine.info.dtype == "float32" and engine.info.device == "cpu"
     for w, h in [(512, 512), (1024, 768)]:
         result = engine.generate(req(width=w, height=h, input_images_base64=INPUTS[arch]))
-        assert png_size(result.png) == (w, h)
+        assert png_size(result.data) == (w, h)
         assert result.steps == 2 and result.steps_per_second > 0
 
 
 def test_landscape_and_portrait_sizes(engines: Any) -> None:
     engine = engines("flux1")
     for w, h in [(768, 1024), (1280, 720), (720, 1280)]:
-        assert png_size(engine.generate(req(width=w, height=h)).png) == (w, h)
+        assert png_size(engine.generate(req(width=w, height=h)).data) == (w, h)
 
 
 @pytest.mark.parametrize("arch", ["flux1", "flux2-klein"])
 def test_same_seed_same_bytes_other_seed_differs(engines: Any, arch: str) -> None:
     engine = engines(arch)
     images = INPUTS[arch]
-    a = engine.generate(req(seed=1234, input_images_base64=images)).png
-    b = engine.generate(req(seed=1234, input_images_base64=images)).png
-    c = engine.generate(req(seed=1235, input_images_base64=images)).png
+    a = engine.generate(req(seed=1234, input_images_base64=images)).data
+    b = engine.generate(req(seed=1234, input_images_base64=images)).data
+    c = engine.generate(req(seed=1235, input_images_base64=images)).data
     assert a == b
     assert a != c
 
@@ -94,20 +94,20 @@ def test_same_seed_same_bytes_other_seed_differs(engines: Any, arch: str) -> Non
 def test_same_seed_identical_in_a_fresh_engine(
     engines: Any, tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]
 ) -> None:
-    a = engines("flux1").generate(req(seed=99)).png
+    a = engines("flux1").generate(req(seed=99)).data
     fresh = ImageEngine(tiny_catalog["flux1"], tiny_data_dir, device="cpu")
     fresh.load()
     fresh.warm_up()
-    assert fresh.generate(req(seed=99)).png == a
+    assert fresh.generate(req(seed=99)).data == a
 
 
 def test_prompt_negative_prompt_steps_and_guidance_change_the_image(engines: Any) -> None:
     engine = engines("flux1")
-    base = engine.generate(req()).png
-    assert engine.generate(req(prompt="a completely different prompt")).png != base
-    assert engine.generate(req(negative_prompt="blurry")).png != base
-    assert engine.generate(req(steps=3)).png != base
-    assert engine.generate(req(guidance=7.0)).png != base
+    base = engine.generate(req()).data
+    assert engine.generate(req(prompt="a completely different prompt")).data != base
+    assert engine.generate(req(negative_prompt="blurry")).data != base
+    assert engine.generate(req(steps=3)).data != base
+    assert engine.generate(req(guidance=7.0)).data != base
 
 
 def test_the_whole_prompt_counts_and_true_cfg_scale_reaches_the_pipeline(engines: Any) -> None:
@@ -117,11 +117,11 @@ def test_the_whole_prompt_counts_and_true_cfg_scale_reaches_the_pipeline(engines
     serving = engine.spec.serving
     head = "a lighthouse on a cliff at dusk, " * 8  # past CLIP's 77 tokens
     a, b = req(prompt=head + "painted in oils"), req(prompt=head + "as a pencil sketch")
-    assert engine.generate(a).png != engine.generate(b).png
-    negative = engine.generate(req(negative_prompt="blurry")).png
+    assert engine.generate(a).data != engine.generate(b).data
+    negative = engine.generate(req(negative_prompt="blurry")).data
     try:
         serving.true_cfg_scale = 9.0
-        assert engine.generate(req(negative_prompt="blurry")).png != negative
+        assert engine.generate(req(negative_prompt="blurry")).data != negative
     finally:
         serving.true_cfg_scale = 4.0
 
@@ -148,13 +148,13 @@ def test_fixed_guidance_is_the_catalog_value(engines: Any) -> None:
 
 def test_input_images_change_the_result(engines: Any) -> None:
     kontext = engines("flux1-kontext")
-    red = kontext.generate(req(input_images_base64=[png_b64(512, 512, (255, 0, 0))])).png
-    blue = kontext.generate(req(input_images_base64=[png_b64(512, 512, (0, 0, 255))])).png
+    red = kontext.generate(req(input_images_base64=[png_b64(512, 512, (255, 0, 0))])).data
+    blue = kontext.generate(req(input_images_base64=[png_b64(512, 512, (0, 0, 255))])).data
     assert red != blue
     flux2 = engines("flux2")
-    none = flux2.generate(req()).png
-    one = flux2.generate(req(input_images_base64=[png_b64(512, 512)])).png
-    two = flux2.generate(req(input_images_base64=[png_b64(512, 512), png_b64(1024, 1024, (0, 255, 0))])).png
+    none = flux2.generate(req()).data
+    one = flux2.generate(req(input_images_base64=[png_b64(512, 512)])).data
+    two = flux2.generate(req(input_images_base64=[png_b64(512, 512), png_b64(1024, 1024, (0, 255, 0))])).data
     assert len({none, one, two}) == 3
 
 
@@ -187,7 +187,7 @@ def test_cancellation_stops_at_the_next_step(engines: Any) -> None:
     assert info.value.step == 2 and seen == [1, 2]
     assert info.value.reason == "cancelled"
     # The engine is still usable afterwards.
-    assert png_size(engine.generate(req()).png) == (512, 512)
+    assert png_size(engine.generate(req()).data) == (512, 512)
 
 
 def test_cancel_from_another_thread(engines: Any) -> None:
@@ -261,13 +261,13 @@ def test_out_of_memory_is_reported_as_such(engines: Any) -> None:
             engine.generate(req(width=1024, height=768))
     finally:
         engine.pipe = real
-    assert png_size(engine.generate(req()).png) == (512, 512)
+    assert png_size(engine.generate(req()).data) == (512, 512)
 
 
 def test_optimisations_keep_the_output(
     engines: Any, tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]
 ) -> None:
-    ref = engines("flux1").generate(req(seed=5)).png
+    ref = engines("flux1").generate(req(seed=5)).data
     opt = ImageEngine(
         tiny_catalog["flux1"], tiny_data_dir, device="cpu", optimizations=["fused-qkv", "channels-last-vae"]
     )
@@ -275,7 +275,7 @@ def test_optimisations_keep_the_output(
     assert "optimisation: fused-qkv" in info.notes
     opt.warm_up()
     a = np.asarray(Image.open(io.BytesIO(ref)), dtype=np.int16)
-    b = np.asarray(Image.open(io.BytesIO(opt.generate(req(seed=5)).png)), dtype=np.int16)
+    b = np.asarray(Image.open(io.BytesIO(opt.generate(req(seed=5)).data)), dtype=np.int16)
     assert np.abs(a - b).max() <= 2
     with pytest.raises(ValueError, match="unknown optimisation"):
         ImageEngine(tiny_catalog["flux1"], tiny_data_dir, device="cpu", optimizations=["warp-drive"])
@@ -301,8 +301,8 @@ def test_klein_base_model_takes_a_negative_prompt(
     engine = ImageEngine(model, None, device="cpu")
     engine.load()
     engine.warm_up()
-    plain = engine.generate(req(guidance=4.0)).png
-    negative = engine.generate(req(guidance=4.0, negative_prompt="blurry")).png
+    plain = engine.generate(req(guidance=4.0)).data
+    negative = engine.generate(req(guidance=4.0, negative_prompt="blurry")).data
     assert png_size(negative) == (512, 512)
     assert plain != negative
 

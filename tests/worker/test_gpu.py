@@ -39,8 +39,8 @@ def test_gpu_placements(
     images = [png_b64(512, 512)] if model.spec.parameters.input_images.max else []
     a = engine.generate(_req(input_images_base64=images))
     b = engine.generate(_req(input_images_base64=images))
-    assert png_size(a.png) == (1024, 768)
-    assert a.png == b.png
+    assert png_size(a.data) == (1024, 768)
+    assert a.data == b.data
     engine.unload()
 
 

@@ -66,7 +66,7 @@ def test_job_succeeds_and_matches_a_direct_run(engines: Any, gateway: RunningGat
         direct = engine.generate(
             GenerationRequest(prompt="a tiny test", width=1024, height=768, steps=3, guidance=2.0, seed=5)
         )
-        assert direct.png == png, "the same seed and request must give identical bytes"
+        assert direct.data == png, "the same seed and request must give identical bytes"
         # The model reports ready while the worker polls.
         models = {m["model"]: m for m in gateway.http.get("/v1/inference/models").json()["image"]}
         assert models[TINY]["runtime"]["state"] == "ready"
@@ -203,7 +203,7 @@ def test_the_next_job_renders_while_the_last_one_is_encoded(
     renders: list[str] = []
     second_render = threading.Event()
     overlapped: list[bool] = []
-    real_render, real_png = engine.render, pipelines.png_bytes
+    real_render, real_encode = engine.render, pipelines.encode_image
 
     def render(req: Any, *a: Any, **kw: Any) -> Any:
         renders.append(req.prompt)
@@ -211,13 +211,13 @@ def test_the_next_job_renders_while_the_last_one_is_encoded(
             second_render.set()
         return real_render(req, *a, **kw)
 
-    def png_bytes(image: Any) -> bytes:
+    def encode_image(image: Any, *a: Any) -> bytes:
         if not overlapped:  # the first job's encode waits to see the second job start rendering
             overlapped.append(second_render.wait(30))
-        return real_png(image)
+        return real_encode(image, *a)
 
     monkeypatch.setattr(engine, "render", render)
-    monkeypatch.setattr(pipelines, "png_bytes", png_bytes)
+    monkeypatch.setattr(pipelines, "encode_image", encode_image)
     first = gateway.submit(TINY, "first", steps=2)
     second = gateway.submit(TINY, "second", steps=2)
     lt = LoopThread(engine, gateway)
@@ -238,10 +238,10 @@ def test_a_result_that_cannot_be_delivered_fails_the_job_at_once(
     """An error after rendering (encoding, delivery) is reported, not left to the lease's expiry."""
     from remotegpu_worker.engine import pipelines
 
-    def broken(image: Any) -> bytes:
+    def broken(image: Any, *args: Any) -> bytes:
         raise OSError("disk full at /secret/path")
 
-    monkeypatch.setattr(pipelines, "png_bytes", broken)
+    monkeypatch.setattr(pipelines, "encode_image", broken)
     lt = LoopThread(engine := engines("flux1"), gateway)
     try:
         job_id = gateway.submit(TINY, "undeliverable", steps=2)

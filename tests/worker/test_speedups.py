@@ -109,7 +109,7 @@ def test_text_encoder_offload_gives_the_same_image(
     engines: Any, tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]
 ) -> None:
     """The text encoder behind group-offload hooks (streamed per prompt) computes the same embeddings."""
-    ref = engines("flux2").generate(req(guidance=4.0)).png
+    ref = engines("flux2").generate(req(guidance=4.0)).data
     engine = ImageEngine(tiny_catalog["flux2"], tiny_data_dir, device="cpu")
     engine.load()
     placement.apply(engine.pipe, MemoryPlacement.TEXT_ENCODER_OFFLOAD, "cpu")
@@ -119,7 +119,7 @@ def test_text_encoder_offload_gives_the_same_image(
         "no offload hooks on the encoder"
     )
     assert not any(hasattr(m, "_diffusers_hook") for m in engine.pipe.transformer.modules())
-    assert engine.generate(req(guidance=4.0)).png == ref
+    assert engine.generate(req(guidance=4.0)).data == ref
 
 
 # ---- lossless defaults ------------------------------------------------------------------
@@ -175,8 +175,8 @@ def test_fp8_quantizes_the_transformer_and_still_makes_images(
     assert any(n.startswith("fp8:") for n in engine.info.notes)
     weights = [type(m.weight).__name__ for m in engine.pipe.transformer.modules() if hasattr(m, "weight")]
     assert "Float8Tensor" in weights, weights
-    fp8 = engine.generate(req()).png
-    full = engines("flux1").generate(req()).png
+    fp8 = engine.generate(req()).data
+    full = engines("flux1").generate(req()).data
     assert pixels(fp8).shape == (512, 512, 3)
     assert fp8 != full  # lossy, as documented
 
@@ -215,14 +215,14 @@ def test_step_caches_skip_transformer_work(
     images = [png_b64()] if arch == "flux1-kontext" else []
     guidance = tiny_catalog[arch].spec.parameters.guidance.default
     request = req(steps=8, guidance=guidance, input_images_base64=images)
-    full = engines(arch).generate(request).png
+    full = engines(arch).generate(request).data
     full_calls, calls[0] = calls[0], 0
     engine = loaded(variant(tiny_catalog, arch, step_cache=cache), tiny_data_dir)
     assert any(n.startswith("step cache:") for n in engine.info.notes)
-    cached = engine.generate(request).png
+    cached = engine.generate(request).data
     assert 0 < calls[0] < full_calls, f"{calls[0]} attention calls with the cache, {full_calls} without"
     assert cached != full  # lossy, as documented
-    assert engine.generate(request).png == cached  # no state leaks from one request into the next
+    assert engine.generate(request).data == cached  # no state leaks from one request into the next
 
 
 def test_first_block_cache_is_refused_on_flux2(tiny_catalog: dict[str, ImageModel]) -> None:
@@ -248,7 +248,7 @@ def test_a_negative_prompt_runs_one_batched_forward_per_step(
     images = [png_b64(512, 512)] if arch == "flux1-kontext" else []
     request = req(negative_prompt="blurry, low quality", steps=4, input_images_base64=images)
     runs = block_runs(engine)
-    batched = engine.generate(request).png
+    batched = engine.generate(request).data
     assert runs[0] == 4, f"{runs[0]} forwards for 4 steps"
 
     # diffusers' own true CFG: two transformer passes per step
@@ -262,7 +262,7 @@ def test_a_negative_prompt_runs_one_batched_forward_per_step(
     two_pass = pixels(pipelines_mod.png_bytes(image))
     assert np.abs(pixels(batched) - two_pass).max() <= 2
     assert (
-        batched != engine.generate(req(steps=4, input_images_base64=images)).png
+        batched != engine.generate(req(steps=4, input_images_base64=images)).data
     )  # the negative prompt counts
 
 
@@ -309,18 +309,18 @@ def test_distilled_models_follow_their_model_cards_steps() -> None:
 
 
 def test_png_encoding_runs_outside_the_engine_lock(engines: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While one job's PNG is encoded, the next job can take the engine (and the GPU)."""
+    """While one job's image is encoded, the next job can take the engine (and the GPU)."""
     engine = engines("flux1")
     rendered = engine.render(req())
     encoding, release = threading.Event(), threading.Event()
-    real = pipelines_mod.png_bytes
+    real = pipelines_mod.encode_image
 
-    def slow_png(image: Any) -> bytes:
+    def slow_encode(image: Any, *args: Any) -> bytes:
         encoding.set()
         assert release.wait(60)
-        return real(image)
+        return real(image, *args)
 
-    monkeypatch.setattr(pipelines_mod, "png_bytes", slow_png)
+    monkeypatch.setattr(pipelines_mod, "encode_image", slow_encode)
     result: list[Any] = []
     t = threading.Thread(target=lambda: result.append(rendered.encode()))
     t.start()
@@ -330,7 +330,7 @@ def test_png_encoding_runs_outside_the_engine_lock(engines: Any, monkeypatch: py
     release.set()
     t.join(60)
     assert result and result[0].encode_seconds > 0
-    assert Image.open(io.BytesIO(result[0].png)).size == (512, 512)
+    assert Image.open(io.BytesIO(result[0].data)).size == (512, 512)
 
 
 def test_a_step_cache_compiles_with_the_default_compile(
@@ -343,5 +343,5 @@ def test_a_step_cache_compiles_with_the_default_compile(
     engine = ImageEngine(model, tiny_data_dir, device="cpu", optimizations=["compile"])
     engine.load()
     engine.warm_up()
-    png = engine.generate(req(steps=4)).png
+    png = engine.generate(req(steps=4)).data
     assert pixels(png).shape == (512, 512, 3)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from remotegpu_gateway.store.batcher import InsertBatcher
 from remotegpu_gateway.store.database import normalise_url
-from remotegpu_gateway.store.jobs import Idempotency, IdempotencyConflict, JobOptions
+from remotegpu_gateway.store.jobs import Idempotency, IdempotencyConflict, JobOptions, NewJob
 from remotegpu_gateway.store.keys import KeyStore, hash_secret, split_token
 from remotegpu_gateway.store.leases import LeaseStore
 from remotegpu_gateway.store.records import (
@@ -65,6 +65,7 @@ __all__ = [
     "Idempotency",
     "IdempotencyConflict",
     "JobOptions",
+    "NewJob",
     "JobRecord",
     "KeyRecord",
     "LeaseLostError",

@@ -6,6 +6,8 @@ import queue
 import threading
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from remotegpu_gateway.store.database import Database
 from remotegpu_gateway.store.schema import idempotency_keys, jobs
 
@@ -81,11 +83,15 @@ class InsertBatcher:
                 return
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        store = self._store
+        with self._store._tx() as conn:
+            self.write_rows(conn, rows)
+
+    def write_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Inserts job rows (with their Idempotency-Keys) in `conn`'s transaction and
+        notifies their models' queues."""
         keys = [r["_idempotency"] for r in rows if "_idempotency" in r]
-        with store._tx() as conn:
-            conn.execute(_INSERT_JOB, [{k: v for k, v in r.items() if k != "_idempotency"} for r in rows])
-            if keys:  # a key already taken fails the insert: its job is the original's
-                conn.execute(_INSERT_KEY, keys)
-            for model in sorted({r["model"] for r in rows}):
-                store._notify(conn, model)
+        conn.execute(_INSERT_JOB, [{k: v for k, v in r.items() if k != "_idempotency"} for r in rows])
+        if keys:  # a key already taken fails the insert: its job is the original's
+            conn.execute(_INSERT_KEY, keys)
+        for model in sorted({r["model"] for r in rows}):
+            self._store._notify(conn, model)

@@ -144,6 +144,13 @@ class Database:
         with self._read.connect() as conn:
             yield conn
 
+    # Modules with their own tables (limits.py, usage.py) use the store's connections.
+    def transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._tx()
+
+    def reading(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._ro()
+
     # ---- schema ---------------------------------------------------------------------------
 
     def migrate(self) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,79 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used for a different request body."""
 
 
+@dataclass
+class NewJob:
+    """One job to submit."""
+
+    owner_key_id: str
+    model: str
+    request: dict[str, Any]
+    input_image_keys: list[str]
+    job_id: str | None = None
+    options: JobOptions | None = None
+    idempotency: Idempotency | None = None
+
+
+def _job_row(j: NewJob, now: float) -> dict[str, Any]:
+    """The jobs row of a new job (and its Idempotency-Key's row under `_idempotency`)."""
+    o = j.options or JobOptions()
+    values: dict[str, Any] = dict(
+        id=j.job_id or str(uuid.uuid4()),
+        owner_key_id=j.owner_key_id,
+        model=j.model,
+        status=PENDING,
+        request=json.dumps(j.request, separators=(",", ":")),
+        input_image_keys=json.dumps(j.input_image_keys),
+        created_at=now,
+        updated_at=now,
+        attempt=0,
+        cancel_requested=False,
+        priority=o.priority,
+        deadline_at=now + o.deadline_seconds if o.deadline_seconds else None,
+        webhook_url=o.webhook_url,
+        webhook_events=",".join(o.webhook_events) if o.webhook_events else None,
+        base_url=o.base_url,
+        revision=0,
+    )
+    if j.idempotency is not None:
+        values["_idempotency"] = dict(
+            owner_key_id=j.owner_key_id,
+            key=_text(j.idempotency.key),
+            request_hash=j.idempotency.request_hash,
+            job_id=values["id"],
+            created_at=now,
+        )
+    return values
+
+
+def _job_record(j: NewJob, row: dict[str, Any]) -> JobRecord:
+    o = j.options or JobOptions()
+    return JobRecord(
+        id=row["id"],
+        owner_key_id=j.owner_key_id,
+        model=j.model,
+        status=PENDING,
+        request=j.request,
+        input_image_keys=j.input_image_keys,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=None,
+        completed_at=None,
+        attempt=0,
+        lease_token=None,
+        lease_expires_at=None,
+        worker_id=None,
+        cancel_requested=False,
+        error_message=None,
+        result_key=None,
+        priority=o.priority,
+        deadline_at=row["deadline_at"],
+        webhook_url=o.webhook_url,
+        webhook_events=o.webhook_events or [],
+        base_url=o.base_url,
+    )
+
+
 class JobStore(WebhookStore):
     """Submitted jobs: inserts go through the group-commit thread."""
 
@@ -56,62 +130,42 @@ class JobStore(WebhookStore):
         job_id: str | None = None,
         options: JobOptions | None = None,
         idempotency: Idempotency | None = None,
+        admit: Callable[[Connection, int], None] | None = None,
     ) -> JobRecord:
         """Inserts a pending job. With `idempotency`, the key is recorded with it in the same
-        transaction; a key already taken raises (see `idempotent_job`)."""
+        transaction; a key already taken raises (see `idempotent_job`). With `admit` (per-key
+        limits), it runs first in the insert's transaction and raises to refuse the job;
+        without it, the insert joins a group commit."""
+        return self.create_jobs(
+            [
+                NewJob(
+                    owner_key_id=owner_key_id,
+                    model=model,
+                    request=request,
+                    input_image_keys=input_image_keys,
+                    job_id=job_id,
+                    options=options,
+                    idempotency=idempotency,
+                )
+            ],
+            admit=admit,
+        )[0]
+
+    def create_jobs(
+        self, new: list[NewJob], admit: Callable[[Connection, int], None] | None = None
+    ) -> list[JobRecord]:
+        """Queues jobs all or none; `admit(conn, count)` runs first in the same transaction,
+        so limits hold across replicas."""
         now = self.clock()
-        o = options or JobOptions()
-        values: dict[str, Any] = dict(
-            id=job_id or str(uuid.uuid4()),
-            owner_key_id=owner_key_id,
-            model=model,
-            status=PENDING,
-            request=json.dumps(request, separators=(",", ":")),
-            input_image_keys=json.dumps(input_image_keys),
-            created_at=now,
-            updated_at=now,
-            attempt=0,
-            cancel_requested=False,
-            priority=o.priority,
-            deadline_at=now + o.deadline_seconds if o.deadline_seconds else None,
-            webhook_url=o.webhook_url,
-            webhook_events=",".join(o.webhook_events) if o.webhook_events else None,
-            base_url=o.base_url,
-            revision=0,
-        )
-        if idempotency is not None:
-            values["_idempotency"] = dict(
-                owner_key_id=owner_key_id,
-                key=_text(idempotency.key),
-                request_hash=idempotency.request_hash,
-                job_id=values["id"],
-                created_at=now,
-            )
-        self._batcher.insert(values)
-        return JobRecord(
-            id=values["id"],
-            owner_key_id=owner_key_id,
-            model=model,
-            status=PENDING,
-            request=request,
-            input_image_keys=input_image_keys,
-            created_at=now,
-            updated_at=now,
-            started_at=None,
-            completed_at=None,
-            attempt=0,
-            lease_token=None,
-            lease_expires_at=None,
-            worker_id=None,
-            cancel_requested=False,
-            error_message=None,
-            result_key=None,
-            priority=o.priority,
-            deadline_at=values["deadline_at"],
-            webhook_url=o.webhook_url,
-            webhook_events=o.webhook_events or [],
-            base_url=o.base_url,
-        )
+        rows = [_job_row(j, now) for j in new]
+        if admit is None and len(rows) == 1:
+            self._batcher.insert(rows[0])
+        else:
+            with self._tx() as conn:
+                if admit is not None:
+                    admit(conn, len(rows))
+                self._batcher.write_rows(conn, rows)
+        return [_job_record(j, row) for j, row in zip(new, rows, strict=True)]
 
     def idempotent_job(self, owner_key_id: str, idempotency: Idempotency) -> JobRecord | None:
         """The job an Idempotency-Key already made (None: the key is new, or expired). Raises

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from remotegpu_gateway import accounting_tables
+
 PENDING = "pending"
 RUNNING = "running"
 SUCCEEDED = "succeeded"
@@ -180,9 +182,16 @@ def _migration_3(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_deadline ON jobs (status, deadline_at)"))
 
 
+def _migration_4(conn: Connection) -> None:
+    accounting_tables.create_tables(conn)
+    # Usage (usage.py) finds a key's unfinished jobs and the finished ones not yet metered.
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_status ON jobs (owner_key_id, status)"))
+
+
 # Append-only: (version, name, function). Never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs, api keys, settings", _migration_1),
     (2, "index of each model's finished jobs", _migration_2),
     (3, "priority, deadlines, webhooks, idempotency keys, job revisions", _migration_3),
+    (4, "per-key limits, rate windows and usage", _migration_4),
 ]

@@ -27,7 +27,7 @@ from remotegpu_base.catalog import (
     Quantization,
     parse_size,
 )
-from remotegpu_base.protocol import GenerationRequest
+from remotegpu_base.protocol import DEFAULT_OUTPUT_QUALITY, OUTPUT_MEDIA_TYPES, GenerationRequest
 
 from remotegpu_worker.engine import lossy, optimize, placement, prompts
 from remotegpu_worker.engine import weights as weights_mod
@@ -41,13 +41,14 @@ StepCallback = Callable[[int, int], None]
 
 @dataclass
 class GenerationResult:
-    png: bytes
+    data: bytes  # the encoded image (the request's output_format)
+    media_type: str
     width: int
     height: int
     steps: int
     seconds: float  # the whole pipeline call (text encoding, denoising, VAE decode)
     denoise_seconds: float  # first transformer call to the last step's end
-    encode_seconds: float  # PNG encoding (outside the engine lock)
+    encode_seconds: float  # image encoding (outside the engine lock)
 
     @property
     def steps_per_second(self) -> float:
@@ -165,9 +166,27 @@ def decode_image(data: bytes, index: int) -> Any:
 PNG_COMPRESS_LEVEL = 1
 
 
+# WebP's fastest method: a third of the default 4's encode time, files within a few
+# percent of its size (bench/png_encode.py measures every format).
+WEBP_METHOD = 0
+
+
 def png_bytes(image: Any) -> bytes:
+    return encode_image(image, "png")
+
+
+def encode_image(image: Any, output_format: str, quality: int | None = None) -> bytes:
+    """The image as PNG (lossless; quality unused), JPEG or WebP (quality 1-100)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    q = quality if quality is not None else DEFAULT_OUTPUT_QUALITY
+    if output_format == "png":
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif output_format == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=q)
+    elif output_format == "webp":
+        image.save(buf, format="WEBP", quality=q, method=WEBP_METHOD)
+    else:
+        raise ValueError(f"unknown output format {output_format!r}; expected png, jpeg or webp")
     return buf.getvalue()
 
 
@@ -181,12 +200,15 @@ class Rendered:
     steps: int
     seconds: float
     denoise_seconds: float
+    output_format: str = "png"
+    output_quality: int | None = None
 
     def encode(self) -> GenerationResult:
         started = time.monotonic()
-        png = png_bytes(self.image)
+        data = encode_image(self.image, self.output_format, self.output_quality)
         return GenerationResult(
-            png=png,
+            data=data,
+            media_type=OUTPUT_MEDIA_TYPES[self.output_format],
             width=self.width,
             height=self.height,
             steps=self.steps,
@@ -416,7 +438,7 @@ class ImageEngine:
         *,
         _warmup: bool = False,
     ) -> GenerationResult:
-        """Runs one request to PNG bytes. Raises JobCancelled (at a step boundary),
+        """Runs one request to the encoded image (its output_format). Raises JobCancelled (at a step boundary),
         BadInput or OutOfMemory."""
         return self.render(request, cancel, on_step, _warmup=_warmup).encode()
 
@@ -581,6 +603,8 @@ class ImageEngine:
             steps=total,
             seconds=seconds,
             denoise_seconds=max(denoise, 1e-9),
+            output_format=request.output_format,
+            output_quality=request.output_quality,
         )
 
     def _call_context(self, kwargs: dict[str, Any]) -> Any:

@@ -326,3 +326,20 @@ def test_replicas_share_the_queue_and_wake_each_other(postgres_database_url: str
     finally:
         a.stop()
         b.stop()
+
+
+def test_queue_snapshot_prices_the_normal_jobs_in_steps_times_megapixels(
+    gateway: RunningGateway, key: str
+) -> None:
+    """The operator sizes capacity from the queued work, so a 1024² job at 4 steps weighs
+    eight times a 512² one at 2 steps; low-priority jobs are not demand and weigh nothing."""
+    big = {"prompt": "big", "model": SCHNELL, "steps": 4, "size": {"width": 1024, "height": 1024}}
+    small = {"prompt": "small", "model": SCHNELL, "steps": 2, "size": {"width": 512, "height": 512}}
+    low = {**big, "priority": "low"}
+    for body in (big, small, low):
+        assert gateway.submit(key, body).status_code == 202
+    w = gateway.worker()
+    q = w.queue().models[SCHNELL]
+    assert q.queued_step_megapixels == pytest.approx(4 * 1.048576 + 2 * 0.262144)
+    assert q.depth == 2 and q.low_priority == 1
+    w.close()

@@ -55,6 +55,14 @@ class NewJob:
     idempotency: Idempotency | None = None
 
 
+def step_megapixels(request: dict[str, Any]) -> float | None:
+    """A resolved request's work: steps x megapixels (None if it does not say)."""
+    try:
+        return float(request["steps"]) * float(request["width"]) * float(request["height"]) / 1e6
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _job_row(j: NewJob, now: float) -> dict[str, Any]:
     """The jobs row of a new job (and its Idempotency-Key's row under `_idempotency`)."""
     o = j.options or JobOptions()
@@ -75,6 +83,7 @@ def _job_row(j: NewJob, now: float) -> dict[str, Any]:
         webhook_events=",".join(o.webhook_events) if o.webhook_events else None,
         base_url=o.base_url,
         revision=0,
+        step_megapixels=step_megapixels(j.request),
     )
     if j.idempotency is not None:
         values["_idempotency"] = dict(

@@ -114,6 +114,10 @@ class QueueCount:
     # Of `pending`, the low-priority jobs: they run only on workers already up, so the
     # operator's demand leaves them out.
     pending_low: int = 0
+    # Of the normal-priority pending jobs: their summed steps x megapixels, and how many
+    # carry no such figure (jobs queued before migration 5).
+    pending_step_megapixels: float = 0.0
+    pending_unpriced: int = 0
     running: int = 0
     oldest_pending_created_at: float | None = None
     # When the longest-waiting pending job entered the queue (submitted or handed back).

@@ -96,6 +96,8 @@ jobs = sa.Table(
     sa.Column("webhook_events", sa.String(40)),
     sa.Column("base_url", sa.String(500)),  # the submit's, for the result_url a webhook carries
     sa.Column("revision", sa.Integer, nullable=False, default=0, server_default="0"),
+    # The job's work, steps x megapixels (migration 5): the operator prices the queue with it.
+    sa.Column("step_megapixels", sa.Double),
     sa.Index("ix_jobs_queue", "model", "status", "created_at"),
     sa.Index("ix_jobs_lease_expiry", "status", "lease_expires_at"),
     sa.Index("ix_jobs_completed", "status", "completed_at"),
@@ -188,10 +190,15 @@ def _migration_4(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_status ON jobs (owner_key_id, status)"))
 
 
+def _migration_5(conn: Connection) -> None:
+    _add_columns(conn, jobs, ["step_megapixels"])
+
+
 # Append-only: (version, name, function). Never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs, api keys, settings", _migration_1),
     (2, "index of each model's finished jobs", _migration_2),
     (3, "priority, deadlines, webhooks, idempotency keys, job revisions", _migration_3),
     (4, "per-key limits, rate windows and usage", _migration_4),
+    (5, "each job's work in steps x megapixels", _migration_5),
 ]

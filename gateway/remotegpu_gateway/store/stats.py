@@ -24,6 +24,8 @@ class StatsStore(Database):
                     sa.func.count(),
                     sa.func.min(jobs.c.created_at),
                     sa.func.min(jobs.c.updated_at),
+                    sa.func.sum(jobs.c.step_megapixels),
+                    sa.func.count() - sa.func.count(jobs.c.step_megapixels),
                 )
                 .where(jobs.c.status.in_([PENDING, RUNNING]))
                 .group_by(jobs.c.model, jobs.c.status, jobs.c.priority)
@@ -34,12 +36,15 @@ class StatsStore(Database):
                 .distinct()
             ).all()
         out: dict[str, QueueCount] = {}
-        for model, status, priority, count, oldest, oldest_queued in rows:
+        for model, status, priority, count, oldest, oldest_queued, work, unpriced in rows:
             q = out.setdefault(model, QueueCount())
             if status == PENDING:
                 q.pending += int(count)
                 if priority != PRIORITIES["normal"]:
                     q.pending_low += int(count)
+                else:
+                    q.pending_step_megapixels += float(work or 0.0)
+                    q.pending_unpriced += int(unpriced)
                 q.oldest_pending_created_at = _earliest(q.oldest_pending_created_at, oldest)
                 q.oldest_pending_queued_at = _earliest(q.oldest_pending_queued_at, oldest_queued)
             else:

@@ -80,10 +80,33 @@ if need helm; then
   GOBIN="$bin" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 fi
 if need "coredns-$COREDNS_VERSION"; then
-  # Cluster DNS for the real nodes (cluster.local); versioned name, so a new pin rebuilds.
-  step "building CoreDNS $COREDNS_VERSION"
-  GOBIN="$cache/work/coredns-$COREDNS_VERSION" go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
-  mv "$cache/work/coredns-$COREDNS_VERSION/coredns" "$bin/coredns-$COREDNS_VERSION"
+  # Cluster DNS for the real nodes (cluster.local): CoreDNS with only the plugins the
+  # Corefile uses (the full build compiles every cloud provider's SDK); versioned name,
+  # so a new pin rebuilds.
+  step "building CoreDNS $COREDNS_VERSION (bind, errors, log, cache, kubernetes)"
+  w="$cache/work/coredns-$COREDNS_VERSION"; mkdir -p "$w"
+  printf 'module remotegpu.local/coredns\n\ngo 1.25.0\n\nrequire github.com/coredns/coredns %s\n' "$COREDNS_VERSION" > "$w/go.mod"
+  cat > "$w/main.go" <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+)
+
+// In CoreDNS's own plugin.cfg order (the order a query goes through them).
+func init() { dnsserver.Directives = []string{"bind", "errors", "log", "cache", "kubernetes"} }
+
+func main() { coremain.Run() }
+GO
+  (cd "$w" && go mod tidy >/dev/null 2>&1 || true
+   cd "$w" && go build -trimpath -ldflags "-s -w" -o "$bin/coredns-$COREDNS_VERSION" .)
 fi
 if need stages; then
   # KWOK's own Stage definitions, from its module source (the launcher adds a ready delay).

@@ -220,8 +220,23 @@ def build(image: Image, base: str | None = None) -> Built:
     partial.rename(archive)
     size = archive.stat().st_size  # its layers, uncompressed: what `docker images` shows
     meta.write_text(json.dumps({"ref": ref, "size_bytes": size}))
+    _prune(image, keep=archive)
     log(f"built {ref} in {time.monotonic() - started:.0f}s: {size / 1e9:.2f} GB")
     return Built(image, ref, archive, size)
+
+
+def _prune(image: Image, keep: Path) -> None:
+    """Older builds of the image: their archives and tags (the layers stay buildah's cache)."""
+    for old in keep.parent.glob(f"{image.name}-*.tar"):
+        if old != keep:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+            tag = old.stem.removeprefix(f"{image.name}-")
+            subprocess.run(
+                ["buildah", "--root", str(CACHE / "storage"), "--runroot", str(CACHE / "run"), "rmi",
+                 f"{image.repository}:{tag}"],
+                capture_output=True,
+            )  # fmt: skip
 
 
 def build_all(names: list[str] | None = None, base: str | None = None) -> dict[str, Built]:

@@ -243,6 +243,7 @@ table {family} {table} {{
             self._wait_socket(node)
             import_pause(node.socket)
         for node in self.nodes:
+            self._create_cgroups(node)
             self._start_kubelet(node, kubeconfig, gpu_product)
         self._start_kube_proxy(kubeconfig)
         self._start_coredns(kubeconfig)
@@ -345,6 +346,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             60,
             f"{node.name}'s containerd",
         )
+
+    def _create_cgroups(self, node: Node) -> None:
+        """The kubelet's cgroupRoot must exist, in every (v1) hierarchy; cpuset needs its CPUs and memory nodes."""
+        for sub in _hierarchies():
+            d = sub / node.cgroup_root.lstrip("/")
+            d.mkdir(exist_ok=True)
+            for knob in ("cpuset.cpus", "cpuset.mems"):
+                if (sub / knob).exists() and not (d / knob).read_text().strip():
+                    (d / knob).write_text((sub / knob).read_text())
 
     def _start_kubelet(self, node: Node, kubeconfig: Path, gpu_product: str) -> None:
         d = node.dir / "kubelet"
@@ -532,7 +542,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     subprocess.run(["umount", "-l", point], capture_output=True)
 
     def _remove_cgroups(self, node: Node) -> None:
-        for sub in Path("/sys/fs/cgroup").iterdir():
+        for sub in _hierarchies():
             top = sub / node.cgroup_root.lstrip("/")
             if not top.is_dir():
                 continue
@@ -578,3 +588,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     link.unlink()
             except OSError:
                 pass
+
+
+def _hierarchies() -> list[Path]:
+    """The mounted cgroup hierarchies (v1: one per controller; v2: the one root)."""
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.procs").exists():
+        return [root]
+    return [d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and (d / "cgroup.procs").exists()]

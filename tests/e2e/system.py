@@ -359,7 +359,8 @@ def deploy(kube: Kube, real: RealNodes, tiny_models_dir: Path, work: Path) -> It
         print(collector.text())
         raise
     finally:
-        kube.helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "120s", check=False)
-        kube.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False)
+        # The chart's uninstall hook runs (helm waits for hooks); the pods go in the background.
+        kube.helm("uninstall", RELEASE, "-n", namespace, "--timeout", "120s", check=False)
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         collector.stop()
         kube.kubectl("delete", "pv", claim, "--wait=false", check=False)

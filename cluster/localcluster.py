@@ -390,6 +390,15 @@ class Cluster:
         )
         return built
 
+    def stop_kubelet(self, node: str) -> None:
+        """A node's kubelet stops (its containers keep running): the node turns NotReady."""
+        [n] = [n for n in self.real_nodes().nodes if n.name == node]
+        self._stop([f"kubelet-{n.index}"])
+
+    def start_kubelet(self, node: str) -> None:
+        [n] = [n for n in self.real_nodes().nodes if n.name == node]
+        self.real_nodes().restart_kubelet(n)
+
     def _write_meta(self, meta: dict) -> None:
         (self.state_dir / "cluster.json").write_text(json.dumps(meta))
 

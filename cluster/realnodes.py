@@ -54,8 +54,10 @@ SYSCTLS = {
     "kernel/panic": "10",
     "kernel/panic_on_oops": "1",
 }
-# Paths the kubelet uses whatever its root dir (device-plugin socket, log symlinks).
-HOST_PATHS = ["/var/lib/kubelet", "/var/log/containers"]
+# Host paths used whatever the state dirs (the kubelet's device-plugin socket and log
+# folders, the shims' sockets, libcni's cache): removed at teardown if they were not
+# there before.
+HOST_PATHS = ["/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/run/containerd", "/var/lib/cni"]
 CNI_CACHE = Path("/var/lib/cni")
 
 
@@ -398,21 +400,24 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
         (d / "config.yaml").write_text(yaml.safe_dump(config))
         labels = {NODE_LABEL: "true", GPU_PRODUCT_LABEL: gpu_product}
-        self.spawn(
-            f"kubelet-{node.index}",
-            [
-                str(self.bins / "kubelet"),
-                f"--config={d / 'config.yaml'}",
-                f"--kubeconfig={kubeconfig}",
-                f"--root-dir={d / 'root'}",
-                f"--cert-dir={d / 'pki'}",
-                f"--hostname-override={node.name}",
-                f"--node-ip={node.ip}",
-                f"--node-labels={','.join(f'{k}={v}' for k, v in labels.items())}",
-                f"--register-with-taints={TAINT}",
-                "--v=1",
-            ],
-        )
+        argv = [
+            str(self.bins / "kubelet"),
+            f"--config={d / 'config.yaml'}",
+            f"--kubeconfig={kubeconfig}",
+            f"--root-dir={d / 'root'}",
+            f"--cert-dir={d / 'pki'}",
+            f"--hostname-override={node.name}",
+            f"--node-ip={node.ip}",
+            f"--node-labels={','.join(f'{k}={v}' for k, v in labels.items())}",
+            f"--register-with-taints={TAINT}",
+            "--v=1",
+        ]
+        (d / "argv.json").write_text(json.dumps(argv))
+        self.spawn(f"kubelet-{node.index}", argv)
+
+    def restart_kubelet(self, node: Node) -> None:
+        """Starts a stopped kubelet again, as it was (its pods come back under its care)."""
+        self.spawn(f"kubelet-{node.index}", json.loads((node.dir / "kubelet" / "argv.json").read_text()))
 
     def _start_kube_proxy(self, kubeconfig: Path) -> None:
         config = {

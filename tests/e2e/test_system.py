@@ -200,3 +200,28 @@ def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
             "-p",
             '[{"op": "remove", "path": "/spec/replicas"}]',
         )
+
+
+def node_ready(system: System, node: str) -> bool:
+    conds = system.kube.get_json("node", node)["status"].get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def test_a_node_whose_kubelet_stops_mid_job_loses_no_job(system: System):
+    assert system.kube.cluster is not None
+    model, name = system.tiny_models["flux1"], "tiny-random-flux1"
+    job_id, worker = _running_job_on_one_worker(system, model, name, seed=21)
+    # The kubelet stops; the node's containers run on (as on a real node whose kubelet died).
+    system.kube.cluster.stop_kubelet(worker.node)
+    try:
+        done = system.wait_job(job_id, timeout=300)
+        assert done["status"] == "succeeded", (done, system.logs())
+        assert httpx.get(done["result_url"], timeout=30).status_code == 200
+        wait_for(lambda: not node_ready(system, worker.node), 180, f"{worker.node} NotReady")
+        # New jobs still run while the node is NotReady.
+        other = system.submit(model, seed=22)
+        assert system.wait_job(other, timeout=300)["status"] == "succeeded", system.logs()
+    finally:
+        system.kube.cluster.start_kubelet(worker.node)
+    wait_for(lambda: node_ready(system, worker.node), 120, f"{worker.node} Ready again")
+    assert system.kube.get_json("node", worker.node)["status"]["allocatable"]["nvidia.com/gpu"] == "2"

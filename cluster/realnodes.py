@@ -472,12 +472,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         if not self.record.exists():
             return
         record = json.loads(self.record.read_text())
+        t0 = time.monotonic()
         stop([f"kubelet-{n.index}" for n in self.nodes] + ["kube-proxy", "coredns", "api-relay"])
+        t1 = time.monotonic()
         for node in self.nodes:
             self._kill_pods(node)
+        t2 = time.monotonic()
         stop([f"containerd-{n.index}" for n in self.nodes])
         for node in self.nodes:
             self._kill_leftover_shims(node)
+        t3 = time.monotonic()
         self._unmount_under(self.dir)
         for node in self.nodes:
             self._remove_cgroups(node)
@@ -497,6 +501,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self._remove_log_links()
         self.record.unlink()
         self.lock.release()
+        self.log(
+            f"real nodes removed: kubelets {t1 - t0:.0f}s, pods {t2 - t1:.0f}s, containerd {t3 - t2:.0f}s, "
+            f"mounts, network, cgroups {time.monotonic() - t3:.0f}s"
+        )
 
     def _kill_pods(self, node: Node) -> None:
         """Kills every container of the node's containerd (sandboxes too)."""

@@ -184,10 +184,18 @@ def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
         wait_for(lambda: system.deployment_replicas(name) == 0, 30, "the Deployment to scale to 0")
         done = system.wait_job(job, timeout=120)
         assert done["status"] == "succeeded", (done, system.logs())
-        # The worker was told to stop while the job ran, and finished it instead of handing it back.
-        logs = system.logs(tail=None)
-        drained_at = logs.find(f"draining: job {job}")
-        assert drained_at >= 0 and f"job {job}: succeeded" in logs[drained_at:], logs
+
+        # The worker was told to stop while the job ran, and finished it instead of handing it back
+        # (its log reaches us through the kubelet a moment after the gateway has the result).
+        def drained_then_finished() -> bool:
+            logs = system.logs(tail=None)
+            drained_at = logs.find(f"draining: job {job}")
+            return drained_at >= 0 and f"job {job}: succeeded" in logs[drained_at:]
+
+        try:
+            wait_for(drained_then_finished, 60, "the worker's log: draining, then the job finished")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{system.logs()}") from None
         wait_for(lambda: not system.pod_list(f"{name}-"), 90, "the drained worker pod to be gone")
     finally:
         system.kube.kubectl(

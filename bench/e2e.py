@@ -101,6 +101,11 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=5, help="cold starts to measure")
     parser.add_argument("--jobs", type=int, default=20, help="jobs in the warm batch")
+    parser.add_argument(
+        "--cluster-dir",
+        type=Path,
+        help="use this running cluster (`make cluster`'s: .cluster) instead of a new one",
+    )
     args = parser.parse_args()
 
     from remotegpu_worker import tiny
@@ -108,10 +113,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     print("building tiny models...", flush=True)
     tiny.build_all(work / "tiny-models", progress=None)
-    cluster = Cluster(work / "cluster")
+    cluster = Cluster(args.cluster_dir or work / "cluster")
     try:
         t0 = time.monotonic()
         kubeconfig = cluster.up(ClusterConfig(real_nodes=2))
+        cluster.add_real_nodes(2, 2, ClusterConfig().gpu_product)
         print(f"cluster with 2 real nodes up in {time.monotonic() - t0:.1f}s", flush=True)
         t0 = time.monotonic()
         built = cluster.import_images()
@@ -130,7 +136,8 @@ def main() -> int:
                     phases.setdefault(k, []).append(v)
             rate, lat = warm_throughput(system, model, args.jobs)
     finally:
-        cluster.down(quiet=True)
+        if not args.cluster_dir:
+            cluster.down(quiet=True)
 
     print(f"\ncold start on real nodes, {args.runs} runs (seconds since submit; tiny model on CPU)")
     print(f"{'phase':<18}{'median':>9}{'p95':>9}")

@@ -237,6 +237,11 @@ def _prune(image: Image, keep: Path) -> None:
                  f"{image.repository}:{tag}"],
                 capture_output=True,
             )  # fmt: skip
+            # Its own layers (the ones it shares with the new build stay, as the build cache).
+            subprocess.run(
+                ["buildah", "--root", str(CACHE / "storage"), "--runroot", str(CACHE / "run"), "rmi", "--prune"],
+                capture_output=True,
+            )  # fmt: skip
 
 
 def build_all(names: list[str] | None = None, base: str | None = None) -> dict[str, Built]:
@@ -251,13 +256,20 @@ def import_into(address: str, built: Built, ctr: str = "ctr") -> None:
         text=True,
         check=True,
     ).stdout.split()
-    if built.ref in have:
-        return
-    with built.archive.open("rb") as f:
+    if built.ref not in have:
+        with built.archive.open("rb") as f:
+            subprocess.run(
+                [ctr, "--address", address, "--namespace", "k8s.io", "images", "import", "-"],
+                stdin=f,
+                check=True,
+                capture_output=True,
+            )
+    # Older builds of the image go (the node keeps its images across runs: disk).
+    repository = built.ref.rsplit(":", 1)[0]
+    old = [ref for ref in have if ref.rsplit(":", 1)[0] == repository and ref != built.ref]
+    if old:
         subprocess.run(
-            [ctr, "--address", address, "--namespace", "k8s.io", "images", "import", "-"],
-            stdin=f,
-            check=True,
+            [ctr, "--address", address, "--namespace", "k8s.io", "images", "remove", *old],
             capture_output=True,
         )
 

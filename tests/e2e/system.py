@@ -65,59 +65,62 @@ class Pod:
 
 
 class LogCollector:
-    """Follows every container's log in the namespace into files (`kubectl logs -f`).
+    """Copies every container log of the namespace from the real nodes' pod log folders.
 
-    The logs of a pod that is gone stay readable: the scale-down test reads what a
-    drained worker wrote just before it exited.
+    The kubelet writes them there (CRI format) and deletes them with the pod; the copy
+    keeps the logs of pods that are gone readable (the scale-down test reads what a
+    drained worker wrote just before it exited). Read from the node's files, not through
+    `kubectl logs -f`, whose stream of a terminating pod can end before its last lines.
     """
 
     def __init__(self, kube: Kube, namespace: str, folder: Path):
-        self.kube, self.namespace, self.folder = kube, namespace, folder
+        assert kube.cluster is not None
+        self.sources = [n.dir / "pod-logs" for n in kube.cluster.real_nodes().nodes]
+        self.namespace, self.folder = namespace, folder
         folder.mkdir(parents=True, exist_ok=True)
-        self._followers: dict[str, subprocess.Popen] = {}
-        self._order: list[Path] = []
+        self._offsets: dict[Path, int] = {}
+        self._copies: dict[Path, Path] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"logs-{namespace}")
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.5):
-            out = self.kube.kubectl("get", "pods", "-n", self.namespace, "-o", "json", check=False)
-            if out.returncode:
-                continue
-            for p in json.loads(out.stdout)["items"]:
-                for c in p.get("status", {}).get("containerStatuses", []):
-                    cid = c.get("containerID", "")
-                    if not cid or cid in self._followers or "running" not in c.get("state", {}):
+        while not self._stop.wait(0.2):
+            self.sync()
+
+    def sync(self) -> None:
+        with self._lock:
+            for root in self.sources:
+                # <namespace>_<pod>_<uid>/<container>/<restart>.log
+                for f in sorted(root.glob(f"{self.namespace}_*/*/*.log")):
+                    try:
+                        with f.open("rb") as src:
+                            src.seek(self._offsets.get(f, 0))
+                            data = src.read()
+                    except OSError:
                         continue
-                    path = self.folder / f"{p['metadata']['name']}.{c['name']}.{c.get('restartCount', 0)}.log"
-                    self._order.append(path)
-                    self._followers[cid] = subprocess.Popen(
-                        [str(self.kube.bins / "kubectl"), "logs", "-f", "-n", self.namespace,
-                         p["metadata"]["name"], "-c", c["name"]],
-                        stdout=path.open("ab"),
-                        stderr=subprocess.STDOUT,
-                        env=self.kube.env,
-                    )  # fmt: skip
+                    if not data:
+                        continue
+                    self._offsets[f] = self._offsets.get(f, 0) + len(data)
+                    pod = f.parent.parent.name.split("_")[1]
+                    copy = self._copies.setdefault(f, self.folder / f"{pod}.{f.parent.name}.{f.stem}.log")
+                    with copy.open("ab") as dst:
+                        dst.write(data)
 
     def text(self, tail: int | None = 4000) -> str:
+        self.sync()
         parts = []
-        for path in list(self._order):
-            pod = path.name.split(".")[0]
-            lines = path.read_text(errors="replace").splitlines()
-            parts += [f"[{pod}] {line}" for line in lines]
+        for copy in list(self._copies.values()):
+            pod = copy.name.split(".")[0]
+            for line in copy.read_text(errors="replace").splitlines():
+                # CRI format: <time> <stream> <P|F> <message>
+                parts.append(f"[{pod}] {line.split(' ', 3)[-1]}")
         return "\n".join(parts[-tail:] if tail else parts)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        for proc in self._followers.values():
-            proc.terminate()
-        for proc in self._followers.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 @dataclass

@@ -22,14 +22,16 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/remotegpu \
     && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies']))" > requirements.in \
     && pip install --constraint requirements.lock -r requirements.in
-COPY README.md ./
 COPY base ./base
 COPY remotegpu ./remotegpu
 COPY gateway ./gateway
 COPY operator ./operator
 COPY inference-worker ./inference-worker
+# pyproject.toml names README.md as the long description: an empty one will do (a
+# docs edit must not rebuild the image).
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps . \
+    touch README.md \
+    && pip install --no-deps . \
     && rm -rf /src \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /data remotegpu \
     && mkdir -p /data \

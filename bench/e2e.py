@@ -47,25 +47,33 @@ def cold_start(system: System, model: str) -> dict[str, float]:
     while True:
         now = time.monotonic() - t0
         if "scale decision" not in marks and system.deployment_replicas(MODEL_NAME) >= 1:
-            marks["scale decision"] = now
+            marks["scale decision"] = (
+                time.monotonic() - t0
+            )  # when seen (each check is a kubectl or HTTP call)
         if "scale decision" in marks and "pod scheduled" not in marks:
             dep = system.imagemodel(MODEL_NAME)["status"].get("deployment")
             pods = system.kube.get_json("pods", "-n", system.namespace)["items"]
             if any(p["metadata"]["name"].startswith(dep or "?") and p["spec"].get("nodeName") for p in pods):
-                marks["pod scheduled"] = now
+                marks["pod scheduled"] = (
+                    time.monotonic() - t0
+                )  # when seen (each check is a kubectl or HTTP call)
         workers = system.workers(MODEL_NAME) if "pod scheduled" in marks else []
         if "container created" not in marks and any(p.container_id for p in workers):
-            marks["container created"] = now
+            marks["container created"] = (
+                time.monotonic() - t0
+            )  # when seen (each check is a kubectl or HTTP call)
         if "container started" not in marks and any(_started(p.raw) for p in workers):
-            marks["container started"] = now
+            marks["container started"] = (
+                time.monotonic() - t0
+            )  # when seen (each check is a kubectl or HTTP call)
         if "pod ready" not in marks and any(p.ready for p in workers):
-            marks["pod ready"] = now
+            marks["pod ready"] = time.monotonic() - t0  # when seen (each check is a kubectl or HTTP call)
         status = system.job(job)
         if "leased" not in marks and status["status"] in ("running", "succeeded"):
-            marks["leased"] = now
+            marks["leased"] = time.monotonic() - t0  # when seen (each check is a kubectl or HTTP call)
         if status["status"] in ("succeeded", "failed", "cancelled"):
             assert status["status"] == "succeeded", status
-            marks["succeeded"] = now
+            marks["succeeded"] = time.monotonic() - t0  # when seen (each check is a kubectl or HTTP call)
             marks["run (run_ms)"] = status["run_ms"] / 1000
             marks["wait (wait_ms)"] = status["wait_ms"] / 1000
             return marks

@@ -245,7 +245,19 @@ def _prune(image: Image, keep: Path) -> None:
 
 
 def build_all(names: list[str] | None = None, base: str | None = None) -> dict[str, Built]:
-    return {n: build(IMAGES[n], base) for n in names or list(IMAGES)}
+    try:
+        return {n: build(IMAGES[n], base) for n in names or list(IMAGES)}
+    finally:
+        release_storage()
+
+
+def release_storage() -> None:
+    """Nothing stays mounted between builds: a failed RUN's working container, the store's own mount."""
+    store = ["buildah", "--root", str(CACHE / "storage"), "--runroot", str(CACHE / "run")]
+    subprocess.run([*store, "rm", "--all"], capture_output=True)
+    overlay = str(CACHE / "storage" / "overlay")
+    if any(line.split()[4] == overlay for line in Path("/proc/self/mountinfo").read_text().splitlines()):
+        subprocess.run(["umount", overlay], capture_output=True)
 
 
 def import_into(address: str, built: Built, ctr: str = "ctr") -> None:

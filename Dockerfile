@@ -1,23 +1,37 @@
+# syntax=docker/dockerfile:1
 # The gateway and operator image: the remotegpu package without the GPU stack.
 # `remotegpu gateway` and `remotegpu operator` run from it (the chart's `image`).
 #   docker build -t ghcr.io/remotegpu/remotegpu:0.1.0 .
-FROM python:3.11-slim-bookworm
+# (`make images` builds it with buildah; the tests pass a local Debian bookworm base
+# as BASE_IMAGE, since no registry is reachable there.)
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/remotegpu \
+    PATH=/opt/remotegpu/bin:$PATH
 
 WORKDIR /src
-# The pinned lock as constraints: only the base dependencies are installed, at the
-# versions the tests ran with (the lock also pins the worker extra, unused here).
-COPY requirements.lock pyproject.toml README.md ./
+# The dependencies first, in their own layer (a code change does not reinstall them),
+# at the versions the lock pins (it also pins the worker extra, unused here). The pip
+# cache is a build cache mount: downloads are reused across builds, never in the image.
+COPY requirements.lock pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/remotegpu \
+    && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies']))" > requirements.in \
+    && pip install --constraint requirements.lock -r requirements.in
 COPY base ./base
 COPY remotegpu ./remotegpu
 COPY gateway ./gateway
 COPY operator ./operator
 COPY inference-worker ./inference-worker
-RUN pip install --constraint requirements.lock . \
+# pyproject.toml names README.md as the long description: an empty one will do (a
+# docs edit must not rebuild the image).
+RUN --mount=type=cache,target=/root/.cache/pip \
+    touch README.md \
+    && pip install --no-deps . \
     && rm -rf /src \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /data remotegpu \
     && mkdir -p /data \

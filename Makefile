@@ -11,12 +11,13 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # `make test` runs test files in parallel: most of the suite waits on real processes
 # (servers, clusters, workers), so more workers than cores pays. Each worker starts
-# its own cluster and PostgreSQL when it first needs one; a file's tests stay together.
+# its own cluster and PostgreSQL when it first needs one; a file's tests stay together,
+# and every test on the real nodes runs in one worker (tests/conftest.py).
 TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install run test test-fast lint bench cluster cluster-down system-deps cluster-bin
+.PHONY: help install run test test-fast lint bench cluster cluster-down system-deps cluster-bin images
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,25 +38,37 @@ $(STAMP): requirements.lock pyproject.toml | $(UV)
 
 install: $(STAMP) ## install the Python environment (.venv)
 
-system-deps: ## install PostgreSQL and Prometheus from Debian if missing (tests use their own instances)
+# PostgreSQL and Prometheus for the tests' own instances; buildah and mmdebstrap for
+# `make images`; containerd, runc, the CNI plugins, nftables, iptables and socat for
+# the local cluster's real nodes. Debian's packages, installed only when missing.
+SYSTEM_DEPS := postgresql:/usr/lib/postgresql/*/bin/pg_ctl prometheus:/usr/bin/prometheus \
+  buildah:/usr/bin/buildah mmdebstrap:/usr/bin/mmdebstrap containerd:/usr/bin/containerd runc:/usr/sbin/runc \
+  containernetworking-plugins:/usr/lib/cni/bridge nftables:/usr/sbin/nft iptables:/usr/sbin/iptables \
+  socat:/usr/bin/socat
+
+system-deps: ## install from Debian what the tests, images and real nodes need, if missing (tests use their own instances)
 	@missing=""; \
-	  ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
-	  command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  for dep in $(SYSTEM_DEPS); do \
+	    ls $${dep#*:} >/dev/null 2>&1 || missing="$$missing $${dep%%:*}"; \
+	  done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "==> installing$$missing from Debian's packages"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	    systemctl disable --now prometheus postgresql >/dev/null 2>&1 || true; \
-	    for s in prometheus postgresql; do service $$s stop >/dev/null 2>&1 || true; done; \
+	    systemctl disable --now prometheus postgresql containerd >/dev/null 2>&1 || true; \
+	    for s in prometheus postgresql containerd; do service $$s stop >/dev/null 2>&1 || true; done; \
 	  fi
 
-cluster-bin: ## build the local control plane binaries into ~/.cache/remotegpu (once)
+cluster-bin: ## build the local cluster's binaries into ~/.cache/remotegpu (once)
 	@cluster/build.sh >/dev/null
+
+images: install system-deps ## build the images with buildah (only when their inputs changed); BASE_IMAGE=python:3.11-slim-bookworm for the official base
+	@$(BIN)/python -m cluster.images build
 
 run: install ## start the service (embedded default) on http://127.0.0.1:8000
 	$(BIN)/remotegpu serve
 
-test: install system-deps cluster-bin ## run every test (starts and stops its own cluster, PostgreSQL, Prometheus)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+test: install system-deps cluster-bin ## run every test (starts and stops its own cluster, PostgreSQL, Prometheus; builds the images)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install ## unit tests only (no cluster, no PostgreSQL)
 	$(BIN)/pytest -m "not cluster and not postgres" $(PYTEST_ARGS)
@@ -68,8 +81,8 @@ lint: install ## ruff and mypy, clean
 bench: install cluster-bin ## run the benchmarks under bench/ and print their numbers
 	@for b in bench/*.py; do echo "==> $$b"; $(BIN)/python $$b || exit 1; done
 
-cluster: install cluster-bin ## start the local control plane (KWOK nodes, fake GPUs); prints the kubeconfig path last
-	@$(BIN)/python -m cluster.localcluster up
+cluster: install system-deps cluster-bin images ## start the local cluster (KWOK nodes and real ones, fake GPUs, the images imported); prints the kubeconfig path last
+	@$(BIN)/python -m cluster.localcluster up --import-images
 
-cluster-down: install ## stop the local control plane started by `make cluster`
+cluster-down: install ## stop the local cluster started by `make cluster` and remove every trace
 	@$(BIN)/python -m cluster.localcluster down

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm) from their Go modules into a cache outside
-# the repository, once per version set. Prints the bin folder as its last line.
+# Builds the local cluster (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok, helm, and for the real nodes kubelet, kube-proxy and
+# CoreDNS) from their Go modules into a cache outside the repository, once per
+# version set. Prints the bin folder as its last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 cache=${REMOTEGPU_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/remotegpu/cluster}
 bin="$cache/bin-$KUBE_VERSION-$ETCD_VERSION-$KWOK_VERSION-$HELM_VERSION"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy coredns-$COREDNS_VERSION)
 missing=()
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
 stages=(node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete)
@@ -21,8 +22,12 @@ step() { echo "[cluster-build] $(date +%T) $*" >&2; }
 
 need() { [[ " ${missing[*]} " == *" $1 "* ]]; }
 
-if need kube-apiserver || need kube-controller-manager || need kube-scheduler || need kubectl; then
-  step "building Kubernetes $KUBE_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl); several minutes per binary on 2 cores"
+kube_cmds=()
+for c in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
+  need "$c" && kube_cmds+=("k8s.io/kubernetes/cmd/$c")
+done
+if [ ${#kube_cmds[@]} -gt 0 ]; then
+  step "building Kubernetes $KUBE_VERSION (${kube_cmds[*]##*/}); several minutes per binary on 2 cores"
   w="$cache/work/kube-$KUBE_VERSION"; mkdir -p "$w"
   gomod=$(cd "$w" && go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
   {
@@ -44,6 +49,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   minor_num=$(echo "$KUBE_VERSION" | cut -d. -f2)
@@ -52,9 +59,7 @@ GO
     ld="$ld -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor_num -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
   done
   (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true
-   cd "$w" && go build -trimpath -ldflags "$ld" -o "$bin/" \
-     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+   cd "$w" && go build -trimpath -ldflags "$ld" -o "$bin/" "${kube_cmds[@]}")
 fi
 
 if need etcd; then
@@ -73,6 +78,35 @@ fi
 if need helm; then
   step "building helm $HELM_VERSION"
   GOBIN="$bin" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+if need "coredns-$COREDNS_VERSION"; then
+  # Cluster DNS for the real nodes (cluster.local): CoreDNS with only the plugins the
+  # Corefile uses (the full build compiles every cloud provider's SDK); versioned name,
+  # so a new pin rebuilds.
+  step "building CoreDNS $COREDNS_VERSION (bind, errors, log, cache, kubernetes)"
+  w="$cache/work/coredns-$COREDNS_VERSION"; mkdir -p "$w"
+  printf 'module remotegpu.local/coredns\n\ngo 1.25.0\n\nrequire github.com/coredns/coredns %s\n' "$COREDNS_VERSION" > "$w/go.mod"
+  cat > "$w/main.go" <<'GO'
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+)
+
+// In CoreDNS's own plugin.cfg order (the order a query goes through them).
+func init() { dnsserver.Directives = []string{"bind", "errors", "log", "cache", "kubernetes"} }
+
+func main() { coremain.Run() }
+GO
+  (cd "$w" && go mod tidy >/dev/null 2>&1 || true
+   cd "$w" && go build -trimpath -ldflags "-s -w" -o "$bin/coredns-$COREDNS_VERSION" .)
 fi
 if need stages; then
   # KWOK's own Stage definitions, from its module source (the launcher adds a ready delay).

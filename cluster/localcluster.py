@@ -1,9 +1,12 @@
-"""A real Kubernetes control plane as local processes, with KWOK-simulated nodes.
+"""A real Kubernetes control plane as local processes, with KWOK-simulated and real nodes.
 
-etcd, kube-apiserver, kube-controller-manager and kube-scheduler run on loopback
-ports; KWOK plays the kubelet for fake CPU and GPU nodes (`nvidia.com/gpu`
+etcd, kube-apiserver, kube-controller-manager and kube-scheduler run as local
+processes; KWOK plays the kubelet for fake CPU and GPU nodes (`nvidia.com/gpu`
 allocatable), so Deployments get scheduled Pods that turn Ready after a
-configurable delay. Used by `make cluster` and by the tests' session fixture.
+configurable delay. With `real_nodes` (or `add_real_nodes` later), kubelets with
+their own containerd run containers beside them (cluster/realnodes.py); the API
+server advertises node 0's bridge address, where the pods reach it. Used by `make
+cluster` and by the tests' session fixtures.
 
     python -m cluster.localcluster up [--state-dir DIR]    # prints the kubeconfig path last
     python -m cluster.localcluster down [--state-dir DIR]
@@ -22,10 +25,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from cluster import images
+from cluster.realnodes import API_RELAY_IP, Node, RealNodes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_STATE_DIR = HERE.parent / ".cluster"
@@ -45,6 +52,9 @@ class ClusterConfig:
     # Delay before a scheduled pod turns Ready (the "starting" phase), in ms.
     pod_ready_delay_ms: int = 0
     extra_nodes: list[dict] = field(default_factory=list)
+    # Real nodes (kubelet + containerd each), with this many fake GPUs each.
+    real_nodes: int = 0
+    real_node_gpus: int = 2
 
 
 def log(msg: str) -> None:
@@ -57,9 +67,9 @@ def bin_dir() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -220,6 +230,11 @@ class Cluster:
         )
 
     # -- lifecycle -------------------------------------------------------------------
+    def real_nodes(self, count: int | None = None) -> RealNodes:
+        if count is None:
+            count = self._meta().get("real_nodes", 0) if (self.state_dir / "cluster.json").exists() else 0
+        return RealNodes(self.state_dir, self.bins, self._spawn, self.kubectl, log, count)
+
     def up(self, config: ClusterConfig, timeout: float = 180.0) -> Path:
         self.bins = bin_dir()
         if self.kubeconfig.exists() and self._alive("kube-apiserver"):
@@ -235,7 +250,7 @@ class Cluster:
         etcd_port, etcd_peer, api_port, kwok_port = free_port(), free_port(), free_port(), free_port()
         server = f"https://127.0.0.1:{api_port}"
         write_kubeconfig(self.kubeconfig, server, pki)
-        (self.state_dir / "cluster.json").write_text(json.dumps({"server": server, "bin": str(b)}))
+        self._write_meta({"server": server, "api_port": api_port, "bin": str(b), "real_nodes": 0})
 
         log(f"starting etcd on 127.0.0.1:{etcd_port}")
         self._spawn(
@@ -270,8 +285,12 @@ class Cluster:
                 str(b / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
                 "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                # The `kubernetes` Service's endpoint: pods on real nodes reach the API
+                # server there (a relay to the loopback port; realnodes.py).
+                f"--advertise-address={API_RELAY_IP}",
                 f"--secure-port={api_port}",
+                # logs/exec/port-forward reach the real nodes' kubelets at their bridge address.
+                "--kubelet-preferred-address-types=InternalIP",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
@@ -349,8 +368,64 @@ class Cluster:
             timeout,
             "default ServiceAccount",
         )
-        log(f"ready in {time.monotonic() - started:.1f}s")
+        log(f"control plane ready in {time.monotonic() - started:.1f}s")
+        if config.real_nodes:
+            self.add_real_nodes(config.real_nodes, config.real_node_gpus, config.gpu_product)
         return self.kubeconfig
+
+    def import_images(self, names: list[str] | None = None) -> dict[str, images.Built]:
+        """Builds the project's images (when their inputs changed) and imports them into every real node."""
+        built = images.build_all(names)
+        nodes = self.real_nodes().nodes
+        t0 = time.monotonic()
+
+        def into(node: Node) -> None:
+            for b in built.values():
+                images.import_into(str(node.socket), b)
+
+        with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+            list(pool.map(into, nodes))
+        log(
+            f"images in the real nodes' containerd ({time.monotonic() - t0:.0f}s): {', '.join(b.ref for b in built.values())}"
+        )
+        return built
+
+    def stop_kubelet(self, node: str) -> None:
+        """A node's kubelet stops (its containers keep running): the node turns NotReady."""
+        [n] = [n for n in self.real_nodes().nodes if n.name == node]
+        self._stop([f"kubelet-{n.index}"])
+
+    def start_kubelet(self, node: str) -> None:
+        [n] = [n for n in self.real_nodes().nodes if n.name == node]
+        self.real_nodes().restart_kubelet(n)
+
+    def _write_meta(self, meta: dict) -> None:
+        (self.state_dir / "cluster.json").write_text(json.dumps(meta))
+
+    def _meta(self) -> dict:
+        return json.loads((self.state_dir / "cluster.json").read_text())
+
+    def add_real_nodes(self, count: int, gpus: int, gpu_product: str) -> RealNodes:
+        """Starts real nodes (tainted: only pods that tolerate them run there); see realnodes.py."""
+        t0 = time.monotonic()
+        meta = self._meta()
+        if meta.get("real_nodes"):
+            return self.real_nodes()
+        pause = images.build(images.IMAGES["pause"])
+        real = self.real_nodes(count)
+        log(f"starting {count} real nodes (containerd, kubelet), kube-proxy (nftables), CoreDNS")
+        real.prepare_host()
+        self._write_meta({**meta, "real_nodes": count})
+        real.start(
+            self.kubeconfig,
+            meta["api_port"],
+            gpus,
+            gpu_product,
+            pause.ref,
+            lambda sock: images.import_into(str(sock), pause),
+        )
+        log(f"{count} real nodes Ready with {gpus} fake GPUs each in {time.monotonic() - t0:.1f}s")
+        return real
 
     def _nodes_ready(self, want: int) -> bool:
         out = self.kubectl("get", "nodes", "-o", "json", check=False)
@@ -386,8 +461,20 @@ class Cluster:
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs are in {self.log_dir}")
 
     def down(self, quiet: bool = False) -> None:
-        """Stops exactly the processes this state dir started, then deletes the state."""
-        order = ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+        """Stops exactly the processes this state dir started, removes the real nodes' traces, then the state."""
+        stopped = []
+        if (self.state_dir / "nodes").exists():
+            if not hasattr(self, "bins"):
+                self.bins = Path(json.loads((self.state_dir / "cluster.json").read_text())["bin"])
+            self.real_nodes().teardown(lambda names: stopped.extend(self._stop(names)))
+        stopped += self._stop(["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"])
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        if stopped and not quiet:
+            log(f"stopped {', '.join(stopped)}")
+
+    def _stop(self, order: list[str]) -> list[str]:
+        """SIGTERM to each named process group (by pid file), SIGKILL after 15 s; returns the names."""
         pids = {}
         for name in order:
             pidf = self.pid_dir / f"{name}.pid"
@@ -409,10 +496,9 @@ class Cluster:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        if self.state_dir.exists():
-            shutil.rmtree(self.state_dir, ignore_errors=True)
-        if pids and not quiet:
-            log(f"stopped {', '.join(pids)}")
+        for name in pids:
+            (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+        return list(pids)
 
 
 def _exited(pid: int) -> bool:
@@ -442,6 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-nodes", type=int, default=2)
     parser.add_argument("--gpus-per-node", type=int, default=2)
     parser.add_argument(
+        "--real-nodes",
+        type=int,
+        default=int(os.environ.get("REMOTEGPU_REAL_NODES", "2")),
+        help="real nodes (kubelet + containerd, fake GPUs) beside the KWOK ones; 0 for none",
+    )
+    parser.add_argument(
+        "--import-images", action="store_true", help="build the images and import them into the real nodes"
+    )
+    parser.add_argument(
         "--pod-ready-delay-ms",
         type=int,
         default=int(os.environ.get("KWOK_POD_READY_DELAY_MS", "0")),
@@ -457,9 +552,13 @@ def main(argv: list[str] | None = None) -> int:
         gpu_nodes=args.gpu_nodes,
         gpus_per_node=args.gpus_per_node,
         pod_ready_delay_ms=args.pod_ready_delay_ms,
+        real_nodes=args.real_nodes,
+        real_node_gpus=args.gpus_per_node,
     )
     try:
         kubeconfig = cluster.up(cfg)
+        if args.import_images and args.real_nodes:
+            cluster.import_images()
     except Exception:
         cluster.down(quiet=True)
         raise

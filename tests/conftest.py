@@ -9,15 +9,10 @@ pytest_plugins = [
 ]
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for `pytest -n N --dist loadgroup` (make test): a file's tests run in one
-    worker (they share module fixtures), and so do all tests on the real nodes, which
-    exist once per machine (their bridges, subnets and nftables tables are host-wide)."""
+    """A test on the real nodes must carry the `real_nodes` mark: `make test` runs those
+    in a session of their own (the nodes' bridges and nftables tables exist once per host),
+    beside the parallel session of all the others."""
     for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        if "real_nodes" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("real-nodes"))
-        else:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        if "real_nodes" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("real_nodes"):
+            raise pytest.UsageError(f"{item.nodeid} uses the real nodes: mark it `pytest.mark.real_nodes`")

@@ -17,7 +17,7 @@ import yaml
 from tests.fixtures.cluster import Kube, RealNodes
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
 
 GPU = "nvidia.com/gpu"
 

@@ -22,7 +22,7 @@ from tests.chart.test_prometheus import Prometheus, http_ok
 from tests.e2e.system import System
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
 
 COMPONENTS = {"gateway": "http", "operator": "metrics", "worker": "http"}
 

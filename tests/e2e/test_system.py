@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.e2e.system import GATEWAY, OPERATOR, System, wait_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
 
 
 def test_newcomer_path_from_sleeping_to_png_and_back_to_sleeping(system: System):

@@ -299,7 +299,8 @@ def test_install_upgrade_uninstall(
         flux2 = kube.get_json("imagemodel", "flux-2-dev", "-n", namespace)["spec"]
         assert flux2["scaling"]["maxReplicas"] == 4 and flux2["worker"]["gpu"]["count"] == 2
 
-        # The operator (as its ServiceAccount) takes the presets over: finalizers, worker Deployments, status.
+        # The operator (as its ServiceAccount) takes the presets over: worker Deployments, status
+        # (and no finalizer, so an uninstall that removes the operator first never leaves them stuck).
         operator = run_operator_as_release(kube, namespace, tmp_path)
         try:
             models = sorted(set(PRESETS) - {"flux-1-dev"})
@@ -308,8 +309,7 @@ def test_install_upgrade_uninstall(
                 assert operator.poll() is None, (tmp_path / "operator.log").read_text()[-4000:]
                 items = kube.get_json("imagemodels", "-n", namespace)["items"]
                 return len(items) == len(models) and all(
-                    "remotegpu.ai/operator" in (m["metadata"].get("finalizers") or [])
-                    and (m.get("status") or {}).get("state") == "sleeping"
+                    not m["metadata"].get("finalizers") and (m.get("status") or {}).get("state") == "sleeping"
                     for m in items
                 )
 
@@ -320,7 +320,7 @@ def test_install_upgrade_uninstall(
             assert sorted(d["metadata"]["name"] for d in workers["items"]) == [f"{m}-worker" for m in models]
 
             # The pre-delete hook, run here as its own ServiceAccount: it deletes the presets
-            # while the operator runs, and the operator lets them go (finalizers, GC of workers).
+            # while the operator runs, and their worker Deployments go with them (owner references).
             hooks = [
                 d for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout) if d
             ]

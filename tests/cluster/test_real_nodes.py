@@ -17,7 +17,8 @@ import yaml
 from tests.fixtures.cluster import Kube, RealNodes
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
+# The first test also builds and imports the images when their inputs changed (minutes).
+pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes, pytest.mark.timeout(2400)]
 
 GPU = "nvidia.com/gpu"
 

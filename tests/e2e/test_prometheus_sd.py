@@ -22,7 +22,8 @@ from tests.chart.test_prometheus import Prometheus, http_ok
 from tests.e2e.system import System
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
+# The first test also builds and imports the images when their inputs changed (minutes).
+pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes, pytest.mark.timeout(2400)]
 
 COMPONENTS = {"gateway": "http", "operator": "metrics", "worker": "http"}
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from tests.e2e.system import GATEWAY, OPERATOR, System, wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes]
+# The first test also builds and imports the images when their inputs changed (minutes).
+pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes, pytest.mark.timeout(2400)]
 
 
 def test_newcomer_path_from_sleeping_to_png_and_back_to_sleeping(system: System):

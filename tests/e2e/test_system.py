@@ -179,8 +179,11 @@ def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
     wait_for(lambda: system.state(model) == "sleeping", 120, f"{name} asleep")
     job = system.submit(model, steps=50, size={"width": 1024, "height": 1024}, seed=5)
     wait_for(lambda: system.job(job)["status"] == "running", 120, "the job to run")
-    # Pin the model to zero workers: the Deployment scales down under the running job.
-    system.kube.kubectl("scale", "imagemodel", name, "-n", system.namespace, "--replicas=0")
+    # Pin the model to zero workers (spec.replicas; `kubectl scale` sets minReplicas, and the
+    # autoscaler never goes below the busy workers): the Deployment scales down under the job.
+    system.kube.kubectl(
+        "patch", "imagemodel", name, "-n", system.namespace, "--type=merge", "-p", '{"spec":{"replicas":0}}'
+    )
     try:
         wait_for(lambda: system.deployment_replicas(name) == 0, 30, "the Deployment to scale to 0")
         done = system.wait_job(job, timeout=120)

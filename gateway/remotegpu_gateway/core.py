@@ -45,6 +45,14 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def iso_ms(ts: float | None) -> str | None:
+    """The ETA extension's times, to the millisecond: whole seconds (the seed's fields)
+    would be off by half a second on average, a large error for a job of a few seconds."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _summary(values: list[float]) -> dict[str, int | None]:
     if not values:
         return {"count": 0, "p50": None, "p95": None}
@@ -391,8 +399,8 @@ class Gateway:
             end = self._expected_end(job, run, now)
             return {
                 "queue_position": None,
-                "estimated_start_at": iso(job.started_at),
-                "estimated_completion_at": iso(end),
+                "estimated_start_at": iso_ms(job.started_at),
+                "estimated_completion_at": iso_ms(end),
             }
         position = self.store.queue_position(job)
         out: dict[str, Any] = {
@@ -418,7 +426,7 @@ class Gateway:
         for _ in range(position):
             heapq.heappush(free, heapq.heappop(free) + run)
         start = heapq.heappop(free)
-        out["estimated_start_at"], out["estimated_completion_at"] = iso(start), iso(start + run)
+        out["estimated_start_at"], out["estimated_completion_at"] = iso_ms(start), iso_ms(start + run)
         return out
 
     @staticmethod

@@ -94,10 +94,12 @@ class JobStatusResponse(BaseModel):
         default=None, description="Extension. Waiting jobs of the model a worker takes first (0: next)"
     )
     estimated_start_at: str | None = Field(
-        default=None, description="Extension. Expected start (null: not yet estimable)"
+        default=None,
+        description="Extension. Expected start, UTC to the millisecond (null: not yet estimable)",
     )
     estimated_completion_at: str | None = Field(
-        default=None, description="Extension. Expected completion (null: not yet estimable)"
+        default=None,
+        description="Extension. Expected completion, UTC to the millisecond (null: not yet estimable)",
     )
 
 

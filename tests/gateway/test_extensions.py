@@ -3,6 +3,7 @@ job listing, Idempotency-Key, Prefer: wait, deadlines, low priority, queue posit
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -274,6 +275,8 @@ def test_queue_position_and_eta_from_recent_run_times(
     assert (second["queue_position"], third["queue_position"]) == (0, 1)
     assert abs(ts(second["estimated_start_at"]) - (now + 4)) <= 1.5
     assert abs(ts(second["estimated_completion_at"]) - (now + 14)) <= 1.5
+    # To the millisecond: whole seconds would be off by half a second on average.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", second["estimated_completion_at"])
     assert abs(ts(third["estimated_start_at"]) - (now + 14)) <= 1.5
     w.close()
 

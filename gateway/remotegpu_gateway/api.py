@@ -81,6 +81,14 @@ def base_url(gw: Gateway, request: Request) -> str:
     return gw.settings.public_url or str(request.base_url)
 
 
+async def owned_job(gw: Gateway, job_id: str, owner: str | None) -> JobRecord:
+    """The job if this owner (an API key's id) may see it; 404 otherwise."""
+    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, owner)
+    if job is None:
+        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    return job
+
+
 @router.post(
     "/image",
     status_code=202,
@@ -404,9 +412,7 @@ async def job_status(
     job_id: str, request: Request, key: KeyRecord = Depends(inference_key)
 ) -> dict[str, Any]:
     gw = gateway(request)
-    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
-    if job is None:
-        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    job = await owned_job(gw, job_id, key.id)
     return await anyio.to_thread.run_sync(gw.job_view_with_eta, job, base_url(gw, request))
 
 
@@ -435,9 +441,7 @@ async def job_events(
     last_event_id: str | None = Header(default=None),
 ) -> StreamingResponse:
     gw = gateway(request)
-    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
-    if job is None:
-        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    job = await owned_job(gw, job_id, key.id)
     try:
         seen = int(last_event_id) if last_event_id else -1
     except ValueError:
@@ -526,9 +530,7 @@ async def job_webhooks(
     job_id: str, request: Request, key: KeyRecord = Depends(inference_key)
 ) -> dict[str, Any]:
     gw = gateway(request)
-    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, key.id)
-    if job is None:
-        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    await owned_job(gw, job_id, key.id)  # 404 for jobs of other keys
     deliveries = await anyio.to_thread.run_sync(gw.store.deliveries, job_id)
     return {"deliveries": [d.public() for d in deliveries]}
 
@@ -625,9 +627,7 @@ async def _result_key(request: Request, job_id: str, expires: int | None, signat
         )
     else:
         raise ApiError(401, "send the signed result_url or Authorization: Bearer <api-key>", "Authorization")
-    job = await anyio.to_thread.run_sync(gw.store.get_job, job_id, owner)
-    if job is None:
-        raise ApiError(404, f"no job {job_id} for this API key", "job_id")
+    job = await owned_job(gw, job_id, owner)
     if job.status != SUCCEEDED or job.result_key is None:
         raise ApiError(
             409, f"job {job_id} is {gw.public_status(job)}; the result exists once it succeeded", "job_id"

@@ -25,10 +25,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from remotegpu_gateway.accounting_tables import api_key_limits, rate_limit_windows
 from remotegpu_gateway.errors import ApiError
 from remotegpu_gateway.schemas import MAX_LIMIT
 from remotegpu_gateway.store import PENDING, RUNNING, Store, api_keys, jobs
+from remotegpu_gateway.store.schema import api_key_limits, rate_limit_windows
 from remotegpu_gateway.usage import Usage, utc_day
 
 LIMIT_FIELDS = ("requests_per_minute", "max_concurrent_jobs", "gpu_seconds_per_day")

@@ -19,9 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from remotegpu_gateway.accounting_tables import job_usage
 from remotegpu_gateway.metrics import Metrics
 from remotegpu_gateway.store import TERMINAL_STATES, JobRecord, Store, jobs
+from remotegpu_gateway.store.schema import job_usage
 
 # The sweep meters jobs that finished this recently and are not in the ledger yet.
 BACKFILL_SECONDS = 3600.0

@@ -13,8 +13,6 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from remotegpu_gateway import accounting_tables
-
 PENDING = "pending"
 RUNNING = "running"
 SUCCEEDED = "succeeded"
@@ -140,6 +138,43 @@ webhook_deliveries = sa.Table(
 )
 
 
+# Per-key limits and usage (limits.py, usage.py; migration 4).
+# A key's own limits; NULL: the gateway's default (settings, the chart), 0: unlimited.
+api_key_limits = sa.Table(
+    "api_key_limits",
+    metadata,
+    sa.Column("key_id", sa.String(40), primary_key=True),
+    sa.Column("requests_per_minute", sa.Integer),
+    sa.Column("max_concurrent_jobs", sa.Integer),
+    sa.Column("gpu_seconds_per_day", sa.Double),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+# Requests counted per key per fixed minute (window_start: UNIX seconds, a multiple of 60).
+rate_limit_windows = sa.Table(
+    "rate_limit_windows",
+    metadata,
+    sa.Column("key_id", sa.String(40), primary_key=True),
+    sa.Column("window_start", sa.BigInteger, primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
+)
+
+# One row per finished job, written once (the job id is the key): usage for chargeback.
+# Kept when the job itself is deleted by the retention sweep.
+job_usage = sa.Table(
+    "job_usage",
+    metadata,
+    sa.Column("job_id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(40), nullable=False),
+    sa.Column("model", sa.String(300), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("day", sa.String(10), nullable=False),  # UTC date the job finished, YYYY-MM-DD
+    sa.Column("completed_at", sa.Double, nullable=False),
+    sa.Column("gpu_seconds", sa.Double, nullable=False),  # the job's run time (run_ms / 1000)
+    sa.Index("ix_job_usage_key_day", "key_id", "day"),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     for table in (gateway_settings, api_keys, api_key_secrets, jobs):
         table.create(conn, checkfirst=True)
@@ -185,7 +220,8 @@ def _migration_3(conn: Connection) -> None:
 
 
 def _migration_4(conn: Connection) -> None:
-    accounting_tables.create_tables(conn)
+    for table in (api_key_limits, rate_limit_windows, job_usage):
+        table.create(conn, checkfirst=True)
     # Usage (usage.py) finds a key's unfinished jobs and the finished ones not yet metered.
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_jobs_owner_status ON jobs (owner_key_id, status)"))
 

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "base"))
 sys.path.insert(0, str(REPO / "operator"))
 
-from remotegpu_base.catalog import ImageModelSpec, load_models_file  # noqa: E402
+from remotegpu_base.catalog import ImageModelSpec, load_models_file, step_megapixels  # noqa: E402
 from remotegpu_base.protocol import ModelQueue  # noqa: E402
 from remotegpu_operator import scaling  # noqa: E402
 
@@ -478,9 +478,9 @@ def load_trace(path: Path, specs: dict[str, ImageModelSpec]) -> list[Job]:
                     f"{path}:{n}: unknown model {model!r}; use a catalog id: {', '.join(sorted(specs))}"
                 )
             spec = specs[model]
-            mp = int(row["width"]) * int(row["height"]) / 1e6
-            seconds = int(row["steps"]) * mp * spec.scaling.seconds_per_step_megapixel
-            jobs.append(Job(float(row["t_seconds"]), model, seconds, int(row["steps"]) * mp))
+            work = step_megapixels(int(row["steps"]), int(row["width"]), int(row["height"]))
+            seconds = work * spec.scaling.seconds_per_step_megapixel
+            jobs.append(Job(float(row["t_seconds"]), model, seconds, work))
     if not jobs:
         raise SystemExit(f"{path}: no jobs")
     return jobs

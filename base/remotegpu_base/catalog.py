@@ -154,6 +154,11 @@ class InputImageParams(_Spec):
         return self
 
 
+def step_megapixels(steps: int, width: int, height: int) -> float:
+    """A job's work: denoising steps x megapixels (the autoscaler prices it in GPU-seconds)."""
+    return steps * width * height / 1e6
+
+
 class Parameters(_Spec):
     prompt: PromptParams
     negative_prompt: NegativePromptParams = Field(default_factory=NegativePromptParams)
@@ -161,6 +166,10 @@ class Parameters(_Spec):
     steps: StepsParams
     guidance: GuidanceParams
     input_images: InputImageParams = Field(default_factory=InputImageParams)
+
+    def default_step_megapixels(self) -> float:
+        """The work of a job at the default steps and size."""
+        return step_megapixels(self.steps.default, self.size.default.width, self.size.default.height)
 
     def public(self, max_tokens: int) -> dict[str, Any]:
         """The snake_case rendering served by GET /v1/inference/models."""

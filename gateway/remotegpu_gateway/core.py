@@ -460,9 +460,9 @@ class Gateway:
                 else:
                     q.warming = normal
                 q.low_priority = c.pending_low
-                q.queued_step_megapixels = c.pending_step_megapixels + c.pending_unpriced * default_work(
-                    self.catalog.get(model_id)
-                )
+                entry = self.catalog.get(model_id)
+                unpriced = entry.spec.parameters.default_step_megapixels() if entry else 0.0
+                q.queued_step_megapixels = c.pending_step_megapixels + c.pending_unpriced * unpriced
                 q.running = c.running
                 q.busy_workers = sorted(c.busy_workers)
                 if c.oldest_pending_created_at is not None:
@@ -524,11 +524,3 @@ class Gateway:
             attempt=job.attempt,
             request=GenerationRequest(**job.request, input_images_base64=images),
         )
-
-
-def default_work(entry: ImageModel | None) -> float:
-    """Steps x megapixels of a job at the model's default steps and size (0 if unknown)."""
-    if entry is None:
-        return 0.0
-    size = entry.spec.parameters.size.default
-    return entry.spec.parameters.steps.default * size.width * size.height / 1e6

@@ -103,9 +103,7 @@ def clamp(value: int, low: int, high: int) -> int:
 
 def job_seconds(spec: ImageModelSpec) -> float:
     """GPU-seconds of one job at the model's default steps and size (the catalog's estimate)."""
-    size = spec.parameters.size.default
-    megapixels = size.width * size.height / 1e6
-    return spec.parameters.steps.default * megapixels * spec.scaling.seconds_per_step_megapixel
+    return spec.parameters.default_step_megapixels() * spec.scaling.seconds_per_step_megapixel
 
 
 def busy_workers(queue: ModelQueue) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from remotegpu_base.catalog import step_megapixels
 from sqlalchemy.engine import Connection
 
 from remotegpu_gateway.store.batcher import InsertBatcher
@@ -55,10 +56,10 @@ class NewJob:
     idempotency: Idempotency | None = None
 
 
-def step_megapixels(request: dict[str, Any]) -> float | None:
-    """A resolved request's work: steps x megapixels (None if it does not say)."""
+def request_step_megapixels(request: dict[str, Any]) -> float | None:
+    """A resolved request's work (None if it does not say)."""
     try:
-        return float(request["steps"]) * float(request["width"]) * float(request["height"]) / 1e6
+        return step_megapixels(int(request["steps"]), int(request["width"]), int(request["height"]))
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -83,7 +84,7 @@ def _job_row(j: NewJob, now: float) -> dict[str, Any]:
         webhook_events=",".join(o.webhook_events) if o.webhook_events else None,
         base_url=o.base_url,
         revision=0,
-        step_megapixels=step_megapixels(j.request),
+        step_megapixels=request_step_megapixels(j.request),
     )
     if j.idempotency is not None:
         values["_idempotency"] = dict(

@@ -172,10 +172,14 @@ def test_headers_sent_byte_by_byte_are_cut_off(gateway_process: Any) -> None:
 
 
 def _closed_after(port: int, send: bytes, limit: float = 30) -> float:
-    """Seconds until the server closes a connection that sent `send` and then nothing."""
+    """Seconds until the server closes a connection that sent `send` and then nothing.
+
+    Counted from before the connect: the server's timer starts when it accepts, which can
+    come before connect() returns here, so a clock started after it would read short.
+    """
+    started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
         sock.sendall(send)
-        started = time.monotonic()
         try:
             while sock.recv(65536):
                 pass

@@ -157,9 +157,11 @@ if need "prometheus-$PROMETHEUS_VERSION" || need "promtool-$PROMETHEUS_VERSION";
   printf '//go:build tools\n\npackage tools\n\nimport (\n\t_ "github.com/prometheus/prometheus/cmd/prometheus"\n\t_ "github.com/prometheus/prometheus/cmd/promtool"\n)\n' > "$w/tools.go"
   p=github.com/prometheus
   version=$(cd "$w" && go list -m -f '{{.Dir}}' "$p/prometheus" | xargs -I{} cat {}/VERSION)
+  out=$(mktemp -d "$bin/.prometheus.XXXXXX")  # then renamed: a concurrent build.sh sees whole files
   gobuild prometheus "$w" remove_all_sd,enable_kubernetes_sd "-s -w -X $p/common/version.Version=$version" \
-    "$w/bin/" "$p/prometheus/cmd/prometheus" "$p/prometheus/cmd/promtool"
-  for c in prometheus promtool; do mv "$w/bin/$c" "$bin/$c-$PROMETHEUS_VERSION"; done
+    "$out/" "$p/prometheus/cmd/prometheus" "$p/prometheus/cmd/promtool"
+  for c in prometheus promtool; do mv "$out/$c" "$bin/$c-$PROMETHEUS_VERSION"; done
+  rmdir "$out"
 fi
 if need stages; then
   # KWOK's own Stage definitions, from its module source (the launcher adds a ready delay).

@@ -1,5 +1,6 @@
-"""A real Prometheus (the pinned one cluster/build.sh builds) scrapes a running gateway, operator and worker, and every
-metric the chart's dashboards and alerts use is among what it scraped.
+"""A real Prometheus (the pinned one cluster/build.sh builds) scrapes a running gateway,
+operator and worker, and every metric the chart's dashboards and alerts use is among
+what it scraped.
 
 The gateway serves its catalog from ImageModels in the test namespace of the local
 control plane; the operator reconciles them there (KWOK plays the worker pod); a real

@@ -147,8 +147,9 @@ fi
 if need "prometheus-$PROMETHEUS_VERSION" || need "promtool-$PROMETHEUS_VERSION"; then
   # The tests' Prometheus and promtool, with Kubernetes service discovery only
   # (remove_all_sd leaves out every cloud's SDK); no web UI assets (the API is what the
-  # tests use). A wrapper module, as `go install` of a module with replace/exclude lines
-  # is refused; versioned names, so a new pin rebuilds.
+  # tests use). A wrapper module, as for Kubernetes: `go install pkg@version` refuses a
+  # module whose go.mod has replace or exclude lines, as some releases' have. Versioned
+  # names, so a new pin rebuilds.
   step "building Prometheus $PROMETHEUS_VERSION (prometheus, promtool; Kubernetes service discovery only)"
   w="$cache/work/prometheus-$PROMETHEUS_VERSION"; mkdir -p "$w"
   gomod=$(cd "$w" && go mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')

@@ -64,6 +64,7 @@ def selected(kind: str, match_labels: dict[str, str]) -> list[dict]:
 def scrape_job(
     name: str, role: str, namespaces: list[str], endpoint: dict, relabel: list[dict], sd: dict
 ) -> dict:
+    """One endpoint's scrape job; its targets labelled as prometheus-operator labels them."""
     return {
         "job_name": name,
         "scrape_interval": endpoint["interval"],

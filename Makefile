@@ -39,10 +39,11 @@ $(STAMP): requirements.lock pyproject.toml | $(UV)
 
 install: $(STAMP) ## install the Python environment (.venv)
 
-# PostgreSQL and Prometheus for the tests' own instances; buildah and mmdebstrap for
+# PostgreSQL for the tests' own instances (their Prometheus is built by cluster/build.sh:
+# Debian's has no Kubernetes service discovery); buildah and mmdebstrap for
 # `make images`; containerd, runc, the CNI plugins, nftables, iptables and socat for
 # the local cluster's real nodes. Debian's packages, installed only when missing.
-SYSTEM_DEPS := postgresql:/usr/lib/postgresql/*/bin/pg_ctl prometheus:/usr/bin/prometheus \
+SYSTEM_DEPS := postgresql:/usr/lib/postgresql/*/bin/pg_ctl \
   buildah:/usr/bin/buildah mmdebstrap:/usr/bin/mmdebstrap containerd:/usr/bin/containerd runc:/usr/sbin/runc \
   containernetworking-plugins:/usr/lib/cni/bridge nftables:/usr/sbin/nft iptables:/usr/sbin/iptables \
   socat:/usr/bin/socat
@@ -55,11 +56,11 @@ system-deps: ## install from Debian what the tests, images and real nodes need, 
 	  if [ -n "$$missing" ]; then \
 	    echo "==> installing$$missing from Debian's packages"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	    systemctl disable --now prometheus postgresql containerd >/dev/null 2>&1 || true; \
-	    for s in prometheus postgresql containerd; do service $$s stop >/dev/null 2>&1 || true; done; \
+	    systemctl disable --now postgresql containerd >/dev/null 2>&1 || true; \
+	    for s in postgresql containerd; do service $$s stop >/dev/null 2>&1 || true; done; \
 	  fi
 
-cluster-bin: ## build the local cluster's binaries into ~/.cache/remotegpu (once)
+cluster-bin: ## build the local cluster's binaries and the tests' Prometheus into ~/.cache/remotegpu (once)
 	@cluster/build.sh >/dev/null
 
 images: install system-deps ## build the images with buildah (only when their inputs changed); BASE_IMAGE=python:3.11-slim-bookworm for the official base

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Builds the local cluster (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok, helm, and for the real nodes kubelet, kube-proxy and
-# CoreDNS) from their Go modules into a cache outside the repository, once per
-# version set. Prints the bin folder as its last line.
+# CoreDNS) and the tests' Prometheus and promtool from their Go modules into a cache
+# outside the repository, once per version set. Prints the bin folder as its last
+# line; progress (packages compiled, every 30 s) and each step's time go to stderr.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 cache=${REMOTEGPU_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/remotegpu/cluster}
 bin="$cache/bin-$KUBE_VERSION-$ETCD_VERSION-$KWOK_VERSION-$HELM_VERSION"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy coredns-$COREDNS_VERSION)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy
+  "coredns-$COREDNS_VERSION" "prometheus-$PROMETHEUS_VERSION" "promtool-$PROMETHEUS_VERSION")
 missing=()
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
 stages=(node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete)
@@ -19,6 +21,40 @@ if [ ${#missing[@]} -eq 0 ]; then echo "$bin"; exit 0; fi
 mkdir -p "$bin" "$cache/work"
 export GOFLAGS=-mod=mod CGO_ENABLED=0
 step() { echo "[cluster-build] $(date +%T) $*" >&2; }
+started=$SECONDS
+took() { local s=$((SECONDS - $1)); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
+
+# Reads `go build -v`/`go install -v` output (a package path per line, as each is
+# compiled) and prints a progress line every 30 s; anything else (errors) goes through.
+progress() {  # progress LABEL TOTAL
+  local n=0 fetched=0 last=$SECONDS line
+  while IFS= read -r line; do
+    if [[ $line == "go: downloading "* ]]; then fetched=$((fetched + 1))
+    elif [[ $line =~ ^[A-Za-z0-9._/~-]+$ ]]; then n=$((n + 1))
+    else echo "$line" >&2
+    fi
+    if ((SECONDS - last >= 30)); then
+      step "  $1: $n of ${2:-?} packages compiled$( ((fetched)) && echo ", $fetched modules downloaded")"
+      last=$SECONDS
+    fi
+  done
+}
+
+# go build in a wrapper module, with progress: gobuild LABEL DIR TAGS LDFLAGS OUT PKG...
+gobuild() {
+  local label=$1 dir=$2 tags=$3 ld=$4 out=$5 t=$SECONDS total
+  shift 5
+  total=$(cd "$dir" && go list -tags "$tags" -deps "$@" 2>/dev/null | wc -l) || total=
+  (cd "$dir" && go build -v -trimpath -tags "$tags" -ldflags "$ld" -o "$out" "$@") 2>&1 | progress "$label" "$total"
+  step "  $label built in $(took $t)"
+}
+
+# go install of a module's command at a version (its go.mod has no replace lines), with progress.
+goinstall() {  # goinstall LABEL PKG@VERSION
+  local t=$SECONDS
+  GOBIN="$bin" go install -v -trimpath -ldflags "-s -w" "$2" 2>&1 | progress "$1" ""
+  step "  $1 built in $(took $t)"
+}
 
 need() { [[ " ${missing[*]} " == *" $1 "* ]]; }
 
@@ -58,8 +94,8 @@ GO
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld="$ld -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor_num -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
   done
-  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true
-   cd "$w" && go build -trimpath -ldflags "$ld" -o "$bin/" "${kube_cmds[@]}")
+  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true)
+  gobuild kubernetes "$w" "" "$ld" "$bin/" "${kube_cmds[@]}"
 fi
 
 if need etcd; then
@@ -67,17 +103,17 @@ if need etcd; then
   w="$cache/work/etcd-$ETCD_VERSION"; mkdir -p "$w"
   printf 'module remotegpu.local/etcd\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD_VERSION" > "$w/go.mod"
   printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' > "$w/tools.go"
-  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true
-   cd "$w" && go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
+  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true)
+  gobuild etcd "$w" "" "-s -w" "$bin/etcd" go.etcd.io/etcd/server/v3
 fi
 
 if need kwok; then
   step "building kwok $KWOK_VERSION"
-  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  goinstall kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 fi
 if need helm; then
   step "building helm $HELM_VERSION"
-  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  goinstall helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 fi
 if need "coredns-$COREDNS_VERSION"; then
   # Cluster DNS for the real nodes (cluster.local): CoreDNS with only the plugins the
@@ -105,8 +141,28 @@ func init() { dnsserver.Directives = []string{"bind", "errors", "log", "cache", 
 
 func main() { coremain.Run() }
 GO
-  (cd "$w" && go mod tidy >/dev/null 2>&1 || true
-   cd "$w" && go build -trimpath -ldflags "-s -w" -o "$bin/coredns-$COREDNS_VERSION" .)
+  (cd "$w" && go mod tidy >/dev/null 2>&1 || true)
+  gobuild coredns "$w" "" "-s -w" "$bin/coredns-$COREDNS_VERSION" .
+fi
+if need "prometheus-$PROMETHEUS_VERSION" || need "promtool-$PROMETHEUS_VERSION"; then
+  # The tests' Prometheus and promtool, with Kubernetes service discovery only
+  # (remove_all_sd leaves out every cloud's SDK); no web UI assets (the API is what the
+  # tests use). A wrapper module, as for Kubernetes: `go install pkg@version` refuses a
+  # module whose go.mod has replace or exclude lines, as some releases' have. Versioned
+  # names, so a new pin rebuilds.
+  step "building Prometheus $PROMETHEUS_VERSION (prometheus, promtool; Kubernetes service discovery only)"
+  w="$cache/work/prometheus-$PROMETHEUS_VERSION"; mkdir -p "$w"
+  gomod=$(cd "$w" && go mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  printf 'module remotegpu.local/prometheus\n\n%s\n\nrequire github.com/prometheus/prometheus %s\n' \
+    "$(grep -E '^go ' "$gomod")" "$PROMETHEUS_VERSION" > "$w/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport (\n\t_ "github.com/prometheus/prometheus/cmd/prometheus"\n\t_ "github.com/prometheus/prometheus/cmd/promtool"\n)\n' > "$w/tools.go"
+  p=github.com/prometheus
+  version=$(cd "$w" && go list -m -f '{{.Dir}}' "$p/prometheus" | xargs -I{} cat {}/VERSION)
+  out=$(mktemp -d "$bin/.prometheus.XXXXXX")  # then renamed: a concurrent build.sh sees whole files
+  gobuild prometheus "$w" remove_all_sd,enable_kubernetes_sd "-s -w -X $p/common/version.Version=$version" \
+    "$out/" "$p/prometheus/cmd/prometheus" "$p/prometheus/cmd/promtool"
+  for c in prometheus promtool; do mv "$out/$c" "$bin/$c-$PROMETHEUS_VERSION"; done
+  rmdir "$out"
 fi
 if need stages; then
   # KWOK's own Stage definitions, from its module source (the launcher adds a ready delay).
@@ -117,5 +173,5 @@ if need stages; then
   chmod -R u+w "$bin/stages"
 fi
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || { echo "cluster build: $b is missing from $bin; see the errors above" >&2; exit 1; }; done
-step "done"
+step "done in $(took "$started")"
 echo "$bin"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,6 +66,14 @@ def bin_dir() -> Path:
     """Builds the binaries once (cached outside the repo) and returns their folder."""
     out = subprocess.run([str(HERE / "build.sh")], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def pinned(name: str) -> str:
+    """A version pinned in cluster/versions.env: pinned("KUBE") is KUBE_VERSION's value."""
+    m = re.search(rf"^{name}_VERSION=(\S+)", (HERE / "versions.env").read_text(), re.M)
+    if not m:
+        raise KeyError(f"{name}_VERSION is not in {HERE / 'versions.env'}")
+    return m.group(1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

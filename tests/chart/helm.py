@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from cluster.localcluster import bin_dir
+from cluster.localcluster import bin_dir, pinned
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "remotegpu"
@@ -21,13 +21,24 @@ PROM_NAME = re.compile(r"\bremotegpu_[A-Za-z0-9_:]+")
 @functools.cache
 def kube_version() -> str:
     """The local control plane's Kubernetes version (helm's own default is too old for kubeVersion)."""
-    env = (REPO / "cluster" / "versions.env").read_text()
-    return re.search(r"^KUBE_VERSION=(\S+)", env, re.M).group(1)  # type: ignore[union-attr]
+    return pinned("KUBE")
 
 
 @functools.cache
 def helm_bin() -> Path:
     return bin_dir() / "helm"
+
+
+@functools.cache
+def prometheus_bin() -> Path:
+    """The tests' Prometheus, built by cluster/build.sh with Kubernetes service discovery
+    (Debian's package leaves it out)."""
+    return bin_dir() / f"prometheus-{pinned('PROMETHEUS')}"
+
+
+@functools.cache
+def promtool_bin() -> Path:
+    return bin_dir() / f"promtool-{pinned('PROMETHEUS')}"
 
 
 def run_helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -4,22 +4,18 @@ checked with `promtool test rules` on synthetic series."""
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
 
-from tests.chart.helm import alert_rules
-
-PROMTOOL = shutil.which("promtool")
+from tests.chart.helm import alert_rules, promtool_bin
 
 NS = 'namespace="imaging"'
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    assert PROMTOOL, "promtool is missing: `make system-deps` installs Debian's prometheus package"
-    return subprocess.run([PROMTOOL, *args], text=True, capture_output=True)
+    return subprocess.run([str(promtool_bin()), *args], text=True, capture_output=True)
 
 
 def test_promtool_check_rules(tmp_path: Path):

@@ -1,5 +1,6 @@
-"""A real Prometheus (Debian's) scrapes a running gateway, operator and worker, and every
-metric the chart's dashboards and alerts use is among what it scraped.
+"""A real Prometheus (the pinned one cluster/build.sh builds) scrapes a running gateway,
+operator and worker, and every metric the chart's dashboards and alerts use is among
+what it scraped.
 
 The gateway serves its catalog from ImageModels in the test namespace of the local
 control plane; the operator reconciles them there (KWOK plays the worker pod); a real
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +29,7 @@ import yaml
 from remotegpu_base.catalog import load_models_file
 
 from cluster.localcluster import free_port
-from tests.chart.helm import REPO, alert_exprs, alert_rules, dashboard_exprs, metric_names
+from tests.chart.helm import REPO, alert_exprs, alert_rules, dashboard_exprs, metric_names, prometheus_bin
 from tests.fixtures.cluster import Kube
 from tests.waiting import wait_for
 
@@ -155,8 +155,6 @@ def grafana_to_promql(expr: str, namespace: str) -> str:
 def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
     kube: Kube, namespace: str, tiny_data_dir: Path, procs: Callable[..., Proc], tmp_path: Path
 ):
-    prometheus_bin = shutil.which("prometheus")
-    assert prometheus_bin, "prometheus is missing: `make system-deps` installs Debian's prometheus package"
     kube.kubectl("apply", "-f", str(CRD))
     kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
     gw_port, op_port, wk_port, prom_port = free_port(), free_port(), free_port(), free_port()
@@ -181,7 +179,7 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom_proc = procs(
         "prometheus",
-        [prometheus_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        [str(prometheus_bin()), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.tsdb.retention.time=1h"],
         dict(os.environ), tmp_path / "prometheus.log",
     )  # fmt: skip

@@ -10,9 +10,12 @@ go in and come out as plain dicts, the shapes the pure modules take.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import kr8s
 import kr8s.asyncio
 from kr8s.asyncio.objects import APIObject, Deployment, Pod, new_class
@@ -23,16 +26,31 @@ ImageModelObject = new_class(KIND, f"{API_GROUP}/{API_VERSION}", namespaced=True
 Lease = new_class("Lease", "coordination.k8s.io/v1", namespaced=True)
 Api = kr8s.asyncio.Api
 ServerError = kr8s.ServerError
+NotFoundError = kr8s.NotFoundError
+# What a failed call may raise: an error answer, no answer in time, no connection.
+ERRORS = (kr8s.ServerError, kr8s.NotFoundError, kr8s.APITimeoutError, httpx.HTTPError, OSError)
 
-__all__ = ["Api", "Deployment", "ImageModelObject", "Lease", "Pod", "ServerError", "connect", "status_of"]
+__all__ = [
+    "ERRORS",
+    "Api",
+    "Deployment",
+    "ImageModelObject",
+    "Lease",
+    "NotFoundError",
+    "Pod",
+    "ServerError",
+    "connect",
+    "status_of",
+]
 
 
 async def connect(kubeconfig: str | None = None, *, timeout: float = 15.0) -> Api:
     """The API of the kubeconfig (or $KUBECONFIG, or the pod's service account).
 
-    kr8s sets no request timeout of its own: a call the server never answers would hang.
+    kr8s sets no request timeout of its own (and asks the server its version on
+    connecting): a server that never answers must not hang the caller.
     """
-    api = await kr8s.asyncio.api(kubeconfig=kubeconfig)
+    api = await asyncio.wait_for(kr8s.asyncio.api(kubeconfig=kubeconfig), timeout)
     api.timeout = timeout
     return api
 
@@ -61,6 +79,33 @@ async def list_of(api: Api, kind: type[APIObject], namespace: str, **params: Any
         "GET", version=kind.version, namespace=namespace, url=kind.endpoint, params=params
     ) as r:
         return r.json()
+
+
+async def watch(
+    api: Api, kind: type[APIObject], namespace: str, resource_version: str, timeout_seconds: int = 60
+) -> AsyncIterator[dict[str, Any]]:
+    """The events of one watch from `resource_version` (bookmarks included), until the server
+    ends it after `timeout_seconds`. kr8s's own watch sets neither timeout and resumes a
+    410 Gone from the same, expired version; the caller here lists again instead.
+    """
+    params = {
+        "watch": "true",
+        "resourceVersion": resource_version,
+        "timeoutSeconds": timeout_seconds,
+        "allowWatchBookmarks": "true",
+    }
+    async with api.call_api(
+        "GET",
+        version=kind.version,
+        namespace=namespace,
+        url=kind.endpoint,
+        params=params,
+        stream=True,
+        timeout=httpx.Timeout(10, read=timeout_seconds + 30),  # a silent watch is given up on
+    ) as r:
+        async for line in r.aiter_lines():
+            if line:
+                yield json.loads(line)
 
 
 async def create(api: Api, kind: type[APIObject], body: dict[str, Any]) -> dict[str, Any]:

@@ -11,14 +11,12 @@ and logged; the last good entry of a model is dropped with them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import ValidationError
 from remotegpu_base import kube
 from remotegpu_base.catalog import ImageModel, load_models_file
@@ -157,26 +155,9 @@ class KubernetesCatalogWatcher:
         return str(resp.get("metadata", {}).get("resourceVersion", ""))
 
     async def _watch(self, api: kube.Api, rv: str) -> str:
-        """One watch from `rv` until the server ends it (after `timeout_seconds`); the last rv seen."""
-        params = {
-            "watch": "true",
-            "resourceVersion": rv,
-            "timeoutSeconds": self.timeout_seconds,
-            "allowWatchBookmarks": "true",
-        }
-        async with api.call_api(
-            "GET",
-            version=kube.ImageModelObject.version,
-            namespace=self.namespace,
-            url=kube.ImageModelObject.endpoint,
-            params=params,
-            stream=True,
-            # The server ends the watch; a silent one is given up on a little later.
-            timeout=httpx.Timeout(10, read=self.timeout_seconds + 30),
-        ) as r:
-            async for line in r.aiter_lines():
-                if line:
-                    rv = self._handle(json.loads(line)) or rv
+        """One watch from `rv` until the server ends it; the last resourceVersion seen."""
+        async for event in kube.watch(api, kube.ImageModelObject, self.namespace, rv, self.timeout_seconds):
+            rv = self._handle(event) or rv
         return rv
 
     async def _run(self) -> None:

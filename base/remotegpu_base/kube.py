@@ -32,6 +32,7 @@ ERRORS = (kr8s.ServerError, kr8s.NotFoundError, kr8s.APITimeoutError, httpx.HTTP
 
 __all__ = [
     "ERRORS",
+    "APIObject",
     "Api",
     "Deployment",
     "ImageModelObject",

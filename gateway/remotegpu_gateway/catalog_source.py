@@ -162,9 +162,10 @@ class KubernetesCatalogWatcher:
 
     async def _run(self) -> None:
         backoff = 0.5
+        api: kube.Api | None = None
         while True:
             try:
-                api = await kube.connect(self.kubeconfig)
+                api = api or await kube.connect(self.kubeconfig)  # kr8s re-reads credentials on a 401
                 rv = await self._list(api)
                 backoff = 0.5
                 while True:

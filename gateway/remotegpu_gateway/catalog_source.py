@@ -110,6 +110,7 @@ class KubernetesCatalogWatcher:
             try:
                 await asyncio.wait_for(self._listed.wait(), timeout)
             except TimeoutError:
+                await self.stop()
                 raise TimeoutError(
                     f"could not list ImageModel resources in namespace {self.namespace!r} "
                     f"within {timeout:.0f} s; check the gateway's kubeconfig or service account"

@@ -20,6 +20,7 @@ from remotegpu_gateway.catalog_source import Catalog, KubernetesCatalogWatcher
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 
+from cluster.localcluster import free_port
 from tests.fixtures.cluster import REPO, Kube
 from tests.gateway.conftest import WORKER_TOKEN, RunningGateway
 from tests.waiting import wait_for
@@ -158,3 +159,25 @@ def test_invalid_resources_are_skipped(crd: None, kube: Kube, kubeconfig: Path, 
     bad = dict(objs["items"][0])
     bad["spec"] = {**bad["spec"], "parameters": {"prompt": {"maxLength": 10}}}
     assert watcher._parse(bad) is None
+
+
+def test_an_unreachable_api_server_fails_the_start_with_what_to_check(tmp_path: Path) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    watcher = KubernetesCatalogWatcher(Catalog(), None, "ns", kubeconfig=str(tmp_path / "kubeconfig"))
+
+    async def start() -> None:
+        await watcher.start(timeout=2)
+
+    with pytest.raises(
+        TimeoutError, match="could not list ImageModel resources in namespace 'ns'.*kubeconfig"
+    ):
+        asyncio.run(start())
+    assert watcher._task is not None and watcher._task.done()  # nothing left running

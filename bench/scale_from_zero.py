@@ -22,8 +22,8 @@ Targets (DESIGN.md): replicas under 1 s, job leased under 3 s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -37,9 +37,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "operator"))
 
-from remotegpu_operator.kubeapi import _ssl_context, connection_info  # noqa: E402
+from remotegpu_base import kube  # noqa: E402
 
 from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
 from tests.fixtures.cluster import Kube  # noqa: E402
@@ -65,51 +64,48 @@ def imagemodel() -> dict[str, Any]:
 
 
 class Watch:
-    """Watches one kind in the namespace and records when `cond(obj)` first holds after `arm()`."""
+    """Watches one kind in the namespace and records when `cond(obj)` first holds after `arm()`.
 
-    def __init__(self, http: httpx.Client, path: str, cond: Any):
-        self.http, self.path, self.cond = http, path, cond
+    Its own event loop in its own thread, with the project's Kubernetes client.
+    """
+
+    def __init__(self, kubeconfig: Path, kind: type[kube.APIObject], cond: Any):
+        self.kubeconfig, self.kind, self.cond = kubeconfig, kind, cond
         self.lock = threading.Lock()
         self.armed_at: float | None = None
         self.hit_at: float | None = None
         self.state: dict[str, Any] = {}
-        threading.Thread(target=self._run, daemon=True).start()
+        threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True).start()
 
     def arm(self) -> None:
         with self.lock:
             self.armed_at, self.hit_at = time.monotonic(), None
 
-    def _run(self) -> None:
-        while True:
+    async def _run(self) -> None:
+        api = await kube.connect(str(self.kubeconfig))
+        while not STOPPING.is_set():
             try:
-                listing = self.http.get(self.path).json()
+                listing = await kube.list_of(api, self.kind, NS)
                 rv = listing["metadata"]["resourceVersion"]
                 for obj in listing.get("items", []):
                     self.state[obj["metadata"]["name"]] = obj
-                with self.http.stream(
-                    "GET",
-                    self.path,
-                    params={"watch": "1", "resourceVersion": rv},
-                    timeout=httpx.Timeout(10, read=None),
-                ) as r:
-                    for line in r.iter_lines():
-                        if not line:
-                            continue
-                        ev = json.loads(line)
-                        obj = ev["object"]
-                        now = time.monotonic()
-                        if ev["type"] == "DELETED":
-                            self.state.pop(obj["metadata"]["name"], None)
-                        else:
-                            self.state[obj["metadata"]["name"]] = obj
-                        with self.lock:
-                            if self.armed_at is not None and self.hit_at is None and self.cond(obj):
-                                self.hit_at = now
+                async for ev in kube.watch(api, self.kind, NS, rv):
+                    if ev["type"] not in ("ADDED", "MODIFIED", "DELETED"):
+                        continue
+                    obj = ev["object"]
+                    now = time.monotonic()
+                    if ev["type"] == "DELETED":
+                        self.state.pop(obj["metadata"]["name"], None)
+                    else:
+                        self.state[obj["metadata"]["name"]] = obj
+                    with self.lock:
+                        if self.armed_at is not None and self.hit_at is None and self.cond(obj):
+                            self.hit_at = now
             except Exception as e:  # reconnect
                 if STOPPING.is_set():
                     return
-                print(f"  (watch {self.path} reconnects: {e})", file=sys.stderr)
-                time.sleep(0.2)
+                print(f"  (watch {self.kind.endpoint} reconnects: {e})", file=sys.stderr)
+                await asyncio.sleep(0.2)
 
 
 def pod_ready(pod: dict[str, Any]) -> bool:
@@ -156,14 +152,12 @@ def main() -> int:
         )
         kube.kubectl("apply", "-f", "-", input=json.dumps(imagemodel()))
 
-        info = connection_info_for(kubeconfig)
-        api = httpx.Client(base_url=info.server, verify=_ssl_context(info), timeout=30)
         deps = Watch(
-            api,
-            f"/apis/apps/v1/namespaces/{NS}/deployments",
+            kubeconfig,
+            kube.Deployment,
             lambda d: d["metadata"]["name"] == f"{NAME}-worker" and (d["spec"].get("replicas") or 0) >= 1,
         )
-        pods = Watch(api, f"/api/v1/namespaces/{NS}/pods", pod_ready)
+        pods = Watch(kubeconfig, kube.Pod, pod_ready)
         public = httpx.Client(
             base_url=gateway.url, timeout=30, headers={"Authorization": f"Bearer {gateway.key}"}
         )
@@ -219,18 +213,6 @@ def main() -> int:
             gateway.stop()
         cluster.down(quiet=True)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def connection_info_for(kubeconfig: Path) -> Any:
-    old = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(kubeconfig)
-    try:
-        return connection_info()
-    finally:
-        if old is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = old
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@
 `Catalog` is the live, thread-safe set of models the gateway serves. A source fills it:
 `load_models_file` (embedded default, `--models-file`) once, or `KubernetesCatalogWatcher`,
 which lists and watches `imagemodels.remotegpu.ai/v1alpha1` in one namespace in a
-background thread, reading `spec` (the catalog schema) and `status.state` (runtime
+task on the gateway's event loop (with the project's Kubernetes client, kr8s), reading `spec` (the catalog schema) and `status.state` (runtime
 state written by the operator). Resources whose spec does not validate are skipped
 and logged; the last good entry of a model is dropped with them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from remotegpu_base.catalog import API_GROUP, API_VERSION, PLURAL, ImageModel, load_models_file
+from remotegpu_base import kube
+from remotegpu_base.catalog import ImageModel, load_models_file
 
 from remotegpu_gateway.registry import RuntimeRegistry
 
@@ -72,12 +74,16 @@ def catalog_from_file(path: Path | str) -> Catalog:
     return Catalog(load_models_file(path))
 
 
+class WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again."""
+
+
 class KubernetesCatalogWatcher:
     """Lists and watches ImageModel resources into a Catalog and the runtime registry.
 
-    `start()` lists synchronously (so the catalog is complete when it returns, unless
-    `wait=False`) and then watches in a daemon thread, relisting after errors and on
-    410 Gone. `stop()` ends the thread.
+    `start()` lists (so the catalog is complete when it returns, unless `wait=False`)
+    and then watches in a task on the caller's event loop, relisting after errors and
+    on 410 Gone. `stop()` ends the task.
     """
 
     def __init__(
@@ -87,48 +93,33 @@ class KubernetesCatalogWatcher:
         namespace: str,
         *,
         kubeconfig: str | None = None,
-        api_client: Any = None,
         timeout_seconds: int = 30,
     ):
         self.catalog = catalog
         self.registry = registry
         self.namespace = namespace
         self.kubeconfig = kubeconfig
-        self._api_client = api_client
         self.timeout_seconds = timeout_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._listed = threading.Event()
-        self._watch: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._listed = asyncio.Event()
         self._states: dict[str, str] = {}  # resource name -> model id (for deletes)
 
-    def _client(self) -> Any:
-        from kubernetes import client, config
+    async def start(self, wait: bool = True, timeout: float = 30.0) -> None:
+        self._task = asyncio.create_task(self._run(), name="imagemodel-watch")
+        if wait:
+            try:
+                await asyncio.wait_for(self._listed.wait(), timeout)
+            except TimeoutError:
+                await self.stop()
+                raise TimeoutError(
+                    f"could not list ImageModel resources in namespace {self.namespace!r} "
+                    f"within {timeout:.0f} s; check the gateway's kubeconfig or service account"
+                ) from None
 
-        if self._api_client is None:
-            if self.kubeconfig:
-                self._api_client = config.new_client_from_config(config_file=self.kubeconfig)
-            else:
-                try:
-                    config.load_incluster_config()
-                    self._api_client = client.ApiClient()
-                except config.ConfigException:
-                    self._api_client = config.new_client_from_config()
-        return client.CustomObjectsApi(self._api_client)
-
-    def start(self, wait: bool = True, timeout: float = 30.0) -> None:
-        self._thread = threading.Thread(target=self._run, name="imagemodel-watch", daemon=True)
-        self._thread.start()
-        if wait and not self._listed.wait(timeout):
-            raise TimeoutError(f"could not list ImageModel resources in namespace {self.namespace!r}")
-
-    def stop(self) -> None:
-        self._stop.set()
-        watch = self._watch
-        if watch is not None:
-            watch.stop()  # closes the response, which ends a watch blocked on the socket
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_seconds + 5)
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
     def _parse(self, obj: dict[str, Any]) -> ImageModel | None:
         try:
@@ -146,8 +137,8 @@ class KubernetesCatalogWatcher:
         except ValueError:
             log.warning("ImageModel %s: unknown status.state %r", model.name, state)
 
-    def _list(self, api: Any) -> str:
-        resp = api.list_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace, PLURAL)
+    async def _list(self, api: kube.Api) -> str:
+        resp = await kube.list_of(api, kube.ImageModelObject, self.namespace)
         models = []
         for obj in resp.get("items", []):
             m = self._parse(obj)
@@ -164,40 +155,29 @@ class KubernetesCatalogWatcher:
         self._listed.set()
         return str(resp.get("metadata", {}).get("resourceVersion", ""))
 
-    def _run(self) -> None:
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
+    async def _watch(self, api: kube.Api, rv: str) -> str:
+        """One watch from `rv` until the server ends it; the last resourceVersion seen."""
+        async for event in kube.watch(api, kube.ImageModelObject, self.namespace, rv, self.timeout_seconds):
+            rv = self._handle(event) or rv
+        return rv
 
+    async def _run(self) -> None:
         backoff = 0.5
-        while not self._stop.is_set():
+        api: kube.Api | None = None
+        while True:
             try:
-                api = self._client()
-                rv = self._list(api)
+                api = api or await kube.connect(self.kubeconfig)  # kr8s re-reads credentials on a 401
+                rv = await self._list(api)
                 backoff = 0.5
-                while not self._stop.is_set():
-                    w = self._watch = watch.Watch()
-                    for event in w.stream(
-                        api.list_namespaced_custom_object,
-                        API_GROUP,
-                        API_VERSION,
-                        self.namespace,
-                        PLURAL,
-                        resource_version=rv,
-                        timeout_seconds=self.timeout_seconds,
-                        allow_watch_bookmarks=True,
-                    ):
-                        if self._stop.is_set():
-                            w.stop()
-                            break
-                        rv = self._handle(event) or rv
-            except ApiException as e:
-                if e.status != 410:
-                    log.warning("ImageModel watch failed (%s); relisting", e.status)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, 10)
+                while True:
+                    rv = await self._watch(api, rv)
+            except WatchExpired:
+                continue
             except Exception as e:  # noqa: BLE001 - keep watching whatever happened
-                log.warning("ImageModel watch error: %s; relisting", e)
-                self._stop.wait(backoff)
+                log.warning(
+                    "ImageModel watch failed (%s); relisting in %.1f s", e or type(e).__name__, backoff
+                )
+                await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10)
 
     def _handle(self, event: dict[str, Any]) -> str | None:
@@ -207,9 +187,9 @@ class KubernetesCatalogWatcher:
         if kind == "BOOKMARK":
             return rv
         if kind == "ERROR":
-            from kubernetes.client.exceptions import ApiException
-
-            raise ApiException(status=obj.get("code", 500), reason=obj.get("message"))
+            if obj.get("code") == 410:
+                raise WatchExpired(obj.get("message"))
+            raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
         name = str((obj.get("metadata") or {}).get("name") or "")
         if kind == "DELETED":
             self.catalog.remove(name)

@@ -156,7 +156,7 @@ class Gateway:
         self._reaper_wake = asyncio.Event()
         self.notifier.bind(self._loop)
         if self.watcher is not None:
-            await anyio.to_thread.run_sync(self.watcher.start)
+            await self.watcher.start()
         self._tasks.append(asyncio.create_task(self._reaper(), name="lease-reaper"))
         if self.settings.retention_seconds > 0:
             self._tasks.append(asyncio.create_task(self._purger(), name="retention"))
@@ -177,7 +177,7 @@ class Gateway:
         await self.webhooks.close()
         self._listener_stop.set()
         if self.watcher is not None:
-            await anyio.to_thread.run_sync(self.watcher.stop)
+            await self.watcher.stop()
         if self._listener is not None:
             await anyio.to_thread.run_sync(self._listener.join, 5)
         self.store.close()

@@ -26,18 +26,12 @@ from typing import Any
 
 import kopf
 from pydantic import ValidationError
+from remotegpu_base import kube
 from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec, ScalingMode
+from remotegpu_base.kube import Deployment, ImageModelObject, Pod
 from remotegpu_base.protocol import ModelQueue
 
 from remotegpu_operator import deployment, metrics, scaling, status
-from remotegpu_operator.kubeapi import (
-    ApiError,
-    KubeAPI,
-    connection_info,
-    deployments,
-    imagemodel_status,
-    pods,
-)
 from remotegpu_operator.queuewatch import QueueWatcher
 
 log = logging.getLogger(__name__)
@@ -49,7 +43,7 @@ VICTIM_COST = "-1000"  # the pods a scale-down decision named go first
 
 @dataclass
 class Context:
-    api: KubeAPI
+    api: kube.Api
     worker: deployment.WorkerSettings
     queue: QueueWatcher
     interval: float = 2.0
@@ -99,8 +93,23 @@ def _initial_replicas(spec: ImageModelSpec) -> int:
 
 
 @kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
-    return connection_info()
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf acts as the same identity as the operator's own client: kr8s reads the credentials
+    (again: kopf asks after a 401, when a rotated token needs reading)."""
+    auth = ctx().api.auth
+    await auth.reauthenticate()
+
+    def path(p: Any) -> str | None:
+        return str(p) if p else None
+
+    return kopf.ConnectionInfo(
+        server=auth.server,
+        token=auth.token,
+        ca_path=path(auth.server_ca_file),
+        certificate_path=path(auth.client_cert_file),
+        private_key_path=path(auth.client_key_file),
+        insecure=auth._insecure_skip_tls_verify,  # kr8s keeps it private
+    )
 
 
 # -- the Deployment -------------------------------------------------------------------
@@ -120,11 +129,11 @@ async def ensure_deployment(body: Any, existing: dict[str, Any] | None, replicas
     for _attempt in range(5):
         if existing is None:
             try:
-                created = await c.api.create(deployments(ns), desired)
-            except ApiError as e:
-                if e.status != 409:
+                created = await kube.create(c.api, Deployment, desired)
+            except kube.ServerError as e:
+                if kube.status_of(e) != 409:
                     raise
-                existing = await c.api.get(deployments(ns, dname))
+                existing = await kube.get(c.api, Deployment, ns, dname)
                 continue
             _event(body, "DeploymentCreated", f"created Deployment {dname} with {replicas} replicas")
             return created
@@ -133,11 +142,11 @@ async def ensure_deployment(body: Any, existing: dict[str, Any] | None, replicas
         if not problems:
             return existing
         try:
-            updated = await c.api.replace(deployments(ns, dname), deployment.merged(existing, desired))
-        except ApiError as e:
-            if e.status != 409:
+            updated = await kube.replace(c.api, Deployment, deployment.merged(existing, desired))
+        except kube.ServerError as e:
+            if kube.status_of(e) != 409:
                 raise
-            existing = await c.api.get(deployments(ns, dname))
+            existing = await kube.get(c.api, Deployment, ns, dname)
             continue
         _event(body, "DeploymentUpdated", f"updated Deployment {dname}: {', '.join(problems)}")
         log.info("%s/%s: updated Deployment %s (%s)", ns, name, dname, ", ".join(problems))
@@ -172,9 +181,9 @@ async def _reconcile(body: Any, logger: Any) -> None:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     try:
-        existing = await c.api.get(deployments(ns, deployment.deployment_name(name)))
+        existing = await kube.get(c.api, Deployment, ns, deployment.deployment_name(name))
         await ensure_deployment(body, existing, _initial_replicas(spec))
-    except ApiError as e:
+    except kube.ERRORS as e:
         metrics.RECONCILE_ERRORS.labels(ns, name).inc()
         _event(body, "ReconcileFailed", f"reconciling the worker Deployment failed: {e}", warning=True)
         raise kopf.TemporaryError(str(e), delay=5) from e
@@ -381,12 +390,12 @@ async def observe(body: dict[str, Any]) -> Seen:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     spec = _spec(body)
-    dep = await c.api.get(deployments(ns, deployment.deployment_name(name)))
+    dep = await kube.get(c.api, Deployment, ns, deployment.deployment_name(name))
     queue = c.queue.get(spec.model) if c.queue.available else None
     pod_list: list[dict[str, Any]] = []
     if dep is not None and (dep["spec"].get("replicas") or dep.get("status", {}).get("replicas")):
         selector = deployment.selector_string(name)
-        pod_list = ((await c.api.get(pods(ns), labelSelector=selector)) or {}).get("items", [])
+        pod_list = (await kube.list_of(c.api, Pod, ns, labelSelector=selector)).get("items") or []
     dep = await ensure_deployment(body, dep, _initial_replicas(spec))
     return Seen(
         body=body,
@@ -495,7 +504,7 @@ async def act(seen: Seen, plan: Plan, mem: Memory) -> None:
     if direction is scaling.Direction.DOWN:
         await _set_deletion_costs(seen.ns, seen.pods, seen.queue, plan.victims)
     dname = seen.dep["metadata"]["name"]
-    await c.api.patch(deployments(seen.ns, dname), {"spec": {"replicas": d.desired}})
+    await kube.patch(c.api, Deployment, seen.ns, dname, {"spec": {"replicas": d.desired}})
     mem.last_scale = seen.now
     labels = (seen.ns, seen.name, seen.spec.model)
     changed_at = c.queue.changed_at.get(seen.spec.model)
@@ -523,12 +532,11 @@ async def _set_deletion_costs(
         have = (pmeta.get("annotations") or {}).get(deployment.DELETION_COST, IDLE_COST)
         if have != want:
             try:
-                await c.api.patch(
-                    pods(ns, name), {"metadata": {"annotations": {deployment.DELETION_COST: want}}}
+                await kube.patch(
+                    c.api, Pod, ns, name, {"metadata": {"annotations": {deployment.DELETION_COST: want}}}
                 )
-            except ApiError as e:
-                if e.status != 404:  # a pod that just went away
-                    raise
+            except kube.NotFoundError:  # a pod that just went away
+                pass
 
 
 def report_events(seen: Seen, plan: Plan, mem: Memory) -> None:
@@ -601,7 +609,7 @@ async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
     new_status = status.compute(observed, mem.last_status.get("conditions"), seen.now)
     patch = status.changed(mem.last_status, new_status)
     if patch:
-        await c.api.patch(imagemodel_status(seen.ns, seen.name), {"status": patch})
+        await kube.patch(c.api, ImageModelObject, seen.ns, seen.name, {"status": patch}, subresource="status")
         mem.last_status = {**mem.last_status, **new_status}
     metrics.set_model(
         seen.ns,
@@ -640,7 +648,7 @@ async def _tick_safely(key: tuple[str, str]) -> None:
         await tick(body, mem)
     except Exception as e:  # never let one model's failure stop the others; report it
         metrics.RECONCILE_ERRORS.labels(ns, name).inc()
-        known = isinstance(e, ApiError | kopf.PermanentError | kopf.TemporaryError | OSError)
+        known = isinstance(e, (*kube.ERRORS, kopf.PermanentError, kopf.TemporaryError))
         message = str(e) if known else f"{type(e).__name__}: {e}"
         if known:
             log.error("%s/%s: reconcile failed: %s", ns, name, e)

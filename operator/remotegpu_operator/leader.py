@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from remotegpu_operator.kubeapi import ApiError, KubeAPI, leases
+from remotegpu_base import kube
+from remotegpu_base.kube import Lease
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def micro_time(t: datetime | None = None) -> str:
 
 
 class LeaderElector:
-    def __init__(self, config: LeaseConfig, api: KubeAPI):
+    def __init__(self, config: LeaseConfig, api: kube.Api):
         self.config = config
         self.api = api
         self._observed: tuple[Any, Any] | None = None  # (holder, renewTime) last seen
@@ -68,7 +69,7 @@ class LeaderElector:
     async def try_acquire_or_renew(self) -> bool:
         """One attempt; True when this identity holds the Lease afterwards."""
         c = self.config
-        lease = await self.api.get(leases(c.namespace, c.name))
+        lease = await kube.get(self.api, Lease, c.namespace, c.name)
         if lease is None:
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
@@ -77,9 +78,9 @@ class LeaderElector:
                 "spec": self._spec(micro_time(), 0),
             }
             try:
-                await self.api.create(leases(c.namespace), body)
-            except ApiError as e:
-                if e.status == 409:
+                await kube.create(self.api, Lease, body)
+            except kube.ServerError as e:
+                if kube.status_of(e) == 409:
                     return False
                 raise
             self.last_renew = time.monotonic()
@@ -100,9 +101,9 @@ class LeaderElector:
         acquired = str(spec["acquireTime"]) if mine and spec.get("acquireTime") else micro_time()
         lease["spec"] = self._spec(acquired, transitions)
         try:
-            await self.api.replace(leases(c.namespace, c.name), lease)  # carries resourceVersion
-        except ApiError as e:
-            if e.status == 409:  # someone else wrote it first
+            await kube.replace(self.api, Lease, lease)  # carries resourceVersion
+        except kube.ServerError as e:
+            if kube.status_of(e) == 409:  # someone else wrote it first
                 return False
             raise
         self.last_renew = time.monotonic()
@@ -116,13 +117,13 @@ class LeaderElector:
         """Hands the Lease back (only if still ours), so a standby need not wait for it to expire."""
         c = self.config
         try:
-            lease = await self.api.get(leases(c.namespace, c.name))
+            lease = await kube.get(self.api, Lease, c.namespace, c.name)
             if lease is None or (lease.get("spec") or {}).get("holderIdentity") != c.identity:
                 return
             lease["spec"].pop("holderIdentity", None)
             lease["spec"]["leaseDurationSeconds"] = 1
             lease["spec"]["renewTime"] = micro_time()
-            await self.api.replace(leases(c.namespace, c.name), lease)
+            await kube.replace(self.api, Lease, lease)
             log.info("released the leader Lease %s/%s", c.namespace, c.name)
         except Exception as e:  # best effort: the Lease expires anyway
             log.warning("releasing the leader Lease failed: %s", e)

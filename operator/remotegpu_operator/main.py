@@ -34,11 +34,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kopf
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from remotegpu_base import kube
 from remotegpu_base.protocol import WORKER_TOKEN_ENV
 
 from remotegpu_operator import handlers, metrics
 from remotegpu_operator.deployment import WorkerSettings
-from remotegpu_operator.kubeapi import KubeAPI
 from remotegpu_operator.leader import LeaderElector, LeaseConfig
 from remotegpu_operator.queuewatch import QueueWatcher
 
@@ -131,6 +131,20 @@ async def _wait(flag: asyncio.Event, seconds: float) -> bool:
         return False
 
 
+async def _connect(stop: asyncio.Event) -> kube.Api | None:
+    """The Kubernetes client, once the API server answers (None: stopped while waiting).
+
+    No credentials at all fail at once (kr8s: "Unable to find valid credentials").
+    """
+    while True:
+        try:
+            return await kube.connect()
+        except (*kube.ERRORS, TimeoutError) as e:
+            log.warning("cannot reach the Kubernetes API server (%s); retrying in 2 s", e or type(e).__name__)
+        if await _wait(stop, 2.0):
+            return None
+
+
 async def serve(args: argparse.Namespace) -> int:
     namespaces: list[str] = list(args.namespace or [])
     gateway_url = args.gateway_url or os.environ.get("REMOTEGPU_GATEWAY_URL")
@@ -149,7 +163,10 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    api = KubeAPI()
+    api = await _connect(stop)
+    if api is None:
+        await _shutdown(health, beat)
+        return 0
     elector: LeaderElector | None = None
     if os.environ.get("REMOTEGPU_OPERATOR_LEADER_ELECT", "true").lower() not in ("0", "false", "no"):
         lease_seconds = _env_float("REMOTEGPU_OPERATOR_LEASE_SECONDS", 15.0)
@@ -180,7 +197,7 @@ async def serve(args: argparse.Namespace) -> int:
             except Exception as e:
                 log.warning("leader election: %s", e)
             if await _wait(stop, elector.config.renew_seconds):
-                await _shutdown(api, health, beat)
+                await _shutdown(health, beat)
                 return 0
 
     health.role = "leader"
@@ -243,14 +260,13 @@ async def serve(args: argparse.Namespace) -> int:
         metrics.LEADER.set(0)
         if elector is not None and not lost.is_set():
             await elector.release()
-        await _shutdown(api, health, beat)
+        await _shutdown(health, beat)
     return 1 if lost.is_set() else 0
 
 
-async def _shutdown(api: KubeAPI, health: Health, beat: asyncio.Task) -> None:
+async def _shutdown(health: Health, beat: asyncio.Task) -> None:
     beat.cancel()
     health.close()
-    await api.aclose()
 
 
 def run(args: argparse.Namespace) -> int:

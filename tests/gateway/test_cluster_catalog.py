@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from remotegpu_base.catalog import API_GROUP, API_VERSION, PLURAL, load_models_file
+from remotegpu_base.catalog import API_GROUP, PLURAL, load_models_file
 from remotegpu_base.protocol import RuntimeState
 from remotegpu_gateway.catalog_source import Catalog, KubernetesCatalogWatcher
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 
+from cluster.localcluster import free_port
 from tests.fixtures.cluster import REPO, Kube
 from tests.gateway.conftest import WORKER_TOKEN, RunningGateway
 from tests.waiting import wait_for
@@ -49,6 +54,22 @@ def set_state(kube: Kube, namespace: str, name: str, state: str) -> None:
     )
 
 
+@contextmanager
+def watching(watcher: KubernetesCatalogWatcher) -> Iterator[None]:
+    """Runs the watcher on an event loop in a thread of its own, as the gateway's server loop runs it."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="watcher-loop", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(watcher.start(), loop).result(60)
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(watcher.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 def test_watcher_follows_imagemodel_resources(
     crd: None, kube: Kube, kubeconfig: Path, namespace: str
 ) -> None:
@@ -59,8 +80,7 @@ def test_watcher_follows_imagemodel_resources(
     watcher = KubernetesCatalogWatcher(
         catalog, registry, namespace, kubeconfig=str(kubeconfig), timeout_seconds=5
     )
-    watcher.start()
-    try:
+    with watching(watcher):
         # The initial list is complete when start() returns.
         assert catalog.ids() == [first.spec.model]
         assert catalog.get(first.spec.model) == first
@@ -92,8 +112,6 @@ def test_watcher_follows_imagemodel_resources(
         third = models[2]
         apply(kube, namespace, third.to_resource(namespace))
         wait_for(lambda: catalog.get(third.spec.model) is not None, what="model after watch timeout")
-    finally:
-        watcher.stop()
 
 
 def test_gateway_serves_the_cluster_catalog(
@@ -132,15 +150,34 @@ def test_invalid_resources_are_skipped(crd: None, kube: Kube, kubeconfig: Path, 
     apply(kube, namespace, good.to_resource(namespace))
     catalog = Catalog()
     watcher = KubernetesCatalogWatcher(catalog, None, namespace, kubeconfig=str(kubeconfig))
-    # A spec the apiserver accepts but the catalog schema refuses would be skipped; objects
-    # are also read with the same client, so list the namespace's objects and parse them.
-    watcher.start()
-    try:
+    # A spec the apiserver accepts but the catalog schema refuses would be skipped: take the
+    # object as the server returns it, break its spec, and parse it.
+    with watching(watcher):
         assert catalog.ids() == [good.spec.model]
-        objs = watcher._client().list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)
-        assert len(objs["items"]) == 1
-        bad = dict(objs["items"][0])
-        bad["spec"] = {**bad["spec"], "parameters": {"prompt": {"maxLength": 10}}}
-        assert watcher._parse(bad) is None
-    finally:
-        watcher.stop()
+    objs = kube.get_json(f"{PLURAL}.{API_GROUP}", "-n", namespace)
+    assert len(objs["items"]) == 1
+    bad = dict(objs["items"][0])
+    bad["spec"] = {**bad["spec"], "parameters": {"prompt": {"maxLength": 10}}}
+    assert watcher._parse(bad) is None
+
+
+def test_an_unreachable_api_server_fails_the_start_with_what_to_check(tmp_path: Path) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    watcher = KubernetesCatalogWatcher(Catalog(), None, "ns", kubeconfig=str(tmp_path / "kubeconfig"))
+
+    async def start() -> None:
+        await watcher.start(timeout=2)
+
+    with pytest.raises(
+        TimeoutError, match="could not list ImageModel resources in namespace 'ns'.*kubeconfig"
+    ):
+        asyncio.run(start())
+    assert watcher._task is not None and watcher._task.done()  # nothing left running

@@ -12,6 +12,11 @@ bin="$cache/bin-$KUBE_VERSION-$ETCD_VERSION-$KWOK_VERSION-$HELM_VERSION"
 want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy coredns-$COREDNS_VERSION)
 missing=()
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
+# A helm built without the release's version ldflags reports no version and assumes
+# Kubernetes v1.20, so `helm template`/`helm lint` fail the chart's kubeVersion: rebuild it.
+if [ -x "$bin/helm" ] && [ "$("$bin/helm" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]; then
+  missing+=(helm)
+fi
 stages=(node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete)
 [ -f "$bin/stages/pod-delete.yaml" ] || missing+=(stages)
 if [ ${#missing[@]} -eq 0 ]; then echo "$bin"; exit 0; fi
@@ -77,7 +82,18 @@ if need kwok; then
 fi
 if need helm; then
   step "building helm $HELM_VERSION"
-  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  # The ldflags of helm's own Makefile: its version, and the Kubernetes version it
+  # assumes without a cluster (that of the client-go it is built with, as released).
+  helm_mod=$(cd "$cache/work" && go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  client_go=$(awk '$1 == "k8s.io/client-go" {print $2}' "$helm_mod")
+  kube_minor=$(echo "$client_go" | cut -d. -f2)
+  ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ld="$ld -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$kube_minor"
+  done
+  # Built aside, then renamed over the old one: a helm running meanwhile is not disturbed.
+  GOBIN="$cache/work/helm-$HELM_VERSION" go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  mv -f "$cache/work/helm-$HELM_VERSION/helm" "$bin/helm"
 fi
 if need "coredns-$COREDNS_VERSION"; then
   # Cluster DNS for the real nodes (cluster.local): CoreDNS with only the plugins the

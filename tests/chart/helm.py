@@ -18,11 +18,10 @@ CHART = REPO / "charts" / "remotegpu"
 PROM_NAME = re.compile(r"\bremotegpu_[A-Za-z0-9_:]+")
 
 
-@functools.cache
-def kube_version() -> str:
-    """The local control plane's Kubernetes version (helm's own default is too old for kubeVersion)."""
+def pinned_version(name: str) -> str:
+    """A version pinned in cluster/versions.env (`KUBE_VERSION`, `HELM_VERSION`, ...)."""
     env = (REPO / "cluster" / "versions.env").read_text()
-    return re.search(r"^KUBE_VERSION=(\S+)", env, re.M).group(1)  # type: ignore[union-attr]
+    return re.search(rf"^{name}=(\S+)", env, re.M).group(1)  # type: ignore[union-attr]
 
 
 @functools.cache
@@ -55,7 +54,7 @@ def template(
     extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     return run_helm(
-        "template", release, str(CHART), "--namespace", namespace, "--kube-version", kube_version(),
+        "template", release, str(CHART), "--namespace", namespace,
         *values_args(values, tmp), *extra, check=check,
     )  # fmt: skip
 

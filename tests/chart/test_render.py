@@ -17,7 +17,7 @@ from tests.chart.helm import (
     REPO,
     dashboards,
     find,
-    kube_version,
+    pinned_version,
     one,
     render,
     run_helm,
@@ -47,12 +47,30 @@ def env_of(deploy: dict) -> dict[str, dict]:
 
 @pytest.mark.parametrize("values", [{}, MONITORING_ON, {"gateway": {"ingress": {"enabled": True}}}])
 def test_helm_lint_strict(values, tmp_path: Path):
-    args = ["lint", str(CHART), "--strict", "--kube-version", kube_version()]
+    args = ["lint", str(CHART), "--strict"]
     if values:
         (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
         args += ["-f", str(tmp_path / "v.yaml")]
     out = run_helm(*args)
     assert "0 chart(s) failed" in out.stdout
+
+
+def test_helm_is_built_like_a_release_so_plain_template_works(tmp_path: Path):
+    """cluster/build.sh builds helm with its release ldflags: it knows its version and
+    assumes a current Kubernetes, so the chart's `kubeVersion: >=1.30` passes without
+    `--kube-version` (a bare `go install` build assumes v1.20 and fails it)."""
+    assert run_helm("version", "--template", "{{.Version}}").stdout == pinned_version("HELM_VERSION")
+    out = run_helm("template", "demo", str(CHART), "--show-only", "templates/gateway-service.yaml")
+    assert "kind: Service" in out.stdout
+    caps = tmp_path / "caps"
+    shutil.copytree(CHART, caps)
+    (caps / "templates" / "zz-caps.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: caps}\n"
+        "data: {kube: {{ .Capabilities.KubeVersion.Version | quote }}}\n"
+    )
+    kube = yaml.safe_load(run_helm("template", "demo", str(caps), "--show-only", "templates/zz-caps.yaml").stdout)
+    minor = int(kube["data"]["kube"].split(".")[1])
+    assert minor >= int(pinned_version("KUBE_VERSION").split(".")[1]), kube
 
 
 def test_chart_crd_is_the_repository_crd():
@@ -586,7 +604,7 @@ def render_notes(tmp_path: Path, values: dict | None = None) -> str:
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
         'data: {notes: {{ tpl (.Files.Get "files/NOTES.txt") . | toJson }}}\n'
     )
-    args = ["template", "remotegpu", str(chart), "--namespace", "imaging", "--kube-version", kube_version()]
+    args = ["template", "remotegpu", str(chart), "--namespace", "imaging"]
     if values:
         (tmp_path / "notes-values.yaml").write_text(yaml.safe_dump(values))
         args += ["-f", str(tmp_path / "notes-values.yaml")]

@@ -155,15 +155,17 @@ def test_defaults_render_every_component(tmp_path: Path):
     objs = render()
     kinds = sorted({o["kind"] for o in objs})
     assert kinds == sorted(
-        ["ConfigMap", "Deployment", "ImageModel", "Job", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret",
-         "Service", "ServiceAccount", "StatefulSet"]
+        ["ConfigMap", "Deployment", "ImageModel", "Job", "NetworkPolicy", "PersistentVolumeClaim",
+         "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount", "StatefulSet"]
     )  # fmt: skip
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
     for want in [
         ("Deployment", "remotegpu-gateway"), ("Deployment", "remotegpu-operator"),
         ("Service", "remotegpu-gateway"), ("Service", "remotegpu-operator-metrics"),
         ("Service", "remotegpu-postgresql"), ("StatefulSet", "remotegpu-postgresql"),
-        ("Secret", "remotegpu-worker-token"), ("Secret", "remotegpu-database"), ("Secret", "remotegpu-postgresql"),
+        ("Job", "remotegpu-secrets"), ("PodDisruptionBudget", "remotegpu-gateway"),
+        ("PodDisruptionBudget", "remotegpu-operator"), ("PodDisruptionBudget", "remotegpu-workers"),
+        ("NetworkPolicy", "remotegpu-workers"), ("NetworkPolicy", "remotegpu-postgresql"),
         ("PersistentVolumeClaim", "remotegpu-results"),
         ("ServiceAccount", "remotegpu-gateway"), ("ServiceAccount", "remotegpu-operator"),
         ("Role", "remotegpu-operator"), ("Role", "remotegpu-operator-leader-election"), ("Role", "remotegpu-gateway"),
@@ -177,6 +179,78 @@ def test_defaults_render_every_component(tmp_path: Path):
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["app.kubernetes.io/part-of"] == "remotegpu"
         assert labels["helm.sh/chart"] == "remotegpu-0.1.0"
+
+
+def test_disruption_budgets(tmp_path: Path):
+    """A drain takes one pod of each component at a time; the workers' budget selects the
+    pods the operator creates, whatever their model (labels from deployment.py)."""
+    from remotegpu_operator import deployment
+
+    objs = render()
+    for name, component in (("gateway", "gateway"), ("operator", "operator")):
+        pdb = one(objs, "PodDisruptionBudget", f"remotegpu-{name}")["spec"]
+        assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        pods = one(objs, "Deployment", f"remotegpu-{name}")["spec"]["template"]["metadata"]["labels"]
+        assert pdb["selector"]["matchLabels"].items() <= pods.items()
+    workers = one(objs, "PodDisruptionBudget", "remotegpu-workers")["spec"]
+    spec = load_models_file(CHART / "files" / "models.yaml")[0].spec
+    worker_pod = deployment.pod_template("flux-1-dev", spec, deployment.WorkerSettings(gateway_url="http://gw"))
+    assert workers["selector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
+    # A busy worker evicted by the drain gets time to finish its job.
+    assert worker_pod["spec"]["terminationGracePeriodSeconds"] >= 300
+
+    objs = render({"podDisruptionBudgets": {"workers": {"maxUnavailable": "25%"}}}, tmp_path)
+    assert one(objs, "PodDisruptionBudget", "remotegpu-workers")["spec"]["maxUnavailable"] == "25%"
+    assert not find(render({"podDisruptionBudgets": {"enabled": False}}, tmp_path), "PodDisruptionBudget")
+
+
+def test_network_policies(tmp_path: Path):
+    from remotegpu_operator import deployment
+
+    objs = render()
+    gateway_pods = one(objs, "Deployment", "remotegpu-gateway")["spec"]["template"]["metadata"]["labels"]
+    workers = one(objs, "NetworkPolicy", "remotegpu-workers")["spec"]
+    spec = load_models_file(CHART / "files" / "models.yaml")[0].spec
+    worker_pod = deployment.pod_template("m", spec, deployment.WorkerSettings(gateway_url="http://gw"))
+    assert workers["podSelector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
+    assert workers["policyTypes"] == ["Ingress", "Egress"]
+    to_gateway, dns, model_source = workers["egress"]
+    assert to_gateway["to"][0]["podSelector"]["matchLabels"].items() <= gateway_pods.items()
+    assert to_gateway["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    assert model_source["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert "10.0.0.0/8" in model_source["to"][0]["ipBlock"]["except"]  # not the cluster's own services
+    assert workers["ingress"] == [{"ports": [{"port": 8001, "protocol": "TCP"}]}]
+    pg = one(objs, "NetworkPolicy", "remotegpu-postgresql")["spec"]
+    assert pg["ingress"][0]["from"][0]["podSelector"]["matchLabels"].items() <= gateway_pods.items()
+    assert pg["ingress"][0]["ports"] == [{"port": 5432, "protocol": "TCP"}] and pg["egress"] == []
+
+    mirror = [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "hf-mirror"}}}]}]
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    objs = render(
+        {
+            "networkPolicy": {"workerModelSourceEgress": mirror, "metricsFrom": monitoring},
+            "postgresql": {"enabled": False},
+            "database": {"url": "postgresql://a:b@db/x"},
+        },
+        tmp_path,
+    )
+    workers = one(objs, "NetworkPolicy", "remotegpu-workers")["spec"]
+    assert workers["egress"][2:] == mirror and workers["ingress"][0]["from"] == monitoring
+    assert not find(objs, "NetworkPolicy", "remotegpu-postgresql")
+    assert not find(render({"networkPolicy": {"enabled": False}}, tmp_path), "NetworkPolicy")
+
+
+def test_priority_class_and_probe_timeouts(tmp_path: Path):
+    objs = render({"priorityClassName": "remotegpu-critical"}, tmp_path)
+    pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
+    assert len(pods) == 5 and all(p["priorityClassName"] == "remotegpu-critical" for p in pods)
+    assert all("priorityClassName" not in o.get("spec", {}).get("template", {}).get("spec", {}) for o in render())
+    for o in objs:
+        for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                if probe in c:
+                    assert c[probe].get("timeoutSeconds", 1) >= 5, (o["metadata"]["name"], probe)
 
 
 def test_release_name_prefixes_every_object():
@@ -194,10 +268,7 @@ def test_gateway_wiring():
     assert c["image"] == "ghcr.io/remotegpu/remotegpu:0.1.0"
     assert c["args"][:2] == ["gateway", "--host=0.0.0.0"] and "--namespace=imaging" in c["args"]
     env = env_of(gw)
-    assert env["REMOTEGPU_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-        "name": "remotegpu-database",
-        "key": "url",
-    }
+    assert env["REMOTEGPU_DATABASE_URL"]["value"].startswith("postgresql://remotegpu@remotegpu-postgresql.")
     assert env["REMOTEGPU_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": "remotegpu-worker-token",
         "key": "token",
@@ -403,23 +474,67 @@ def test_preset_min_above_max_is_refused(tmp_path: Path):
 # ---- secrets, database, storage ----------------------------------------------------------
 
 
-def test_generated_secrets_and_bundled_postgresql():
+def test_generated_secrets_come_from_a_hook_so_renders_are_identical():
+    """Argo CD and Flux render with `helm template` (no `lookup`): nothing random is rendered.
+    The secrets nobody gave are the hook's to generate (run for real in test_install.py)."""
+    first, second = template().stdout, template().stdout
+    assert first == second
     objs = render()
-    token = secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token")
-    assert len(token) >= 32
-    password = secret_value(one(objs, "Secret", "remotegpu-postgresql"), "password")
-    url = secret_value(one(objs, "Secret", "remotegpu-database"), "url")
-    assert url == f"postgresql://remotegpu:{password}@remotegpu-postgresql.imaging.svc:5432/remotegpu"
+    assert not find(objs, "Secret")
+    hook = one(objs, "Job", "remotegpu-secrets")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    env = {e["name"]: e["value"] for e in hook["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["SECRETS"]) == [
+        {"name": "remotegpu-worker-token", "key": "token"},
+        {"name": "remotegpu-postgresql", "key": "password"},
+    ]
+    # It may create Secrets and patch only those two; it reads none.
+    rules = one(objs, "Role", "remotegpu-secrets")["rules"]
+    assert rules == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["remotegpu-worker-token", "remotegpu-postgresql"],
+            "verbs": ["patch"],
+        },
+    ]
+    # The bundled database: the URL names no password, libpq takes it from PGPASSWORD.
+    env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
+    assert env["REMOTEGPU_DATABASE_URL"]["value"] == (
+        "postgresql://remotegpu@remotegpu-postgresql.imaging.svc:5432/remotegpu"
+    )
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-postgresql", "key": "password"}
     sts = one(objs, "StatefulSet", "remotegpu-postgresql")
-    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+    pg_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "remotegpu-postgresql",
         "key": "password",
     }
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
-    # Two renders generate different secrets: what keeps them across upgrades is `lookup`
-    # (exercised against the real API server in test_install.py).
-    assert secret_value(one(render(), "Secret", "remotegpu-worker-token"), "token") != token
+
+
+def test_given_secrets_need_no_hook(tmp_path: Path):
+    objs = render(
+        {
+            "workerToken": {"value": "tok-123"},
+            "postgresql": {"auth": {"existingSecret": "pg-pass", "existingSecretKey": "pw"}},
+        },
+        tmp_path,
+    )
+    assert not find(objs, "Job", "remotegpu-secrets") and not find(objs, "Role", "remotegpu-secrets")
+    assert secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token") == "tok-123"
+    assert [o["metadata"]["name"] for o in find(objs, "Secret")] == ["remotegpu-worker-token"]
+    ref = {"name": "pg-pass", "key": "pw"}
+    assert env_of(one(objs, "Deployment", "remotegpu-gateway"))["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    sts = one(objs, "StatefulSet", "remotegpu-postgresql")
+    pg_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    # A given password is rendered (the same every time); only the token is left to generate.
+    objs = render({"postgresql": {"auth": {"password": "pw-1"}}}, tmp_path)
+    assert secret_value(one(objs, "Secret", "remotegpu-postgresql"), "password") == "pw-1"
+    env = {e["name"]: e["value"] for e in one(objs, "Job", "remotegpu-secrets")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["SECRETS"]) == [{"name": "remotegpu-worker-token", "key": "token"}]
 
 
 def test_given_worker_token_and_external_database(tmp_path: Path):
@@ -669,7 +784,7 @@ def test_schema_rejects(values, message, tmp_path: Path):
 
 def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
     objs = render()
-    hook = [o for o in objs if (o["metadata"].get("annotations") or {}).get("helm.sh/hook")]
+    hook = [o for o in objs if (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "pre-delete"]
     assert sorted(o["kind"] for o in hook) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
     assert all(o["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete" for o in hook)
     job = one(hook, "Job")

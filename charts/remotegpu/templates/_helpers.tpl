@@ -57,6 +57,12 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/* Selector labels of the worker pods the operator creates (operator/remotegpu_operator/deployment.py). */}}
+{{- define "remotegpu.workerSelectorLabels" -}}
+app.kubernetes.io/name: remotegpu-worker
+app.kubernetes.io/managed-by: remotegpu-operator
+{{- end }}
+
 {{- define "remotegpu.gateway.fullname" -}}
 {{ include "remotegpu.componentName" (dict "root" . "component" "gateway") }}
 {{- end }}
@@ -115,6 +121,19 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "remotegpu.workerToken.secretKey" -}}
 {{- if .Values.workerToken.existingSecret }}{{ .Values.workerToken.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{/* Secrets: the bundled PostgreSQL's password (name and key). */}}
+{{- define "remotegpu.postgresql.secretName" -}}
+{{- if .Values.postgresql.auth.existingSecret }}
+{{- .Values.postgresql.auth.existingSecret }}
+{{- else }}
+{{- include "remotegpu.postgresql.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{- define "remotegpu.postgresql.secretKey" -}}
+{{- if .Values.postgresql.auth.existingSecret }}{{ .Values.postgresql.auth.existingSecretKey }}{{ else }}password{{ end }}
 {{- end }}
 
 {{/* Secrets: the database URL (name and key). */}}

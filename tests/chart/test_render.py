@@ -805,7 +805,7 @@ def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
         job["spec"]["template"]["spec"]["serviceAccountName"]
         == one(hook, "ServiceAccount")["metadata"]["name"]
     )
-    assert not find(render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job")
+    assert not find(render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job", "remotegpu-uninstall")
 
 
 def test_readme_values_table_is_current():

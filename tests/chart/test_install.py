@@ -35,7 +35,8 @@ MONITORING_KINDS = {
 }
 LABELED_KINDS = (
     "deployments,statefulsets,replicasets,pods,services,secrets,configmaps,persistentvolumeclaims,"
-    "serviceaccounts,roles,rolebindings,imagemodels,servicemonitors,podmonitors,prometheusrules,ingresses"
+    "serviceaccounts,roles,rolebindings,imagemodels,servicemonitors,podmonitors,prometheusrules,ingresses,"
+    "poddisruptionbudgets,networkpolicies,jobs"
 )
 
 
@@ -177,6 +178,40 @@ def run_operator_as_release(kube: Kube, namespace: str, tmp: Path) -> subprocess
     )
 
 
+def run_hook(
+    kube: Kube, namespace: str, hook: str, tmp: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs one of the release's hook Jobs (`helm get hooks`) here, as its own
+    ServiceAccount with its own Role (KWOK runs no containers, so the Job itself does
+    nothing): its RBAC objects are applied for the run and deleted after, as helm does."""
+    hooks = [
+        d
+        for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout)
+        if d and hook in d["metadata"]["annotations"]["helm.sh/hook"].split(",")
+    ]
+    rbac = json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": [h for h in hooks if h["kind"] != "Job"]}
+    )
+    (job,) = [h for h in hooks if h["kind"] == "Job"]
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=rbac)
+    try:
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        sa = job["spec"]["template"]["spec"]["serviceAccountName"]
+        hook_env = {
+            **os.environ,
+            **{e["name"]: e["value"] for e in container["env"]},
+            **(env or {}),
+            "KUBECONFIG": str(sa_kubeconfig(kube, namespace, sa, tmp / f"{sa}.kubeconfig")),
+        }
+        hook_env.pop("KUBERNETES_SERVICE_HOST", None)
+        return subprocess.run(
+            [sys.executable, *container["command"][1:], *container["args"]],
+            env=hook_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        kube.kubectl("delete", "-n", namespace, "-f", "-", input=rbac)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
@@ -221,6 +256,31 @@ def test_install_upgrade_uninstall(
         # NOTES: how to create a key and send a first request
         assert f"kubectl exec -n {namespace} deploy/{PREFIX}-gateway -- remotegpu keys create" in out.stdout
         assert "/v1/inference/image" in out.stdout
+
+        # The pre-install hook generated the secrets nobody gave (run here: KWOK runs no
+        # containers), as its own ServiceAccount, which may create Secrets but read none.
+        token, password = f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"
+        ran = run_hook(kube, namespace, "pre-install", tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert ran.stdout.split("\n")[:2] == [f"generated Secret {token}", f"generated Secret {password}"]
+        generated = {n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))}
+        assert all(len(v) == 48 for v in generated.values()) and len(set(generated.values())) == 2
+        assert not can_i(kube, namespace, f"{PREFIX}-secrets", "get", "secrets")  # its RBAC is gone again
+        gw_env = {
+            e["name"]: e
+            for e in kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)["spec"]["template"]["spec"][
+                "containers"
+            ][0]["env"]
+        }
+        assert gw_env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": password, "key": "password"}
+
+        # PodDisruptionBudgets and NetworkPolicies pass the API server's validation.
+        assert sorted(p["metadata"]["name"] for p in kube.get_json("pdb", "-n", namespace)["items"]) == [
+            f"{PREFIX}-{c}" for c in ("gateway", "operator", "workers")
+        ]
+        assert sorted(p["metadata"]["name"] for p in kube.get_json("networkpolicies", "-n", namespace)["items"]) == [
+            f"{PREFIX}-{c}" for c in ("postgresql", "workers")
+        ]
 
         # Every workload is up and every pod (KWOK) Ready; the claims are bound.
         for name in (f"{PREFIX}-gateway", f"{PREFIX}-operator"):
@@ -273,13 +333,7 @@ def test_install_upgrade_uninstall(
         assert not can_i(kube, namespace, gw, "patch", "imagemodels.remotegpu.ai")
         assert not can_i(kube, namespace, gw, "list", "pods")
 
-        # Upgrade with changed presets: the generated secrets stay (lookup), the presets change.
-        before = {
-            "token": secret(kube, namespace, f"{PREFIX}-worker-token", "token"),
-            "password": secret(kube, namespace, f"{PREFIX}-postgresql", "password"),
-            "url": secret(kube, namespace, f"{PREFIX}-database", "url"),
-        }
-        assert before["password"] in before["url"]
+        # Upgrade with changed presets: the pre-upgrade hook keeps the generated secrets, the presets change.
         values["presets"] = {
             "flux-2-dev": {"maxReplicas": 4, "gpuCount": 2},
             "flux-1-dev": {"enabled": False},
@@ -288,12 +342,10 @@ def test_install_upgrade_uninstall(
         kube.helm(
             "upgrade", RELEASE, str(CHART), "-n", namespace, "-f", str(vfile), "--wait", "--timeout", "180s"
         )
-        after = {
-            "token": secret(kube, namespace, f"{PREFIX}-worker-token", "token"),
-            "password": secret(kube, namespace, f"{PREFIX}-postgresql", "password"),
-            "url": secret(kube, namespace, f"{PREFIX}-database", "url"),
-        }
-        assert after == before
+        ran = run_hook(kube, namespace, "pre-upgrade", tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert ran.stdout.split("\n")[:2] == [f"kept Secret {token}", f"kept Secret {password}"]
+        assert {n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))} == generated
         names = sorted(m["metadata"]["name"] for m in kube.get_json("imagemodels", "-n", namespace)["items"])
         assert names == sorted(set(PRESETS) - {"flux-1-dev"})
         flux2 = kube.get_json("imagemodel", "flux-2-dev", "-n", namespace)["spec"]
@@ -321,34 +373,7 @@ def test_install_upgrade_uninstall(
 
             # The pre-delete hook, run here as its own ServiceAccount: it deletes the presets
             # while the operator runs, and their worker Deployments go with them (owner references).
-            hooks = [
-                d for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout) if d
-            ]
-            assert {h["metadata"]["annotations"]["helm.sh/hook"] for h in hooks} == {"pre-delete"}
-            rbac = [h for h in hooks if h["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
-            kube.kubectl(
-                "apply",
-                "-n",
-                namespace,
-                "-f",
-                "-",
-                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
-            )
-            (job,) = [h for h in hooks if h["kind"] == "Job"]
-            container = job["spec"]["template"]["spec"]["containers"][0]
-            hook_env = {
-                **os.environ,
-                **{e["name"]: e["value"] for e in container["env"]},
-                "TIMEOUT_SECONDS": "60",
-                "KUBECONFIG": str(
-                    sa_kubeconfig(kube, namespace, f"{PREFIX}-uninstall", tmp_path / "hook.kubeconfig")
-                ),
-            }
-            hook_env.pop("KUBERNETES_SERVICE_HOST", None)
-            ran = subprocess.run(
-                [sys.executable, *container["command"][1:], *container["args"]],
-                env=hook_env, capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
+            ran = run_hook(kube, namespace, "pre-delete", tmp_path, {"TIMEOUT_SECONDS": "60"})
             assert ran.returncode == 0, ran.stdout + ran.stderr
             assert f"deleted {len(models)} ImageModel(s)" in ran.stdout
             assert not kube.get_json("imagemodels", "-n", namespace)["items"]
@@ -356,14 +381,6 @@ def test_install_upgrade_uninstall(
                 lambda: not kube.get_json("deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker")["items"],
                 60, "the worker Deployments to be collected", every=0.5,
             )  # fmt: skip
-            kube.kubectl(
-                "delete",
-                "-n",
-                namespace,
-                "-f",
-                "-",
-                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
-            )
         finally:
             stop(operator)
     finally:
@@ -373,3 +390,7 @@ def test_install_upgrade_uninstall(
     wait_for(lambda: not leftovers(kube, namespace), 120, "the release's objects to go", every=1)
     wait_for(lambda: not kube.get_json("pvc", "-n", namespace)["items"], 60, "the claims to go", every=1)
     assert kube.helm("status", RELEASE, "-n", namespace, check=False).returncode != 0
+    # The generated secrets stay (helm.sh/resource-policy: keep): a retained database needs its password.
+    kept = kube.get_json("secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")["items"]
+    assert sorted(k["metadata"]["name"] for k in kept) == sorted([f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"])
+    kube.kubectl("delete", "secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")

@@ -6,9 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,15 +182,15 @@ def run_operator_as_release(kube: Kube, namespace: str, tmp: Path) -> subprocess
 
 
 def run_hook(
-    kube: Kube, namespace: str, hook: str, tmp: Path, env: dict[str, str] | None = None
+    kube: Kube, namespace: str, component: str, tmp: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Runs one of the release's hook Jobs (`helm get hooks`) here, as its own
-    ServiceAccount with its own Role (KWOK runs no containers, so the Job itself does
-    nothing): its RBAC objects are applied for the run and deleted after, as helm does."""
+    """Runs one of the release's hook Jobs (`helm get hooks`; by its component label) here,
+    as its own ServiceAccount with its own RBAC (KWOK runs no containers, so the Job itself
+    does nothing): its RBAC objects are applied for the run and deleted after, as helm does."""
     hooks = [
         d
         for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout)
-        if d and hook in d["metadata"]["annotations"]["helm.sh/hook"].split(",")
+        if d and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
     ]
     rbac = json.dumps(
         {"apiVersion": "v1", "kind": "List", "items": [h for h in hooks if h["kind"] != "Job"]}
@@ -260,7 +263,7 @@ def test_install_upgrade_uninstall(
         # The pre-install hook generated the secrets nobody gave (run here: KWOK runs no
         # containers), as its own ServiceAccount, which may create Secrets but read none.
         token, password = f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"
-        ran = run_hook(kube, namespace, "pre-install", tmp_path)
+        ran = run_hook(kube, namespace, "secrets", tmp_path)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert ran.stdout.split("\n")[:2] == [f"generated Secret {token}", f"generated Secret {password}"]
         generated = {n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))}
@@ -342,7 +345,7 @@ def test_install_upgrade_uninstall(
         kube.helm(
             "upgrade", RELEASE, str(CHART), "-n", namespace, "-f", str(vfile), "--wait", "--timeout", "180s"
         )
-        ran = run_hook(kube, namespace, "pre-upgrade", tmp_path)
+        ran = run_hook(kube, namespace, "secrets", tmp_path)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert ran.stdout.split("\n")[:2] == [f"kept Secret {token}", f"kept Secret {password}"]
         assert {n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))} == generated
@@ -373,7 +376,7 @@ def test_install_upgrade_uninstall(
 
             # The pre-delete hook, run here as its own ServiceAccount: it deletes the presets
             # while the operator runs, and their worker Deployments go with them (owner references).
-            ran = run_hook(kube, namespace, "pre-delete", tmp_path, {"TIMEOUT_SECONDS": "60"})
+            ran = run_hook(kube, namespace, "uninstall", tmp_path, {"TIMEOUT_SECONDS": "60"})
             assert ran.returncode == 0, ran.stdout + ran.stderr
             assert f"deleted {len(models)} ImageModel(s)" in ran.stdout
             assert not kube.get_json("imagemodels", "-n", namespace)["items"]
@@ -394,3 +397,66 @@ def test_install_upgrade_uninstall(
     kept = kube.get_json("secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")["items"]
     assert sorted(k["metadata"]["name"] for k in kept) == sorted([f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"])
     kube.kubectl("delete", "secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")
+
+
+def test_helm_upgrade_upgrades_the_crd(kube: Kube, namespace: str, tmp_path: Path):
+    """A new chart version adds a CRD field: after `helm upgrade` (and its pre-upgrade hook,
+    run as its own ServiceAccount) the API server keeps the field instead of pruning it.
+    The CRD gets a group of its own here, so other tests keep the real one."""
+    group = f"t{uuid.uuid4().hex[:8]}.remotegpu.ai"
+    crd_text = (CHART / "crds" / "imagemodels.yaml").read_text().replace("group: remotegpu.ai", f"group: {group}")
+    crd_text = crd_text.replace("name: imagemodels.remotegpu.ai", f"name: imagemodels.{group}")
+    field = re.compile(r"^ +priority: \{type: integer, default: 0,.*\n", re.M)
+    assert len(field.findall(crd_text)) == 1
+    charts = {}
+    for version, text in (("old", field.sub("", crd_text)), ("new", crd_text)):
+        charts[version] = tmp_path / version
+        shutil.copytree(CHART, charts[version])
+        (charts[version] / "crds" / "imagemodels.yaml").write_text(text)
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "presets": {p: {"enabled": False} for p in PRESETS},
+                "results": {"persistence": {"enabled": False}},
+                "postgresql": {"persistence": {"enabled": False}},
+                "operator": {"cleanupOnUninstall": False},
+            }
+        )
+    )
+    crd_name = f"imagemodels.{group}"
+    model = next(d for d in yaml.safe_load_all((CHART / "files" / "models.yaml").read_text()) if d)
+    model["apiVersion"] = f"{group}/v1alpha1"
+    model["spec"].setdefault("scaling", {})["priority"] = 7
+
+    def create_model(name: str) -> str:
+        """The API server's answer to an ImageModel that sets the new field."""
+        model["metadata"] = {"name": name, "namespace": namespace}
+        out = kube.kubectl("create", "-f", "-", input=json.dumps(model), check=False)
+        if out.returncode:
+            return out.stderr
+        return f"priority {kube.get_json(crd_name, name, '-n', namespace)['spec']['scaling']['priority']}"
+
+    unknown = 'unknown field "spec.scaling.priority"'
+
+    try:
+        kube.helm("install", RELEASE, str(charts["old"]), "-n", namespace, "-f", str(values))
+        assert unknown in create_model("before")
+        kube.helm("upgrade", RELEASE, str(charts["new"]), "-n", namespace, "-f", str(values))
+        # helm itself left the CRD as it was (crds/ is installed once) ...
+        assert unknown in create_model("helm-alone")
+        # ... its pre-upgrade hook replaces it, and may touch no other CRD.
+        hook_sa = f"system:serviceaccount:{namespace}:{PREFIX}-crd-upgrade"
+        ran = run_hook(kube, namespace, "crd-upgrade", tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert f"updated CustomResourceDefinition {crd_name}" in ran.stdout
+        assert create_model("after") == "priority 7"
+        assert kube.kubectl(
+            "auth", "can-i", "update", "customresourcedefinitions/imagemodels.remotegpu.ai", f"--as={hook_sa}",
+            check=False,
+        ).stdout.strip() == "no"  # fmt: skip
+        hooks = kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout
+        assert "helm.sh/hook: pre-upgrade" in hooks and f"resourceNames: [{crd_name}]" in hooks
+    finally:
+        kube.helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+        kube.kubectl("delete", "crd", crd_name, "--wait=false", check=False)

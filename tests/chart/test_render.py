@@ -155,7 +155,8 @@ def test_defaults_render_every_component(tmp_path: Path):
     objs = render()
     kinds = sorted({o["kind"] for o in objs})
     assert kinds == sorted(
-        ["ConfigMap", "Deployment", "ImageModel", "Job", "NetworkPolicy", "PersistentVolumeClaim",
+        ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "ImageModel", "Job", "NetworkPolicy",
+         "PersistentVolumeClaim",
          "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount", "StatefulSet"]
     )  # fmt: skip
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
@@ -173,7 +174,8 @@ def test_defaults_render_every_component(tmp_path: Path):
         assert want in names, want
     assert not find(objs, "Ingress")
     for o in objs:
-        assert o["metadata"]["namespace"] == "imaging", o["metadata"]["name"]
+        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert o["metadata"]["namespace"] == "imaging", o["metadata"]["name"]
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == "remotegpu"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
@@ -241,10 +243,32 @@ def test_network_policies(tmp_path: Path):
     assert not find(render({"networkPolicy": {"enabled": False}}, tmp_path), "NetworkPolicy")
 
 
+def test_crd_upgrade_hook(tmp_path: Path):
+    """The pre-upgrade hook carries the chart's very CRD and may update that one only
+    (an upgrade adding a field, against the API server: test_install.py)."""
+    objs = render()
+    job = one(objs, "Job", "remotegpu-crd-upgrade")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-upgrade"
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["CRD"]) == yaml.safe_load((CHART / "crds" / "imagemodels.yaml").read_text())
+    (role,) = find(objs, "ClusterRole")
+    assert role["metadata"]["name"] == "remotegpu-crd-upgrade-imaging"  # cluster-wide: one per namespace
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "resourceNames": ["imagemodels.remotegpu.ai"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    off = render({"crds": {"upgrade": False}}, tmp_path)
+    assert not find(off, "ClusterRole") and not find(off, "Job", "remotegpu-crd-upgrade")
+
+
 def test_priority_class_and_probe_timeouts(tmp_path: Path):
     objs = render({"priorityClassName": "remotegpu-critical"}, tmp_path)
     pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
-    assert len(pods) == 5 and all(p["priorityClassName"] == "remotegpu-critical" for p in pods)
+    assert len(pods) == 6 and all(p["priorityClassName"] == "remotegpu-critical" for p in pods)
     assert all("priorityClassName" not in o.get("spec", {}).get("template", {}).get("spec", {}) for o in render())
     for o in objs:
         for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
@@ -358,8 +382,10 @@ def test_operator_rbac_equals_operator_rbac_yaml():
         assert rb["subjects"] == [
             {"kind": "ServiceAccount", "name": "remotegpu-operator", "namespace": "imaging"}
         ]
-    # No cluster-wide grants at all.
-    assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
+    # No cluster-wide grants but the CRD upgrade hook's on that one CRD (test_crd_upgrade_hook).
+    assert [o["metadata"]["name"] for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")] == [
+        "remotegpu-crd-upgrade-imaging"
+    ] * 2
 
 
 def test_several_operators_need_leader_election(tmp_path: Path):

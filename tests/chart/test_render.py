@@ -265,6 +265,19 @@ def test_crd_upgrade_hook(tmp_path: Path):
     assert not find(off, "ClusterRole") and not find(off, "Job", "remotegpu-crd-upgrade")
 
 
+def test_hook_jobs_run_where_the_operator_runs(tmp_path: Path):
+    """A hook Job that lands on a node it cannot run on blocks install, upgrade or uninstall."""
+    place = {"nodeSelector": {"pool": "system"}, "tolerations": [{"key": "system", "operator": "Exists"}]}
+    objs = render({"operator": place}, tmp_path)
+    jobs = find(objs, "Job")
+    assert sorted(j["metadata"]["name"] for j in jobs) == [
+        "remotegpu-crd-upgrade", "remotegpu-secrets", "remotegpu-uninstall"
+    ]  # fmt: skip
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert {k: pod.get(k) for k in place} == place, job["metadata"]["name"]
+
+
 def test_priority_class_and_probe_timeouts(tmp_path: Path):
     objs = render({"priorityClassName": "remotegpu-critical"}, tmp_path)
     pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]

@@ -181,3 +181,19 @@ app.kubernetes.io/managed-by: remotegpu-operator
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* Where the chart's hook Jobs run: with the operator (same image, same placement). */}}
+{{- define "remotegpu.hookPlacement" -}}
+{{- with .Values.operator.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.operator.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.operator.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}

@@ -197,3 +197,10 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* An alert's labels: its severity (metrics.prometheusRule.severities), then the additional
+labels, which win on the same key (one `severity`, never two). (dict "r" $rule "alert" NAME) */}}
+{{- define "remotegpu.alertLabels" -}}
+{{- $labels := merge (deepCopy (default dict .r.additionalAlertLabels)) (dict "severity" (index .r.severities .alert)) }}
+{{- toYaml $labels }}
+{{- end }}

@@ -26,13 +26,25 @@ REQUIRED = {
     "worker steps per second": "remotegpu_worker_steps_per_second",
     "model load time": "remotegpu_worker_model_load_seconds",
     "no GPU capacity": "remotegpu_operator_capacity_available",
+    "allocated GPUs per model (cost)": "remotegpu_operator_worker_gpus",
+    "busy GPU-seconds per model": "remotegpu_worker_job_seconds_sum",
+    "Pending worker pods": "remotegpu_operator_unschedulable_replicas",
+    "operator errors": "remotegpu_operator_reconcile_errors_total",
+    "cold-start phase: operator reaction": "remotegpu_operator_last_wake_to_scale_seconds",
+    "cold-start phase: weights load": "remotegpu_worker_model_load_seconds",
+    "cold-start phase: warm-up": "remotegpu_worker_model_warmup_seconds",
 }
+# NVIDIA dcgm-exporter's names (its default counters) for GPU utilisation and memory.
+DCGM = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE"}
+# Grafana's own variables the queries may use.
+GRAFANA_VARS = {"__rate_interval", "__range", "__range_s"}
 
 
 def test_dashboards_cover_the_required_metrics():
     used = metric_names(dashboard_exprs())
     missing = {what: name for what, name in REQUIRED.items() if name not in used}
     assert not missing, missing
+    assert DCGM <= {m for e in dashboard_exprs() for m in re.findall(r"\bDCGM_\w+", e)}
     per_model = metric_names(
         [t["expr"] for p in dashboards()["model.json"]["panels"] for t in p.get("targets", [])]
     )
@@ -41,7 +53,7 @@ def test_dashboards_cover_the_required_metrics():
     } <= per_model
 
 
-@pytest.mark.parametrize("fname", ["fleet-overview.json", "model.json"])
+@pytest.mark.parametrize("fname", ["fleet-overview.json", "model.json", "gpu-cost.json"])
 def test_dashboard_is_well_formed(fname: str):
     d = dashboards()[fname]
     assert d["uid"].startswith("remotegpu-") and d["title"].startswith("RemoteGPU")
@@ -65,7 +77,7 @@ def test_dashboard_is_well_formed(fname: str):
             assert t["refId"] and t["expr"]
             assert 'namespace=~"$namespace"' in t["expr"], (p["title"], t["expr"])
             for var in re.findall(r"\$(\w+)", t["expr"]):
-                assert var in variables or var == "__rate_interval", (p["title"], var)
+                assert var in variables or var in GRAFANA_VARS, (p["title"], var)
             # every selector is scoped to the dashboard's namespace
             for sel in re.findall(r"remotegpu_\w+(\{[^}]*\})?", t["expr"]):
                 assert "namespace" in sel, (p["title"], t["expr"])

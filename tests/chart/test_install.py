@@ -319,7 +319,7 @@ def test_install_upgrade_uninstall(
         ):
             assert len(kube.get_json(kind, "-n", namespace)["items"]) == count, kind
         dashboards = kube.get_json("configmaps", "-n", namespace, "-l", "grafana_dashboard=1")["items"]
-        assert len(dashboards) == 2
+        assert len(dashboards) == 3
 
         # Least privilege, as the API server sees it.
         op = f"{PREFIX}-operator"

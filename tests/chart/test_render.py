@@ -735,7 +735,7 @@ def test_dashboards_as_configmaps(tmp_path: Path):
     objs = render()
     cms = find(objs, "ConfigMap")
     files = dashboards()
-    assert sorted(files) == ["fleet-overview.json", "model.json"]
+    assert sorted(files) == ["fleet-overview.json", "gpu-cost.json", "model.json"]
     assert len(cms) == len(files)
     seen = {}
     for cm in cms:
@@ -744,7 +744,7 @@ def test_dashboards_as_configmaps(tmp_path: Path):
         seen[fname] = json.loads(text)
     assert seen == files
     uids = {d["uid"] for d in files.values()}
-    assert uids == {"remotegpu-fleet", "remotegpu-model"}
+    assert uids == {"remotegpu-fleet", "remotegpu-model", "remotegpu-gpu-cost"}
     assert not find(render({"metrics": {"dashboards": {"enabled": False}}}, tmp_path), "ConfigMap")
 
 

@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.env"
 cache=${REMOTEGPU_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/remotegpu/cluster}
 bin="$cache/bin-$KUBE_VERSION-$ETCD_VERSION-$KWOK_VERSION-$HELM_VERSION"
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy coredns-$COREDNS_VERSION)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy coredns-$COREDNS_VERSION weed-$SEAWEEDFS_VERSION)
 missing=()
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
 # A helm built without the release's version ldflags reports no version and assumes
@@ -123,6 +123,22 @@ func main() { coremain.Run() }
 GO
   (cd "$w" && go mod tidy >/dev/null 2>&1 || true
    cd "$w" && go build -trimpath -ldflags "-s -w" -o "$bin/coredns-$COREDNS_VERSION" .)
+fi
+if need "weed-$SEAWEEDFS_VERSION"; then
+  # SeaweedFS's `weed` (the tests' S3-compatible store). Its go.mod replaces one module,
+  # which `go install pkg@version` refuses: a small module requires it and copies the replace.
+  step "building SeaweedFS $SEAWEEDFS_VERSION (weed); several minutes on 2 cores"
+  w="$cache/work/seaweedfs-$SEAWEEDFS_VERSION"; mkdir -p "$w"
+  gomod=$(cd "$w" && go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  {
+    echo "module remotegpu.local/seaweedfs"
+    grep -E '^go ' "$gomod"
+    echo "require github.com/seaweedfs/seaweedfs $SEAWEEDFS_VERSION"
+    grep -E '^replace .* => [^.]' "$gomod" || true
+  } > "$w/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/seaweedfs/seaweedfs/weed"\n' > "$w/tools.go"
+  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true
+   cd "$w" && go build -trimpath -ldflags "-s -w" -o "$bin/weed-$SEAWEEDFS_VERSION" github.com/seaweedfs/seaweedfs/weed)
 fi
 if need stages; then
   # KWOK's own Stage definitions, from its module source (the launcher adds a ready delay).

@@ -141,7 +141,11 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path):
     alert_tests = [{"eval_time": "30m", "alertname": n, "exp_alerts": exp} for n, exp in at_30m.items()]
     # An hour later flux-1-dev's worker has idled for the whole hour, fast's has not yet (minute 51)...
     alert_tests.append(
-        {"eval_time": "90m", "alertname": "RemoteGPUGPUsIdle", "exp_alerts": [_alert("RemoteGPUGPUsIdle", "warning", **m)]}
+        {
+            "eval_time": "90m",
+            "alertname": "RemoteGPUGPUsIdle",
+            "exp_alerts": [_alert("RemoteGPUGPUsIdle", "warning", **m)],
+        }
     )
     # ... and at 2 h both have.
     alert_tests.append(
@@ -196,7 +200,9 @@ def test_nothing_scraped_at_all_fires_too(tmp_path: Path):
         {
             "interval": "1m",
             "input_series": elsewhere,
-            "alert_rule_test": [{"eval_time": "10m", "alertname": n, "exp_alerts": e} for n, e in fired.items()],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": n, "exp_alerts": e} for n, e in fired.items()
+            ],
         },
         {
             "interval": "1m",

@@ -4,6 +4,7 @@ needs (the issue's list); the gateway's cold-start histogram they plot."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -106,3 +107,50 @@ def test_cold_start_histogram_observes_starting_to_ready():
     text = generate_latest(m.registry).decode()
     assert 'remotegpu_model_cold_start_seconds_count{model="a"} 1.0' in text
     assert 'remotegpu_model_cold_start_seconds_count{model="b"}' not in text
+
+
+def test_gpu_cost_panels_compute_gpu_seconds(tmp_path: Path):
+    """The cost panels' numbers on synthetic series, with promtool: a model with 2 workers of
+    2 GPUs each for the 10-minute range, whose workers ran jobs for 150 s in total."""
+    from tests.chart.test_alerts import run_promtool_test
+
+    cost = {
+        p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboards()["gpu-cost.json"]["panels"]
+    }
+
+    def filled(expr: str) -> str:
+        for var, value in (("$namespace", "imaging"), ("$model", ".*"), ("$__rate_interval", "1m"),
+                           ("$__range_s", "600"), ("$__range", "10m")):  # fmt: skip
+            expr = expr.replace(var, value)
+        return expr
+
+    op = 'namespace="imaging", imagemodel="flux-1-dev", model="flux"'
+    series = [
+        {"series": f"remotegpu_operator_replicas{{{op}}}", "values": "2x20"},
+        {"series": f"remotegpu_operator_worker_gpus{{{op}}}", "values": "2x20"},
+        # Two worker pods: 90 s and 60 s of jobs within the range (counters from 0).
+        {"series": 'remotegpu_worker_job_seconds_sum{namespace="imaging", model="flux", outcome="succeeded", pod="a"}',
+         "values": "0x10 30 60 90x8"},
+        {"series": 'remotegpu_worker_job_seconds_sum{namespace="imaging", model="flux", outcome="succeeded", pod="b"}',
+         "values": "0x12 60x8"},
+        {"series": 'remotegpu_worker_busy{namespace="imaging", model="flux", pod="a"}', "values": "0x19 1"},
+        {"series": 'remotegpu_worker_busy{namespace="imaging", model="flux", pod="b"}', "values": "0x20"},
+    ]  # fmt: skip
+    allocated, busy = (filled(e) for e in cost["GPU-seconds allocated vs busy per model (time range)"])
+    (Path(tmp_path) / "rules.yaml").write_text("groups: []\n")
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                # 4 GPUs x 600 s; 150 job seconds x 2 GPUs each.
+                {"expr": allocated, "eval_time": "20m", "exp_samples": [{"labels": '{model="flux"}', "value": 2400}]},
+                {"expr": busy, "eval_time": "20m", "exp_samples": [{"labels": '{model="flux"}', "value": 300}]},
+                {"expr": filled(cost["GPUs allocated"][0]), "eval_time": "20m", "exp_samples": [{"labels": "{}", "value": 4}]},
+                {"expr": filled(cost["GPUs busy"][0]), "eval_time": "20m", "exp_samples": [{"labels": "{}", "value": 2}]},
+                {"expr": filled(cost["Busy share of allocated GPU-seconds"][0]), "eval_time": "20m",
+                 "exp_samples": [{"labels": "{}", "value": 0.125}]},
+            ],
+        }
+    ]  # fmt: skip
+    run_promtool_test(tmp_path, {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests})

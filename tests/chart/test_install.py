@@ -192,9 +192,7 @@ def run_hook(
         for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout)
         if d and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
     ]
-    rbac = json.dumps(
-        {"apiVersion": "v1", "kind": "List", "items": [h for h in hooks if h["kind"] != "Job"]}
-    )
+    rbac = json.dumps({"apiVersion": "v1", "kind": "List", "items": [h for h in hooks if h["kind"] != "Job"]})
     (job,) = [h for h in hooks if h["kind"] == "Job"]
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=rbac)
     try:
@@ -271,9 +269,9 @@ def test_install_upgrade_uninstall(
         assert not can_i(kube, namespace, f"{PREFIX}-secrets", "get", "secrets")  # its RBAC is gone again
         gw_env = {
             e["name"]: e
-            for e in kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)["spec"]["template"]["spec"][
-                "containers"
-            ][0]["env"]
+            for e in kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)["spec"]["template"][
+                "spec"
+            ]["containers"][0]["env"]
         }
         assert gw_env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": password, "key": "password"}
 
@@ -281,9 +279,9 @@ def test_install_upgrade_uninstall(
         assert sorted(p["metadata"]["name"] for p in kube.get_json("pdb", "-n", namespace)["items"]) == [
             f"{PREFIX}-{c}" for c in ("gateway", "operator", "workers")
         ]
-        assert sorted(p["metadata"]["name"] for p in kube.get_json("networkpolicies", "-n", namespace)["items"]) == [
-            f"{PREFIX}-{c}" for c in ("postgresql", "workers")
-        ]
+        assert sorted(
+            p["metadata"]["name"] for p in kube.get_json("networkpolicies", "-n", namespace)["items"]
+        ) == [f"{PREFIX}-{c}" for c in ("postgresql", "workers")]
 
         # Every workload is up and every pod (KWOK) Ready; the claims are bound.
         for name in (f"{PREFIX}-gateway", f"{PREFIX}-operator"):
@@ -348,7 +346,9 @@ def test_install_upgrade_uninstall(
         ran = run_hook(kube, namespace, "secrets", tmp_path)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert ran.stdout.split("\n")[:2] == [f"kept Secret {token}", f"kept Secret {password}"]
-        assert {n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))} == generated
+        assert {
+            n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))
+        } == generated
         names = sorted(m["metadata"]["name"] for m in kube.get_json("imagemodels", "-n", namespace)["items"])
         assert names == sorted(set(PRESETS) - {"flux-1-dev"})
         flux2 = kube.get_json("imagemodel", "flux-2-dev", "-n", namespace)["spec"]
@@ -395,7 +395,9 @@ def test_install_upgrade_uninstall(
     assert kube.helm("status", RELEASE, "-n", namespace, check=False).returncode != 0
     # The generated secrets stay (helm.sh/resource-policy: keep): a retained database needs its password.
     kept = kube.get_json("secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")["items"]
-    assert sorted(k["metadata"]["name"] for k in kept) == sorted([f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"])
+    assert sorted(k["metadata"]["name"] for k in kept) == sorted(
+        [f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"]
+    )
     kube.kubectl("delete", "secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")
 
 
@@ -404,7 +406,9 @@ def test_helm_upgrade_upgrades_the_crd(kube: Kube, namespace: str, tmp_path: Pat
     run as its own ServiceAccount) the API server keeps the field instead of pruning it.
     The CRD gets a group of its own here, so other tests keep the real one."""
     group = f"t{uuid.uuid4().hex[:8]}.remotegpu.ai"
-    crd_text = (CHART / "crds" / "imagemodels.yaml").read_text().replace("group: remotegpu.ai", f"group: {group}")
+    crd_text = (
+        (CHART / "crds" / "imagemodels.yaml").read_text().replace("group: remotegpu.ai", f"group: {group}")
+    )
     crd_text = crd_text.replace("name: imagemodels.remotegpu.ai", f"name: imagemodels.{group}")
     field = re.compile(r"^ +priority: \{type: integer, default: 0,.*\n", re.M)
     assert len(field.findall(crd_text)) == 1

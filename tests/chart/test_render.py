@@ -17,8 +17,8 @@ from tests.chart.helm import (
     REPO,
     dashboards,
     find,
-    pinned_version,
     one,
+    pinned_version,
     render,
     run_helm,
     template,
@@ -68,7 +68,9 @@ def test_helm_is_built_like_a_release_so_plain_template_works(tmp_path: Path):
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: caps}\n"
         "data: {kube: {{ .Capabilities.KubeVersion.Version | quote }}}\n"
     )
-    kube = yaml.safe_load(run_helm("template", "demo", str(caps), "--show-only", "templates/zz-caps.yaml").stdout)
+    kube = yaml.safe_load(
+        run_helm("template", "demo", str(caps), "--show-only", "templates/zz-caps.yaml").stdout
+    )
     minor = int(kube["data"]["kube"].split(".")[1])
     assert minor >= int(pinned_version("KUBE_VERSION").split(".")[1]), kube
 
@@ -189,14 +191,16 @@ def test_disruption_budgets(tmp_path: Path):
     from remotegpu_operator import deployment
 
     objs = render()
-    for name, component in (("gateway", "gateway"), ("operator", "operator")):
+    for name in ("gateway", "operator"):
         pdb = one(objs, "PodDisruptionBudget", f"remotegpu-{name}")["spec"]
         assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
         pods = one(objs, "Deployment", f"remotegpu-{name}")["spec"]["template"]["metadata"]["labels"]
         assert pdb["selector"]["matchLabels"].items() <= pods.items()
     workers = one(objs, "PodDisruptionBudget", "remotegpu-workers")["spec"]
     spec = load_models_file(CHART / "files" / "models.yaml")[0].spec
-    worker_pod = deployment.pod_template("flux-1-dev", spec, deployment.WorkerSettings(gateway_url="http://gw"))
+    worker_pod = deployment.pod_template(
+        "flux-1-dev", spec, deployment.WorkerSettings(gateway_url="http://gw")
+    )
     assert workers["selector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
     # A busy worker evicted by the drain gets time to finish its job.
     assert worker_pod["spec"]["terminationGracePeriodSeconds"] >= 300
@@ -282,7 +286,9 @@ def test_priority_class_and_probe_timeouts(tmp_path: Path):
     objs = render({"priorityClassName": "remotegpu-critical"}, tmp_path)
     pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
     assert len(pods) == 6 and all(p["priorityClassName"] == "remotegpu-critical" for p in pods)
-    assert all("priorityClassName" not in o.get("spec", {}).get("template", {}).get("spec", {}) for o in render())
+    assert all(
+        "priorityClassName" not in o.get("spec", {}).get("template", {}).get("spec", {}) for o in render()
+    )
     for o in objs:
         for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -543,7 +549,10 @@ def test_generated_secrets_come_from_a_hook_so_renders_are_identical():
     assert env["REMOTEGPU_DATABASE_URL"]["value"] == (
         "postgresql://remotegpu@remotegpu-postgresql.imaging.svc:5432/remotegpu"
     )
-    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "remotegpu-postgresql", "key": "password"}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "remotegpu-postgresql",
+        "key": "password",
+    }
     sts = one(objs, "StatefulSet", "remotegpu-postgresql")
     pg_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
@@ -565,14 +574,19 @@ def test_given_secrets_need_no_hook(tmp_path: Path):
     assert secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token") == "tok-123"
     assert [o["metadata"]["name"] for o in find(objs, "Secret")] == ["remotegpu-worker-token"]
     ref = {"name": "pg-pass", "key": "pw"}
-    assert env_of(one(objs, "Deployment", "remotegpu-gateway"))["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    assert (
+        env_of(one(objs, "Deployment", "remotegpu-gateway"))["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    )
     sts = one(objs, "StatefulSet", "remotegpu-postgresql")
     pg_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
     # A given password is rendered (the same every time); only the token is left to generate.
     objs = render({"postgresql": {"auth": {"password": "pw-1"}}}, tmp_path)
     assert secret_value(one(objs, "Secret", "remotegpu-postgresql"), "password") == "pw-1"
-    env = {e["name"]: e["value"] for e in one(objs, "Job", "remotegpu-secrets")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e["value"]
+        for e in one(objs, "Job", "remotegpu-secrets")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert json.loads(env["SECRETS"]) == [{"name": "remotegpu-worker-token", "key": "token"}]
 
 
@@ -632,11 +646,18 @@ def test_exactly_one_database_is_required(values, tmp_path: Path):
 
 
 def test_results_without_persistence_and_with_existing_claim(tmp_path: Path):
-    objs = render({"results": {"persistence": {"enabled": False}}, "gateway": {"replicaCount": 2}}, tmp_path)
+    objs = render({"results": {"persistence": {"enabled": False}}}, tmp_path)
     assert not find(objs, "PersistentVolumeClaim")
     gw = one(objs, "Deployment", "remotegpu-gateway")
     assert {"name": "data", "emptyDir": {}} in gw["spec"]["template"]["spec"]["volumes"]
-    assert "strategy" not in gw["spec"] and gw["spec"]["replicas"] == 2
+    assert gw["spec"]["strategy"]["type"] == "RollingUpdate" and gw["spec"]["replicas"] == 1
+    # Two gateways with a folder each would each miss the other's images.
+    out = template(
+        {"results": {"persistence": {"enabled": False}}, "gateway": {"replicaCount": 2}},
+        tmp_path,
+        check=False,
+    )
+    assert out.returncode != 0 and "needs shared images: objectStorage.enabled=true" in out.stderr
     objs = render(
         {"results": {"persistence": {"existingClaim": "shared", "accessModes": ["ReadWriteMany"]}}}, tmp_path
     )
@@ -644,7 +665,57 @@ def test_results_without_persistence_and_with_existing_claim(tmp_path: Path):
     gw = one(objs, "Deployment", "remotegpu-gateway")
     vols = {v["name"]: v for v in gw["spec"]["template"]["spec"]["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "shared"
-    assert "strategy" not in gw["spec"]  # ReadWriteMany: rolling updates are fine
+    assert gw["spec"]["strategy"]["type"] == "RollingUpdate"  # ReadWriteMany: rolling updates are fine
+
+
+def test_object_storage_makes_the_gateway_highly_available(tmp_path: Path):
+    s3 = {"enabled": True, "bucket": "images", "endpoint": "http://s3.storage:8333", "prefix": "rg",
+          "existingSecret": "s3-keys"}  # fmt: skip
+    objs = render({"objectStorage": s3}, tmp_path)
+    assert not find(objs, "PersistentVolumeClaim", "remotegpu-results")
+    gw = one(objs, "Deployment", "remotegpu-gateway")
+    spec, pod = gw["spec"], gw["spec"]["template"]["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    env = env_of(gw)
+    assert {k: env[k]["value"] for k in ("REMOTEGPU_S3_BUCKET", "REMOTEGPU_S3_ENDPOINT_URL", "REMOTEGPU_S3_PREFIX")} == {
+        "REMOTEGPU_S3_BUCKET": "images", "REMOTEGPU_S3_ENDPOINT_URL": "http://s3.storage:8333", "REMOTEGPU_S3_PREFIX": "rg"
+    }  # fmt: skip
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys", "key": "accessKeyId"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-keys",
+        "key": "secretAccessKey",
+    }
+    assert "REMOTEGPU_RESULTS_DIR" not in env
+    assert {"name": "data", "emptyDir": {}} in pod["volumes"]
+    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    selector = spec["selector"]["matchLabels"]
+    assert [(c["topologyKey"], c["whenUnsatisfiable"], c["labelSelector"]["matchLabels"]) for c in pod["topologySpreadConstraints"]] == [
+        ("kubernetes.io/hostname", "ScheduleAnyway", selector), ("topology.kubernetes.io/zone", "ScheduleAnyway", selector)
+    ]  # fmt: skip
+    assert not find(objs, "HorizontalPodAutoscaler")
+
+    objs = render(
+        {"objectStorage": s3, "gateway": {"autoscaling": {"enabled": True, "maxReplicas": 9}}}, tmp_path
+    )
+    hpa = one(objs, "HorizontalPodAutoscaler", "remotegpu-gateway")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 9)
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "remotegpu-gateway",
+    }
+    assert "replicas" not in one(objs, "Deployment", "remotegpu-gateway")["spec"]  # the HPA owns it
+
+    out = template({"objectStorage": {"enabled": True}}, tmp_path, check=False)
+    assert out.returncode != 0 and "needs objectStorage.bucket" in out.stderr
+    out = template(
+        {"gateway": {"autoscaling": {"enabled": True}}}, tmp_path, check=False
+    )  # a ReadWriteOnce volume
+    assert out.returncode != 0 and "needs shared images" in out.stderr
 
 
 def test_results_claim_settings(tmp_path: Path):
@@ -844,7 +915,9 @@ def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
         job["spec"]["template"]["spec"]["serviceAccountName"]
         == one(hook, "ServiceAccount")["metadata"]["name"]
     )
-    assert not find(render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job", "remotegpu-uninstall")
+    assert not find(
+        render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job", "remotegpu-uninstall"
+    )
 
 
 def test_readme_values_table_is_current():

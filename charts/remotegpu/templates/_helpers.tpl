@@ -204,3 +204,35 @@ labels, which win on the same key (one `severity`, never two). (dict "r" $rule "
 {{- $labels := merge (deepCopy (default dict .r.additionalAlertLabels)) (dict "severity" (index .r.severities .alert)) }}
 {{- toYaml $labels }}
 {{- end }}
+
+{{/* Whether results live on a local volume (not object storage) and which: "" (object
+storage), "emptyDir", "shared" (ReadWriteMany claim) or "single" (a ReadWriteOnce claim:
+one gateway pod, replaced rather than rolled). */}}
+{{- define "remotegpu.results.volume" -}}
+{{- $p := .Values.results.persistence }}
+{{- if .Values.objectStorage.enabled }}
+{{- else if not $p.enabled }}emptyDir
+{{- else if has "ReadWriteMany" $p.accessModes }}shared
+{{- else }}single
+{{- end }}
+{{- end }}
+
+{{/* Gateway replicas: the value, else 2 with object storage (highly available) and 1 without. */}}
+{{- define "remotegpu.gateway.replicas" -}}
+{{- if .Values.gateway.replicaCount }}{{ .Values.gateway.replicaCount }}
+{{- else if .Values.objectStorage.enabled }}2
+{{- else }}1
+{{- end }}
+{{- end }}
+
+{{/* Checks that several gateways share their images (object storage or a ReadWriteMany volume). */}}
+{{- define "remotegpu.gateway.validate" -}}
+{{- $volume := include "remotegpu.results.volume" . }}
+{{- $several := or (gt (int (include "remotegpu.gateway.replicas" .)) 1) .Values.gateway.autoscaling.enabled }}
+{{- if and $several (or (eq $volume "single") (eq $volume "emptyDir")) }}
+{{- fail "more than one gateway replica (gateway.replicaCount > 1 or gateway.autoscaling.enabled) needs shared images: objectStorage.enabled=true (recommended) or a ReadWriteMany result volume (results.persistence.accessModes)" }}
+{{- end }}
+{{- if and .Values.objectStorage.enabled (not .Values.objectStorage.bucket) }}
+{{- fail "objectStorage.enabled=true needs objectStorage.bucket (an existing bucket)" }}
+{{- end }}
+{{- end }}

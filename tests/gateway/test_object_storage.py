@@ -31,7 +31,9 @@ def start_s3_gateway(
 
 
 def edit(gw: RunningGateway, key: str) -> httpx.Response:
-    return gw.submit(key, {"prompt": "a", "model": KONTEXT, "input_images_base64": [b64(png_bytes(256, 256))]})
+    return gw.submit(
+        key, {"prompt": "a", "model": KONTEXT, "input_images_base64": [b64(png_bytes(256, 256))]}
+    )
 
 
 def test_images_round_trip_through_the_bucket(

@@ -6,6 +6,7 @@ store is back). On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Callable
 
 import httpx
@@ -23,8 +24,9 @@ def start_s3_gateway(
 ) -> Callable[..., RunningGateway]:
     def start(server: SeaweedFS | None = None, **overrides: object) -> RunningGateway:
         server = server or s3_env
+        prefix = f"imaging-{uuid.uuid4().hex[:8]}"  # one bucket, a prefix per test
         return start_gateway(
-            s3_bucket=server.bucket(), s3_endpoint_url=server.endpoint, s3_prefix="imaging", **overrides
+            s3_bucket=server.bucket(), s3_endpoint_url=server.endpoint, s3_prefix=prefix, **overrides
         )
 
     return start
@@ -32,7 +34,7 @@ def start_s3_gateway(
 
 def edit(gw: RunningGateway, key: str) -> httpx.Response:
     return gw.submit(
-        key, {"prompt": "a", "model": KONTEXT, "input_images_base64": [b64(png_bytes(256, 256))]}
+        key, {"prompt": "a", "model": KONTEXT, "input_images_base64": [b64(png_bytes(512, 512))]}
     )
 
 
@@ -40,11 +42,13 @@ def test_images_round_trip_through_the_bucket(
     start_s3_gateway: Callable[..., RunningGateway], s3_env: SeaweedFS
 ) -> None:
     gw = start_s3_gateway()
-    bucket = gw.gw.settings.s3_bucket
+    bucket, prefix = gw.gw.settings.s3_bucket, gw.gw.settings.s3_prefix
     assert bucket
     key = gw.key()
-    job = edit(gw, key).json()["job_id"]
-    assert s3_env.keys(bucket) == [f"imaging/inputs/{job}/0"]
+    submitted = edit(gw, key)
+    assert submitted.is_success, submitted.text
+    job = submitted.json()["job_id"]
+    assert s3_env.keys(bucket, prefix) == [f"{prefix}/inputs/{job}/0"]
     w = gw.worker()
     try:
         lease = w.lease(KONTEXT, "w1", wait_seconds=5)
@@ -53,7 +57,7 @@ def test_images_round_trip_through_the_bucket(
         w.complete(job, lease.lease_token, result)
     finally:
         w.close()
-    (stored,) = [k for k in s3_env.keys(bucket) if k.startswith(f"imaging/results/{job}/")]
+    (stored,) = [k for k in s3_env.keys(bucket, prefix) if k.startswith(f"{prefix}/results/{job}/")]
     assert s3_env.client().get_object(Bucket=bucket, Key=stored)["Body"].read() == result
     # Served by the gateway under its own signed URL, as with a folder; nothing on local disk.
     status = gw.job(key, job).json()
@@ -67,7 +71,7 @@ def test_retention_deletes_the_objects(
     start_s3_gateway: Callable[..., RunningGateway], s3_env: SeaweedFS
 ) -> None:
     gw = start_s3_gateway(retention_seconds=2.0, purge_interval_seconds=0.2)
-    bucket = gw.gw.settings.s3_bucket
+    bucket, prefix = gw.gw.settings.s3_bucket, gw.gw.settings.s3_prefix
     assert bucket
     key = gw.key()
     done = edit(gw, key).json()["job_id"]
@@ -79,9 +83,13 @@ def test_retention_deletes_the_objects(
     finally:
         w.close()
     waiting = edit(gw, key).json()["job_id"]  # never leased: must survive
-    assert len([k for k in s3_env.keys(bucket) if f"/{done}/" in k]) == 2  # its input and its result
+    assert len([k for k in s3_env.keys(bucket, prefix) if f"/{done}/" in k]) == 2  # its input and its result
     wait_for(lambda: gw.job(key, done).status_code == 404, 20, "the finished job to be deleted")
-    wait_for(lambda: s3_env.keys(bucket) == [f"imaging/inputs/{waiting}/0"], 20, "its objects to be deleted")
+    wait_for(
+        lambda: s3_env.keys(bucket, prefix) == [f"{prefix}/inputs/{waiting}/0"],
+        20,
+        "its objects to be deleted",
+    )
 
 
 def test_an_outage_of_the_store_loses_nothing(
@@ -89,8 +97,8 @@ def test_an_outage_of_the_store_loses_nothing(
 ) -> None:
     store = SeaweedFS().start()
     try:
-        gw = start_s3_gateway(store)
-        bucket = gw.gw.settings.s3_bucket
+        gw = start_s3_gateway(store, lease_ttl_seconds=600)  # stopping and starting the store takes a while
+        bucket, prefix = gw.gw.settings.s3_bucket, gw.gw.settings.s3_prefix
         assert bucket
         key = gw.key()
         job = edit(gw, key).json()["job_id"]
@@ -117,7 +125,7 @@ def test_an_outage_of_the_store_loses_nothing(
         finally:
             w.close()
         assert gw.job(key, job).json()["status"] == "succeeded"
-        assert [k for k in store.keys(bucket) if k.startswith(f"imaging/results/{job}/")]
+        assert [k for k in store.keys(bucket, prefix) if k.startswith(f"{prefix}/results/{job}/")]
     finally:
         store.stop()
         shutil.rmtree(store.dir, ignore_errors=True)

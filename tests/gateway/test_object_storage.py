@@ -6,6 +6,8 @@ store is back). On SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -14,7 +16,7 @@ import pytest
 from remotegpu_base.protocol import WorkerAPIClient
 
 from tests.fixtures.seaweedfs import SeaweedFS
-from tests.gateway.conftest import KONTEXT, RunningGateway, auth, b64, png_bytes
+from tests.gateway.conftest import KONTEXT, WORKER_TOKEN, RunningGateway, auth, b64, png_bytes
 from tests.waiting import wait_for
 
 
@@ -129,3 +131,87 @@ def test_an_outage_of_the_store_loses_nothing(
     finally:
         store.stop()
         shutil.rmtree(store.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_rolling_restart_of_two_gateways_under_load_loses_nothing(
+    start_s3_gateway: Callable[..., RunningGateway], start_gateway: Callable[..., RunningGateway]
+) -> None:
+    """Two gateways share PostgreSQL and the bucket; a client submits without pause (to
+    either, as a load balancer would, retrying a refused connection on the other with its
+    Idempotency-Key) and a worker runs the jobs, while each gateway in turn stops
+    gracefully and a new one takes its port. Every accepted job runs exactly once."""
+    first = start_s3_gateway()
+    s = first.gw.settings
+    same = {"s3_bucket": s.s3_bucket, "s3_endpoint_url": s.s3_endpoint_url, "s3_prefix": s.s3_prefix}
+    gateways = [first, start_gateway(**same)]
+    key = first.key()
+    stop = threading.Event()
+    accepted: list[str] = []
+    retried = [0]
+    done: set[str] = set()
+
+    def up() -> list[str]:
+        return [g.url for g in gateways if g.server.started and not g.server.should_exit]
+
+    def call(fn: Callable[[str], httpx.Response]) -> httpx.Response:
+        while True:
+            for url in up() or [first.url]:
+                try:
+                    return fn(url)
+                except httpx.TransportError:
+                    retried[0] += 1
+            time.sleep(0.05)
+
+    def submitter() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            body = {"prompt": f"job {n}", "model": KONTEXT, "input_images_base64": [b64(png_bytes(512, 512))]}
+            headers = {**auth(key), "Idempotency-Key": f"job-{n}"}
+            r = call(
+                lambda url, b=body, h=headers: httpx.post(f"{url}/v1/inference/image", json=b, headers=h)
+            )
+            assert r.status_code == 202, r.text
+            accepted.append(r.json()["job_id"])
+
+    def worker() -> None:
+        while not stop.is_set() or len(done) < len(accepted):
+            urls = up()
+            if not urls:
+                time.sleep(0.05)
+                continue
+            w = WorkerAPIClient(urls[0], WORKER_TOKEN)
+            try:
+                lease = w.lease(KONTEXT, "w1", wait_seconds=1)
+                if lease is not None:
+                    assert lease.job_id not in done, "a job ran twice"
+                    w.complete(lease.job_id, lease.lease_token, png_bytes())
+                    done.add(lease.job_id)
+            except httpx.TransportError:
+                pass  # that gateway is stopping: the lease (if any) expires and returns the job
+            finally:
+                w.close()
+
+    threads = [threading.Thread(target=submitter), threading.Thread(target=worker)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(2):  # the rolling restart: one gateway after the other
+            wait_for(lambda n=len(accepted): len(accepted) >= n + 5, 60, "submits to flow")
+            old = gateways[i]
+            old.stop()
+            gateways[i] = start_gateway(port=old.port, **same)
+        wait_for(lambda n=len(accepted): len(accepted) >= n + 5, 60, "submits after the restart")
+    finally:
+        stop.set()
+        threads[0].join(timeout=60)
+    threads[1].join(timeout=120)
+    assert len(set(accepted)) == len(accepted) >= 15
+    assert done == set(accepted), f"{len(set(accepted) - done)} accepted jobs never ran"
+    statuses = {j: gateways[0].job(key, j).json()["status"] for j in accepted}
+    assert set(statuses.values()) == {"succeeded"}
+    print(f"rolling restart: {len(accepted)} submits accepted, {len(done)} jobs done, 0 lost; "
+          f"{retried[0]} connection(s) retried on the other gateway")  # fmt: skip

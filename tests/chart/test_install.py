@@ -339,10 +339,18 @@ def test_install_upgrade_uninstall(
             "flux-2-dev": {"maxReplicas": 4, "gpuCount": 2},
             "flux-1-dev": {"enabled": False},
         }
+        # ... and the images move to object storage: two gateways, rolled, without the claim.
+        values["objectStorage"] = {"enabled": True, "bucket": "images", "endpoint": "http://s3.storage:8333"}
         vfile.write_text(yaml.safe_dump(values))
         kube.helm(
             "upgrade", RELEASE, str(CHART), "-n", namespace, "-f", str(vfile), "--wait", "--timeout", "180s"
         )
+        gw = kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)
+        assert gw["spec"]["strategy"]["type"] == "RollingUpdate"
+        assert gw["spec"]["replicas"] == gw["status"].get("readyReplicas") == 2
+        assert [c["metadata"]["name"] for c in kube.get_json("pvc", "-n", namespace)["items"]] == [
+            f"data-{PREFIX}-postgresql-0"
+        ]
         ran = run_hook(kube, namespace, "secrets", tmp_path)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert ran.stdout.split("\n")[:2] == [f"kept Secret {token}", f"kept Secret {password}"]

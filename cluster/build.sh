@@ -11,9 +11,15 @@ source "$here/versions.env"
 cache=${REMOTEGPU_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/remotegpu/cluster}
 bin="$cache/bin-$KUBE_VERSION-$ETCD_VERSION-$KWOK_VERSION-$HELM_VERSION"
 want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy
-  "coredns-$COREDNS_VERSION" "prometheus-$PROMETHEUS_VERSION" "promtool-$PROMETHEUS_VERSION")
+  "coredns-$COREDNS_VERSION" "prometheus-$PROMETHEUS_VERSION" "promtool-$PROMETHEUS_VERSION"
+  "weed-$SEAWEEDFS_VERSION")
 missing=()
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || missing+=("$b"); done
+# A helm built without the release's version ldflags reports no version and assumes
+# Kubernetes v1.20, so `helm template`/`helm lint` fail the chart's kubeVersion: rebuild it.
+if [ -x "$bin/helm" ] && [ "$("$bin/helm" version --template '{{.Version}}' 2>/dev/null)" != "$HELM_VERSION" ]; then
+  missing+=(helm)
+fi
 stages=(node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete)
 [ -f "$bin/stages/pod-delete.yaml" ] || missing+=(stages)
 if [ ${#missing[@]} -eq 0 ]; then echo "$bin"; exit 0; fi
@@ -49,10 +55,14 @@ gobuild() {
   step "  $label built in $(took $t)"
 }
 
-# go install of a module's command at a version (its go.mod has no replace lines), with progress.
-goinstall() {  # goinstall LABEL PKG@VERSION
-  local t=$SECONDS
-  GOBIN="$bin" go install -v -trimpath -ldflags "-s -w" "$2" 2>&1 | progress "$1" ""
+# go install of a module's command at a version (its go.mod has no replace lines), with
+# progress; built aside, then renamed over the old one, so a copy running meanwhile (or
+# a concurrent build.sh) never sees half a file.
+goinstall() {  # goinstall LABEL PKG@VERSION [LDFLAGS]
+  local t=$SECONDS out
+  out=$(mktemp -d "$cache/work/.$1.XXXXXX")
+  GOBIN="$out" go install -v -trimpath -ldflags "${3:--s -w}" "$2" 2>&1 | progress "$1" ""
+  mv -f "$out"/* "$bin/" && rmdir "$out"
   step "  $1 built in $(took $t)"
 }
 
@@ -113,7 +123,16 @@ if need kwok; then
 fi
 if need helm; then
   step "building helm $HELM_VERSION"
-  goinstall helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  # The ldflags of helm's own Makefile: its version, and the Kubernetes version it
+  # assumes without a cluster (that of the client-go it is built with, as released).
+  helm_mod=$(cd "$cache/work" && go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  client_go=$(awk '$1 == "k8s.io/client-go" {print $2}' "$helm_mod")
+  kube_minor=$(echo "$client_go" | cut -d. -f2)
+  ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ld="$ld -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$kube_minor"
+  done
+  goinstall helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "$ld"
 fi
 if need "coredns-$COREDNS_VERSION"; then
   # Cluster DNS for the real nodes (cluster.local): CoreDNS with only the plugins the
@@ -163,6 +182,24 @@ if need "prometheus-$PROMETHEUS_VERSION" || need "promtool-$PROMETHEUS_VERSION";
     "$out/" "$p/prometheus/cmd/prometheus" "$p/prometheus/cmd/promtool"
   for c in prometheus promtool; do mv "$out/$c" "$bin/$c-$PROMETHEUS_VERSION"; done
   rmdir "$out"
+fi
+if need "weed-$SEAWEEDFS_VERSION"; then
+  # SeaweedFS's `weed` (the tests' S3-compatible store). Its go.mod replaces one module,
+  # which `go install pkg@version` refuses: a small module requires it and copies the replace.
+  step "building SeaweedFS $SEAWEEDFS_VERSION (weed); several minutes on 2 cores"
+  w="$cache/work/seaweedfs-$SEAWEEDFS_VERSION"; mkdir -p "$w"
+  gomod=$(cd "$w" && go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  {
+    echo "module remotegpu.local/seaweedfs"
+    grep -E '^go ' "$gomod"
+    echo "require github.com/seaweedfs/seaweedfs $SEAWEEDFS_VERSION"
+    grep -E '^replace .* => [^.]' "$gomod" || true
+  } > "$w/go.mod"
+  printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/seaweedfs/seaweedfs/weed"\n' > "$w/tools.go"
+  (cd "$w" && go mod tidy -e >/dev/null 2>&1 || true)
+  out=$(mktemp -d "$bin/.weed.XXXXXX")  # then renamed: a concurrent build.sh sees a whole file
+  gobuild weed "$w" "" "-s -w" "$out/weed" github.com/seaweedfs/seaweedfs/weed
+  mv "$out/weed" "$bin/weed-$SEAWEEDFS_VERSION" && rmdir "$out"
 fi
 if need stages; then
   # KWOK's own Stage definitions, from its module source (the launcher adds a ready delay).

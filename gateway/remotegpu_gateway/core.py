@@ -27,7 +27,7 @@ from remotegpu_gateway.metrics import Metrics
 from remotegpu_gateway.notify import Notifier
 from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
-from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, StorageError, UrlSigner
+from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, S3Storage, StorageError, UrlSigner
 from remotegpu_gateway.store import PENDING, RUNNING, TERMINAL_STATES, Delivery, JobRecord, Store
 from remotegpu_gateway.usage import Usage
 from remotegpu_gateway.webhooks import WebhookSender, parse_networks, webhook_body
@@ -66,6 +66,18 @@ def _summary(values: list[float]) -> dict[str, int | None]:
     return {"count": len(v), "p50": pct(50), "p95": pct(95)}
 
 
+def _storage(settings: Settings) -> BlobStorage:
+    """The settings' bucket when one is named, else the local results folder."""
+    if settings.s3_bucket:
+        return S3Storage(
+            settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            prefix=settings.s3_prefix,
+        )
+    return LocalDirStorage(settings.resolved_results_dir())
+
+
 class Gateway:
     def __init__(
         self,
@@ -94,7 +106,7 @@ class Gateway:
             )
         else:
             self.catalog = Catalog(load_models_file())
-        self.storage: BlobStorage = storage or LocalDirStorage(settings.resolved_results_dir())
+        self.storage: BlobStorage = storage or _storage(settings)
         secret = settings.signing_secret or self.store.setting(
             "url_signing_secret", lambda: secrets.token_urlsafe(32)
         )

@@ -30,6 +30,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if os.environ.get("REMOTEGPU_RESULTS_DIR")
         else None,
         signing_secret=os.environ.get("REMOTEGPU_SIGNING_SECRET") or None,
+        s3_bucket=os.environ.get("REMOTEGPU_S3_BUCKET") or None,
+        s3_endpoint_url=os.environ.get("REMOTEGPU_S3_ENDPOINT_URL") or None,
+        s3_region=os.environ.get("REMOTEGPU_S3_REGION") or None,
+        s3_prefix=os.environ.get("REMOTEGPU_S3_PREFIX", ""),
         models_file=Path(models_file) if models_file else None,
         namespace=namespace,
         kubeconfig=os.environ.get("KUBECONFIG") or None,

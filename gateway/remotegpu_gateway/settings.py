@@ -25,6 +25,12 @@ class Settings:
     # Absolute base URL of the public API, used to build result_url.
     public_url: str | None = None  # None: the request's own base URL
     results_dir: Path | None = None  # default: DATA_DIR/results
+    # Input and result images in this S3-compatible bucket instead of results_dir (several
+    # gateway replicas share it); endpoint None: AWS S3. Credentials: boto3's usual chain.
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_prefix: str = ""
     # URL signing secret; None: generated once and kept in the database (shared by replicas).
     signing_secret: str | None = None
     # Catalog: exactly one of models (already loaded), models_file, or namespace (watch CRs).

@@ -1,8 +1,9 @@
 """Blob storage for input and result images, behind a small interface.
 
-`LocalDirStorage` serves both the embedded default (a folder in the data dir) and the
-cluster (a mounted volume path shared by the gateway replicas). An S3-compatible
-implementation only needs the same three methods.
+`LocalDirStorage` serves the embedded default (a folder in the data dir) and a mounted
+volume; `S3Storage` an S3-compatible bucket (AWS S3, SeaweedFS, Ceph RGW, ...), which
+any number of gateway replicas share. Either way the gateway serves the results itself,
+under its own signed URLs, so the storage never needs to be reachable from outside.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,400}$")
 
@@ -89,6 +91,73 @@ class LocalDirStorage:
                 path.parent.rmdir()
             except OSError:
                 pass  # not empty, or already gone
+
+
+class S3Storage:
+    """Keys as objects under `prefix` in an S3-compatible bucket (which must exist).
+
+    Credentials come from boto3's usual chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+    a web identity (IRSA, workload identity), or the instance's role. Any failure to reach
+    the store is a StorageError: the caller answers 500 and keeps nothing half-done.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        prefix: str = "",
+        timeout_seconds: float = 10.0,
+    ):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            region_name=region or "us-east-1",
+            config=Config(
+                connect_timeout=timeout_seconds,
+                read_timeout=timeout_seconds,
+                retries={"max_attempts": 2, "mode": "standard"},
+                # Path-style URLs work with every S3-compatible server (no bucket DNS names).
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        if not _KEY.match(key) or ".." in key.split("/"):
+            raise StorageError(f"invalid storage key {key!r}")
+        return self.prefix + key
+
+    def _call(self, what: str, key: str, fn: Callable[..., Any], **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, Key=self._key(key), **kw)
+        except (BotoCoreError, ClientError) as e:
+            raise StorageError(f"could not {what} {key} in bucket {self.bucket}: {e}") from e
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call("store", key, self._client.put_object, Body=data)
+
+    def get(self, key: str) -> bytes:
+        body = self._call("read", key, self._client.get_object)["Body"]
+        try:
+            return bytes(body.read())
+        except Exception as e:  # noqa: BLE001 - a connection cut mid-body
+            raise StorageError(f"could not read {key} in bucket {self.bucket}: {e}") from e
+        finally:
+            body.close()
+
+    def size(self, key: str) -> int:
+        return int(self._call("read", key, self._client.head_object)["ContentLength"])
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self._client.delete_object)  # a missing key is no error in S3
 
 
 class UrlSigner:

@@ -180,6 +180,11 @@ class WorkerLoop:
         if not self.engine.ready:
             raise RuntimeError("the engine must be loaded and warmed up before the loop starts")
         self.report(RuntimeState.READY)
+        # Job series from 0: increase() (the dashboards' busy GPU-seconds) then counts the first job too.
+        self.metrics.busy.labels(self.model).set(0)
+        for outcome in ("succeeded", "failed", "cancelled", "released", "lost"):
+            self.metrics.jobs.labels(self.model, outcome)
+            self.metrics.job_seconds.labels(self.model, outcome)
         self._reporter = threading.Thread(target=self._report_periodically, name="status-report", daemon=True)
         self._reporter.start()
         self.last_activity = time.monotonic()

@@ -131,10 +131,12 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
         "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
         **({"volumeMounts": list(w.volume_mounts)} if w.volume_mounts else {}),
         "resources": resources,
-        # Ready once the weights are loaded and warmed up; alive while loading.
+        # Ready once the weights are loaded and warmed up; alive while loading. 5 s, not
+        # the default 1 s: a worker busy on the GPU may answer slowly without being stuck.
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": WORKER_PORT},
             "periodSeconds": 5,
+            "timeoutSeconds": 5,
             "failureThreshold": 3,
         },
         "livenessProbe": {

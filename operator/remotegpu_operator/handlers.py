@@ -620,7 +620,8 @@ async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
         ready=observed.ready,
         depth=seen.queue.depth if seen.queue else None,
         state=status.runtime_state(observed.desired, observed.ready),
-        capacity_ok=not seen.unschedulable,
+        gpus_per_worker=seen.spec.worker.gpu.count,
+        unschedulable=len(seen.unschedulable),
     )
 
 

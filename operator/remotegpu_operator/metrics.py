@@ -14,6 +14,14 @@ QUEUE_DEPTH = Gauge("remotegpu_operator_queue_depth", "Queued + warming + runnin
 STATE = Gauge(
     "remotegpu_operator_model_state", "1 for the model's runtime state, 0 for the others", [*_MODEL, "state"]
 )
+WORKER_GPUS = Gauge(
+    "remotegpu_operator_worker_gpus", "GPUs each worker pod of the model requests (cost: x replicas)", _MODEL
+)
+UNSCHEDULABLE = Gauge(
+    "remotegpu_operator_unschedulable_replicas",
+    "Worker pods Pending because they cannot be scheduled (no free GPU, quota)",
+    _MODEL,
+)
 CAPACITY = Gauge(
     "remotegpu_operator_capacity_available",
     "0 while worker pods cannot be scheduled (e.g. no free GPU)",
@@ -46,24 +54,27 @@ def set_model(
     ready: int,
     depth: int | None,
     state: RuntimeState,
-    capacity_ok: bool,
+    gpus_per_worker: int,
+    unschedulable: int,
 ) -> None:
     labels = (ns, name, model)
     DESIRED.labels(*labels).set(desired)
     CURRENT.labels(*labels).set(replicas)
     READY.labels(*labels).set(ready)
+    WORKER_GPUS.labels(*labels).set(gpus_per_worker)
+    UNSCHEDULABLE.labels(*labels).set(unschedulable)
     if depth is not None:
         QUEUE_DEPTH.labels(*labels).set(depth)
     for s in RuntimeState:
         STATE.labels(*labels, s.value).set(1 if s is state else 0)
-    CAPACITY.labels(*labels).set(1 if capacity_ok else 0)
+    CAPACITY.labels(*labels).set(0 if unschedulable else 1)
     # The error counter reads 0 from the first reconcile on (an alert's rate() needs the series).
     RECONCILE_ERRORS.labels(ns, name)
 
 
 def forget_model(ns: str, name: str, model: str) -> None:
     labels = (ns, name, model)
-    for g in (DESIRED, CURRENT, READY, QUEUE_DEPTH, CAPACITY, WAKE_LATENCY):
+    for g in (DESIRED, CURRENT, READY, QUEUE_DEPTH, WORKER_GPUS, UNSCHEDULABLE, CAPACITY, WAKE_LATENCY):
         try:
             g.remove(*labels)
         except KeyError:

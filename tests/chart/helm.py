@@ -19,12 +19,6 @@ PROM_NAME = re.compile(r"\bremotegpu_[A-Za-z0-9_:]+")
 
 
 @functools.cache
-def kube_version() -> str:
-    """The local control plane's Kubernetes version (helm's own default is too old for kubeVersion)."""
-    return pinned("KUBE")
-
-
-@functools.cache
 def helm_bin() -> Path:
     return bin_dir() / "helm"
 
@@ -66,7 +60,7 @@ def template(
     extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     return run_helm(
-        "template", release, str(CHART), "--namespace", namespace, "--kube-version", kube_version(),
+        "template", release, str(CHART), "--namespace", namespace,
         *values_args(values, tmp), *extra, check=check,
     )  # fmt: skip
 

@@ -4,6 +4,7 @@ needs (the issue's list); the gateway's cold-start histogram they plot."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -26,13 +27,25 @@ REQUIRED = {
     "worker steps per second": "remotegpu_worker_steps_per_second",
     "model load time": "remotegpu_worker_model_load_seconds",
     "no GPU capacity": "remotegpu_operator_capacity_available",
+    "allocated GPUs per model (cost)": "remotegpu_operator_worker_gpus",
+    "busy GPU-seconds per model": "remotegpu_worker_job_seconds_sum",
+    "Pending worker pods": "remotegpu_operator_unschedulable_replicas",
+    "operator errors": "remotegpu_operator_reconcile_errors_total",
+    "cold-start phase: operator reaction": "remotegpu_operator_last_wake_to_scale_seconds",
+    "cold-start phase: weights load": "remotegpu_worker_model_load_seconds",
+    "cold-start phase: warm-up": "remotegpu_worker_model_warmup_seconds",
 }
+# NVIDIA dcgm-exporter's names (its default counters) for GPU utilisation and memory.
+DCGM = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE"}
+# Grafana's own variables the queries may use.
+GRAFANA_VARS = {"__rate_interval", "__range", "__range_s"}
 
 
 def test_dashboards_cover_the_required_metrics():
     used = metric_names(dashboard_exprs())
     missing = {what: name for what, name in REQUIRED.items() if name not in used}
     assert not missing, missing
+    assert DCGM <= {m for e in dashboard_exprs() for m in re.findall(r"\bDCGM_\w+", e)}
     per_model = metric_names(
         [t["expr"] for p in dashboards()["model.json"]["panels"] for t in p.get("targets", [])]
     )
@@ -41,7 +54,7 @@ def test_dashboards_cover_the_required_metrics():
     } <= per_model
 
 
-@pytest.mark.parametrize("fname", ["fleet-overview.json", "model.json"])
+@pytest.mark.parametrize("fname", ["fleet-overview.json", "model.json", "gpu-cost.json"])
 def test_dashboard_is_well_formed(fname: str):
     d = dashboards()[fname]
     assert d["uid"].startswith("remotegpu-") and d["title"].startswith("RemoteGPU")
@@ -65,7 +78,7 @@ def test_dashboard_is_well_formed(fname: str):
             assert t["refId"] and t["expr"]
             assert 'namespace=~"$namespace"' in t["expr"], (p["title"], t["expr"])
             for var in re.findall(r"\$(\w+)", t["expr"]):
-                assert var in variables or var == "__rate_interval", (p["title"], var)
+                assert var in variables or var in GRAFANA_VARS, (p["title"], var)
             # every selector is scoped to the dashboard's namespace
             for sel in re.findall(r"remotegpu_\w+(\{[^}]*\})?", t["expr"]):
                 assert "namespace" in sel, (p["title"], t["expr"])
@@ -94,3 +107,50 @@ def test_cold_start_histogram_observes_starting_to_ready():
     text = generate_latest(m.registry).decode()
     assert 'remotegpu_model_cold_start_seconds_count{model="a"} 1.0' in text
     assert 'remotegpu_model_cold_start_seconds_count{model="b"}' not in text
+
+
+def test_gpu_cost_panels_compute_gpu_seconds(tmp_path: Path):
+    """The cost panels' numbers on synthetic series, with promtool: a model with 2 workers of
+    2 GPUs each for the 10-minute range, whose workers ran jobs for 150 s in total."""
+    from tests.chart.test_alerts import run_promtool_test
+
+    cost = {
+        p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboards()["gpu-cost.json"]["panels"]
+    }
+
+    def filled(expr: str) -> str:
+        for var, value in (("$namespace", "imaging"), ("$model", ".*"), ("$__rate_interval", "1m"),
+                           ("$__range_s", "600"), ("$__range", "10m")):  # fmt: skip
+            expr = expr.replace(var, value)
+        return expr
+
+    op = 'namespace="imaging", imagemodel="flux-1-dev", model="flux"'
+    series = [
+        {"series": f"remotegpu_operator_replicas{{{op}}}", "values": "2x20"},
+        {"series": f"remotegpu_operator_worker_gpus{{{op}}}", "values": "2x20"},
+        # Two worker pods: 90 s and 60 s of jobs within the range (counters from 0).
+        {"series": 'remotegpu_worker_job_seconds_sum{namespace="imaging", model="flux", outcome="succeeded", pod="a"}',
+         "values": "0x10 30 60 90x8"},
+        {"series": 'remotegpu_worker_job_seconds_sum{namespace="imaging", model="flux", outcome="succeeded", pod="b"}',
+         "values": "0x12 60x8"},
+        {"series": 'remotegpu_worker_busy{namespace="imaging", model="flux", pod="a"}', "values": "0x19 1"},
+        {"series": 'remotegpu_worker_busy{namespace="imaging", model="flux", pod="b"}', "values": "0x20"},
+    ]  # fmt: skip
+    allocated, busy = (filled(e) for e in cost["GPU-seconds allocated vs busy per model (time range)"])
+    (Path(tmp_path) / "rules.yaml").write_text("groups: []\n")
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "promql_expr_test": [
+                # 4 GPUs x 600 s; 150 job seconds x 2 GPUs each.
+                {"expr": allocated, "eval_time": "20m", "exp_samples": [{"labels": '{model="flux"}', "value": 2400}]},
+                {"expr": busy, "eval_time": "20m", "exp_samples": [{"labels": '{model="flux"}', "value": 300}]},
+                {"expr": filled(cost["GPUs allocated"][0]), "eval_time": "20m", "exp_samples": [{"labels": "{}", "value": 4}]},
+                {"expr": filled(cost["GPUs busy"][0]), "eval_time": "20m", "exp_samples": [{"labels": "{}", "value": 2}]},
+                {"expr": filled(cost["Busy share of allocated GPU-seconds"][0]), "eval_time": "20m",
+                 "exp_samples": [{"labels": "{}", "value": 0.125}]},
+            ],
+        }
+    ]  # fmt: skip
+    run_promtool_test(tmp_path, {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests})

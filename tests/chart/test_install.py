@@ -6,9 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,8 @@ MONITORING_KINDS = {
 }
 LABELED_KINDS = (
     "deployments,statefulsets,replicasets,pods,services,secrets,configmaps,persistentvolumeclaims,"
-    "serviceaccounts,roles,rolebindings,imagemodels,servicemonitors,podmonitors,prometheusrules,ingresses"
+    "serviceaccounts,roles,rolebindings,imagemodels,servicemonitors,podmonitors,prometheusrules,ingresses,"
+    "poddisruptionbudgets,networkpolicies,jobs"
 )
 
 
@@ -177,6 +181,38 @@ def run_operator_as_release(kube: Kube, namespace: str, tmp: Path) -> subprocess
     )
 
 
+def run_hook(
+    kube: Kube, namespace: str, component: str, tmp: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs one of the release's hook Jobs (`helm get hooks`; by its component label) here,
+    as its own ServiceAccount with its own RBAC (KWOK runs no containers, so the Job itself
+    does nothing): its RBAC objects are applied for the run and deleted after, as helm does."""
+    hooks = [
+        d
+        for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout)
+        if d and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    rbac = json.dumps({"apiVersion": "v1", "kind": "List", "items": [h for h in hooks if h["kind"] != "Job"]})
+    (job,) = [h for h in hooks if h["kind"] == "Job"]
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=rbac)
+    try:
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        sa = job["spec"]["template"]["spec"]["serviceAccountName"]
+        hook_env = {
+            **os.environ,
+            **{e["name"]: e["value"] for e in container["env"]},
+            **(env or {}),
+            "KUBECONFIG": str(sa_kubeconfig(kube, namespace, sa, tmp / f"{sa}.kubeconfig")),
+        }
+        hook_env.pop("KUBERNETES_SERVICE_HOST", None)
+        return subprocess.run(
+            [sys.executable, *container["command"][1:], *container["args"]],
+            env=hook_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        kube.kubectl("delete", "-n", namespace, "-f", "-", input=rbac)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
@@ -222,6 +258,31 @@ def test_install_upgrade_uninstall(
         assert f"kubectl exec -n {namespace} deploy/{PREFIX}-gateway -- remotegpu keys create" in out.stdout
         assert "/v1/inference/image" in out.stdout
 
+        # The pre-install hook generated the secrets nobody gave (run here: KWOK runs no
+        # containers), as its own ServiceAccount, which may create Secrets but read none.
+        token, password = f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"
+        ran = run_hook(kube, namespace, "secrets", tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert ran.stdout.split("\n")[:2] == [f"generated Secret {token}", f"generated Secret {password}"]
+        generated = {n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))}
+        assert all(len(v) == 48 for v in generated.values()) and len(set(generated.values())) == 2
+        assert not can_i(kube, namespace, f"{PREFIX}-secrets", "get", "secrets")  # its RBAC is gone again
+        gw_env = {
+            e["name"]: e
+            for e in kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)["spec"]["template"][
+                "spec"
+            ]["containers"][0]["env"]
+        }
+        assert gw_env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": password, "key": "password"}
+
+        # PodDisruptionBudgets and NetworkPolicies pass the API server's validation.
+        assert sorted(p["metadata"]["name"] for p in kube.get_json("pdb", "-n", namespace)["items"]) == [
+            f"{PREFIX}-{c}" for c in ("gateway", "operator", "workers")
+        ]
+        assert sorted(
+            p["metadata"]["name"] for p in kube.get_json("networkpolicies", "-n", namespace)["items"]
+        ) == [f"{PREFIX}-{c}" for c in ("postgresql", "workers")]
+
         # Every workload is up and every pod (KWOK) Ready; the claims are bound.
         for name in (f"{PREFIX}-gateway", f"{PREFIX}-operator"):
             d = kube.get_json("deployment", name, "-n", namespace)
@@ -256,7 +317,7 @@ def test_install_upgrade_uninstall(
         ):
             assert len(kube.get_json(kind, "-n", namespace)["items"]) == count, kind
         dashboards = kube.get_json("configmaps", "-n", namespace, "-l", "grafana_dashboard=1")["items"]
-        assert len(dashboards) == 2
+        assert len(dashboards) == 3
 
         # Least privilege, as the API server sees it.
         op = f"{PREFIX}-operator"
@@ -273,27 +334,29 @@ def test_install_upgrade_uninstall(
         assert not can_i(kube, namespace, gw, "patch", "imagemodels.remotegpu.ai")
         assert not can_i(kube, namespace, gw, "list", "pods")
 
-        # Upgrade with changed presets: the generated secrets stay (lookup), the presets change.
-        before = {
-            "token": secret(kube, namespace, f"{PREFIX}-worker-token", "token"),
-            "password": secret(kube, namespace, f"{PREFIX}-postgresql", "password"),
-            "url": secret(kube, namespace, f"{PREFIX}-database", "url"),
-        }
-        assert before["password"] in before["url"]
+        # Upgrade with changed presets: the pre-upgrade hook keeps the generated secrets, the presets change.
         values["presets"] = {
             "flux-2-dev": {"maxReplicas": 4, "gpuCount": 2},
             "flux-1-dev": {"enabled": False},
         }
+        # ... and the images move to object storage: two gateways, rolled, without the claim.
+        values["objectStorage"] = {"enabled": True, "bucket": "images", "endpoint": "http://s3.storage:8333"}
         vfile.write_text(yaml.safe_dump(values))
         kube.helm(
             "upgrade", RELEASE, str(CHART), "-n", namespace, "-f", str(vfile), "--wait", "--timeout", "180s"
         )
-        after = {
-            "token": secret(kube, namespace, f"{PREFIX}-worker-token", "token"),
-            "password": secret(kube, namespace, f"{PREFIX}-postgresql", "password"),
-            "url": secret(kube, namespace, f"{PREFIX}-database", "url"),
-        }
-        assert after == before
+        gw = kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)
+        assert gw["spec"]["strategy"]["type"] == "RollingUpdate"
+        assert gw["spec"]["replicas"] == gw["status"].get("readyReplicas") == 2
+        assert [c["metadata"]["name"] for c in kube.get_json("pvc", "-n", namespace)["items"]] == [
+            f"data-{PREFIX}-postgresql-0"
+        ]
+        ran = run_hook(kube, namespace, "secrets", tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert ran.stdout.split("\n")[:2] == [f"kept Secret {token}", f"kept Secret {password}"]
+        assert {
+            n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))
+        } == generated
         names = sorted(m["metadata"]["name"] for m in kube.get_json("imagemodels", "-n", namespace)["items"])
         assert names == sorted(set(PRESETS) - {"flux-1-dev"})
         flux2 = kube.get_json("imagemodel", "flux-2-dev", "-n", namespace)["spec"]
@@ -321,34 +384,7 @@ def test_install_upgrade_uninstall(
 
             # The pre-delete hook, run here as its own ServiceAccount: it deletes the presets
             # while the operator runs, and their worker Deployments go with them (owner references).
-            hooks = [
-                d for d in yaml.safe_load_all(kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout) if d
-            ]
-            assert {h["metadata"]["annotations"]["helm.sh/hook"] for h in hooks} == {"pre-delete"}
-            rbac = [h for h in hooks if h["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
-            kube.kubectl(
-                "apply",
-                "-n",
-                namespace,
-                "-f",
-                "-",
-                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
-            )
-            (job,) = [h for h in hooks if h["kind"] == "Job"]
-            container = job["spec"]["template"]["spec"]["containers"][0]
-            hook_env = {
-                **os.environ,
-                **{e["name"]: e["value"] for e in container["env"]},
-                "TIMEOUT_SECONDS": "60",
-                "KUBECONFIG": str(
-                    sa_kubeconfig(kube, namespace, f"{PREFIX}-uninstall", tmp_path / "hook.kubeconfig")
-                ),
-            }
-            hook_env.pop("KUBERNETES_SERVICE_HOST", None)
-            ran = subprocess.run(
-                [sys.executable, *container["command"][1:], *container["args"]],
-                env=hook_env, capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
+            ran = run_hook(kube, namespace, "uninstall", tmp_path, {"TIMEOUT_SECONDS": "60"})
             assert ran.returncode == 0, ran.stdout + ran.stderr
             assert f"deleted {len(models)} ImageModel(s)" in ran.stdout
             assert not kube.get_json("imagemodels", "-n", namespace)["items"]
@@ -356,14 +392,6 @@ def test_install_upgrade_uninstall(
                 lambda: not kube.get_json("deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker")["items"],
                 60, "the worker Deployments to be collected", every=0.5,
             )  # fmt: skip
-            kube.kubectl(
-                "delete",
-                "-n",
-                namespace,
-                "-f",
-                "-",
-                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
-            )
         finally:
             stop(operator)
     finally:
@@ -373,3 +401,74 @@ def test_install_upgrade_uninstall(
     wait_for(lambda: not leftovers(kube, namespace), 120, "the release's objects to go", every=1)
     wait_for(lambda: not kube.get_json("pvc", "-n", namespace)["items"], 60, "the claims to go", every=1)
     assert kube.helm("status", RELEASE, "-n", namespace, check=False).returncode != 0
+    # The generated secrets stay (helm.sh/resource-policy: keep): a retained database needs its password.
+    kept = kube.get_json("secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")["items"]
+    assert sorted(k["metadata"]["name"] for k in kept) == sorted(
+        [f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"]
+    )
+    kube.kubectl("delete", "secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")
+
+
+def test_helm_upgrade_upgrades_the_crd(kube: Kube, namespace: str, tmp_path: Path):
+    """A new chart version adds a CRD field: after `helm upgrade` (and its pre-upgrade hook,
+    run as its own ServiceAccount) the API server keeps the field instead of pruning it.
+    The CRD gets a group of its own here, so other tests keep the real one."""
+    group = f"t{uuid.uuid4().hex[:8]}.remotegpu.ai"
+    crd_text = (
+        (CHART / "crds" / "imagemodels.yaml").read_text().replace("group: remotegpu.ai", f"group: {group}")
+    )
+    crd_text = crd_text.replace("name: imagemodels.remotegpu.ai", f"name: imagemodels.{group}")
+    field = re.compile(r"^ +priority: \{type: integer, default: 0,.*\n", re.M)
+    assert len(field.findall(crd_text)) == 1
+    charts = {}
+    for version, text in (("old", field.sub("", crd_text)), ("new", crd_text)):
+        charts[version] = tmp_path / version
+        shutil.copytree(CHART, charts[version])
+        (charts[version] / "crds" / "imagemodels.yaml").write_text(text)
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "presets": {p: {"enabled": False} for p in PRESETS},
+                "results": {"persistence": {"enabled": False}},
+                "postgresql": {"persistence": {"enabled": False}},
+                "operator": {"cleanupOnUninstall": False},
+            }
+        )
+    )
+    crd_name = f"imagemodels.{group}"
+    model = next(d for d in yaml.safe_load_all((CHART / "files" / "models.yaml").read_text()) if d)
+    model["apiVersion"] = f"{group}/v1alpha1"
+    model["spec"].setdefault("scaling", {})["priority"] = 7
+
+    def create_model(name: str) -> str:
+        """The API server's answer to an ImageModel that sets the new field."""
+        model["metadata"] = {"name": name, "namespace": namespace}
+        out = kube.kubectl("create", "-f", "-", input=json.dumps(model), check=False)
+        if out.returncode:
+            return out.stderr
+        return f"priority {kube.get_json(crd_name, name, '-n', namespace)['spec']['scaling']['priority']}"
+
+    unknown = 'unknown field "spec.scaling.priority"'
+
+    try:
+        kube.helm("install", RELEASE, str(charts["old"]), "-n", namespace, "-f", str(values))
+        assert unknown in create_model("before")
+        kube.helm("upgrade", RELEASE, str(charts["new"]), "-n", namespace, "-f", str(values))
+        # helm itself left the CRD as it was (crds/ is installed once) ...
+        assert unknown in create_model("helm-alone")
+        # ... its pre-upgrade hook replaces it, and may touch no other CRD.
+        hook_sa = f"system:serviceaccount:{namespace}:{PREFIX}-crd-upgrade"
+        ran = run_hook(kube, namespace, "crd-upgrade", tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert f"updated CustomResourceDefinition {crd_name}" in ran.stdout
+        assert create_model("after") == "priority 7"
+        assert kube.kubectl(
+            "auth", "can-i", "update", "customresourcedefinitions/imagemodels.remotegpu.ai", f"--as={hook_sa}",
+            check=False,
+        ).stdout.strip() == "no"  # fmt: skip
+        hooks = kube.helm("get", "hooks", RELEASE, "-n", namespace).stdout
+        assert "helm.sh/hook: pre-upgrade" in hooks and f"resourceNames: [{crd_name}]" in hooks
+    finally:
+        kube.helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "120s", check=False)
+        kube.kubectl("delete", "crd", crd_name, "--wait=false", check=False)

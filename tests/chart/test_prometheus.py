@@ -11,12 +11,14 @@ chart's alert rules; everything is stopped by pid at the end.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,7 +31,15 @@ import yaml
 from remotegpu_base.catalog import load_models_file
 
 from cluster.localcluster import free_port
-from tests.chart.helm import REPO, alert_exprs, alert_rules, dashboard_exprs, metric_names, prometheus_bin
+from tests.chart.helm import (
+    REPO,
+    alert_exprs,
+    alert_rules,
+    dashboard_exprs,
+    dashboards,
+    metric_names,
+    prometheus_bin,
+)
 from tests.fixtures.cluster import Kube
 from tests.waiting import wait_for
 
@@ -124,7 +134,58 @@ def tiny_imagemodel(namespace: str) -> dict[str, Any]:
     (entry,) = [m for m in load_models_file() if m.spec.model == MODEL]
     res = entry.to_resource(namespace)
     res["spec"]["worker"]["image"] = "example.invalid/remotegpu-worker:test"  # KWOK runs no image
+    res["spec"]["worker"]["gpu"] = {"count": 1}  # KWOK's nodes have GPUs: the cost panels count one
     return res
+
+
+WORKER_POD = "tiny-random-flux1-worker-0"
+DCGM_UTIL = 87
+
+
+class DcgmExporter:
+    """What NVIDIA's dcgm-exporter serves for the worker pod's GPU (its metric names and its
+    Kubernetes pod labels), from a loopback port: there is no GPU here."""
+
+    def __init__(self, namespace: str):
+        labels = (
+            f'gpu="0",UUID="GPU-5fd4bd5c-0000-0000-0000-000000000000",device="nvidia0",'
+            f'modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",container="worker",'
+            f'namespace="{namespace}",pod="{WORKER_POD}"'
+        )
+        body = "".join(
+            f"# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} {value}\n"
+            for name, help, value in (
+                ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", DCGM_UTIL),
+                ("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", 40960),
+                ("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", 40960),
+            )
+        ).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def dcgm(namespace: str) -> Iterator[DcgmExporter]:
+    exporter = DcgmExporter(namespace)
+    yield exporter
+    exporter.stop()
 
 
 class Prometheus:
@@ -149,11 +210,19 @@ def grafana_to_promql(expr: str, namespace: str) -> str:
     m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr.strip(), re.S)
     if m:  # a template variable's query: the series whose label values it lists
         expr = m.group(1)
-    return expr.replace("$namespace", namespace).replace("$model", ".*").replace("$__rate_interval", "1m")
+    for var, value in (("$namespace", namespace), ("$model", ".*"), ("$__rate_interval", "1m"),
+                       ("$__range_s", "300"), ("$__range", "5m")):  # fmt: skip
+        expr = expr.replace(var, value)
+    return expr
 
 
 def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
-    kube: Kube, namespace: str, tiny_data_dir: Path, procs: Callable[..., Proc], tmp_path: Path
+    kube: Kube,
+    namespace: str,
+    tiny_data_dir: Path,
+    procs: Callable[..., Proc],
+    dcgm: DcgmExporter,
+    tmp_path: Path,
 ):
     kube.kubectl("apply", "-f", str(CRD))
     kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
@@ -174,6 +243,19 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
             target("gateway", gw_port),
             target("operator", op_port, honor_labels=True),
             target("worker", wk_port),
+            # As a ServiceMonitor scrapes the exporter in its own namespace (no honorLabels):
+            # the GPU's pod labels become exported_namespace / exported_pod.
+            {
+                "job_name": "dcgm",
+                "scrape_interval": "1s",
+                "scrape_timeout": "900ms",
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{dcgm.port}"],
+                        "labels": {"namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-x1"},
+                    }
+                ],
+            },  # fmt: skip
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -252,6 +334,7 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
         # Every metric the dashboards and alerts use is in what Prometheus scraped.
         used = metric_names(dashboard_exprs()) | metric_names(alert_exprs(rules))
         assert len(used) > 20
+        used |= {m for e in dashboard_exprs() for m in re.findall(r"\bDCGM_\w+", e)}
         missing = lambda: used - prom.names()  # noqa: E731
         try:
             wait_for(lambda: not missing(), 60, "Prometheus to scrape every metric used")
@@ -259,7 +342,7 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
             raise AssertionError(f"used by the chart but never scraped: {sorted(missing())}") from None
 
         targets = prom.api("targets")["activeTargets"]
-        assert sorted(t["labels"]["job"] for t in targets) == ["gateway", "operator", "worker"]
+        assert sorted(t["labels"]["job"] for t in targets) == ["dcgm", "gateway", "operator", "worker"]
         assert all(t["health"] == "up" for t in targets), [
             (t["labels"]["job"], t["lastError"]) for t in targets
         ]
@@ -299,6 +382,29 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
         ]:
             got = wait_for(lambda e=expr: prom.query(e), 30, expr)
             assert float(got[0]["value"][1]) >= want, (expr, got)
+
+        # The GPU cost dashboard's panels show this run: one GPU allocated to the model, busy
+        # GPU-seconds from its job, and the worker pod's GPU utilisation as DCGM reported it.
+        cost = {
+            p["title"]: [grafana_to_promql(t["expr"], namespace) for t in p.get("targets", [])]
+            for p in dashboards()["gpu-cost.json"]["panels"]
+        }
+        alloc = wait_for(lambda: prom.query(cost["GPUs allocated"][0]), 30, "allocated GPUs")
+        assert float(alloc[0]["value"][1]) == 1, alloc
+        allocated_expr, _busy_expr = cost["GPU-seconds allocated vs busy per model (time range)"]
+        allocated = prom.query(allocated_expr)
+        assert [s["metric"]["model"] for s in allocated] == [MODEL] and float(allocated[0]["value"][1]) > 0
+        # The busy side (increase() of the worker's job seconds) ran above like every query; its
+        # values are checked on synthetic series (test_dashboards.py): here the loaded worker
+        # process may not be scraped twice within the window.
+        exported, honored = cost["GPU utilisation by worker pod"]
+        (util,) = prom.query(exported)
+        assert util["metric"] == {"exported_pod": WORKER_POD} and float(util["value"][1]) == DCGM_UTIL
+        assert prom.query(honored) == []  # the exporter's own pod is no worker
+        (share,) = prom.query(cost["GPU memory used share by worker pod"][0])
+        assert float(share["value"][1]) == 0.5
+        (pending,) = prom.query(cost["Pending worker pods by model"][0])
+        assert pending["metric"] == {"model": MODEL} and float(pending["value"][1]) == 0
     finally:
         # Delete the ImageModel while the operator still runs (it holds a finalizer).
         kube.kubectl("delete", "imagemodels", "--all", "-n", namespace, "--timeout=30s", check=False)

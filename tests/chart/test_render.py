@@ -17,7 +17,6 @@ from tests.chart.helm import (
     REPO,
     dashboards,
     find,
-    kube_version,
     one,
     render,
     run_helm,
@@ -47,12 +46,32 @@ def env_of(deploy: dict) -> dict[str, dict]:
 
 @pytest.mark.parametrize("values", [{}, MONITORING_ON, {"gateway": {"ingress": {"enabled": True}}}])
 def test_helm_lint_strict(values, tmp_path: Path):
-    args = ["lint", str(CHART), "--strict", "--kube-version", kube_version()]
+    args = ["lint", str(CHART), "--strict"]
     if values:
         (tmp_path / "v.yaml").write_text(yaml.safe_dump(values))
         args += ["-f", str(tmp_path / "v.yaml")]
     out = run_helm(*args)
     assert "0 chart(s) failed" in out.stdout
+
+
+def test_helm_is_built_like_a_release_so_plain_template_works(tmp_path: Path):
+    """cluster/build.sh builds helm with its release ldflags: it knows its version and
+    assumes a current Kubernetes, so the chart's `kubeVersion: >=1.30` passes without
+    `--kube-version` (a bare `go install` build assumes v1.20 and fails it)."""
+    assert run_helm("version", "--template", "{{.Version}}").stdout == pinned("HELM")
+    out = run_helm("template", "demo", str(CHART), "--show-only", "templates/gateway-service.yaml")
+    assert "kind: Service" in out.stdout
+    caps = tmp_path / "caps"
+    shutil.copytree(CHART, caps)
+    (caps / "templates" / "zz-caps.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: caps}\n"
+        "data: {kube: {{ .Capabilities.KubeVersion.Version | quote }}}\n"
+    )
+    kube = yaml.safe_load(
+        run_helm("template", "demo", str(caps), "--show-only", "templates/zz-caps.yaml").stdout
+    )
+    minor = int(kube["data"]["kube"].split(".")[1])
+    assert minor >= int(pinned("KUBE").split(".")[1]), kube
 
 
 def test_chart_crd_is_the_repository_crd():
@@ -137,15 +156,18 @@ def test_defaults_render_every_component(tmp_path: Path):
     objs = render()
     kinds = sorted({o["kind"] for o in objs})
     assert kinds == sorted(
-        ["ConfigMap", "Deployment", "ImageModel", "Job", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret",
-         "Service", "ServiceAccount", "StatefulSet"]
+        ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "ImageModel", "Job", "NetworkPolicy",
+         "PersistentVolumeClaim",
+         "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount", "StatefulSet"]
     )  # fmt: skip
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
     for want in [
         ("Deployment", "remotegpu-gateway"), ("Deployment", "remotegpu-operator"),
         ("Service", "remotegpu-gateway"), ("Service", "remotegpu-operator-metrics"),
         ("Service", "remotegpu-postgresql"), ("StatefulSet", "remotegpu-postgresql"),
-        ("Secret", "remotegpu-worker-token"), ("Secret", "remotegpu-database"), ("Secret", "remotegpu-postgresql"),
+        ("Job", "remotegpu-secrets"), ("PodDisruptionBudget", "remotegpu-gateway"),
+        ("PodDisruptionBudget", "remotegpu-operator"), ("PodDisruptionBudget", "remotegpu-workers"),
+        ("NetworkPolicy", "remotegpu-workers"), ("NetworkPolicy", "remotegpu-postgresql"),
         ("PersistentVolumeClaim", "remotegpu-results"),
         ("ServiceAccount", "remotegpu-gateway"), ("ServiceAccount", "remotegpu-operator"),
         ("Role", "remotegpu-operator"), ("Role", "remotegpu-operator-leader-election"), ("Role", "remotegpu-gateway"),
@@ -153,12 +175,124 @@ def test_defaults_render_every_component(tmp_path: Path):
         assert want in names, want
     assert not find(objs, "Ingress")
     for o in objs:
-        assert o["metadata"]["namespace"] == "imaging", o["metadata"]["name"]
+        if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert o["metadata"]["namespace"] == "imaging", o["metadata"]["name"]
         labels = o["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == "remotegpu"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["app.kubernetes.io/part-of"] == "remotegpu"
         assert labels["helm.sh/chart"] == "remotegpu-0.1.0"
+
+
+def test_disruption_budgets(tmp_path: Path):
+    """A drain takes one pod of each component at a time; the workers' budget selects the
+    pods the operator creates, whatever their model (labels from deployment.py)."""
+    from remotegpu_operator import deployment
+
+    objs = render()
+    for name in ("gateway", "operator"):
+        pdb = one(objs, "PodDisruptionBudget", f"remotegpu-{name}")["spec"]
+        assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        pods = one(objs, "Deployment", f"remotegpu-{name}")["spec"]["template"]["metadata"]["labels"]
+        assert pdb["selector"]["matchLabels"].items() <= pods.items()
+    workers = one(objs, "PodDisruptionBudget", "remotegpu-workers")["spec"]
+    spec = load_models_file(CHART / "files" / "models.yaml")[0].spec
+    worker_pod = deployment.pod_template(
+        "flux-1-dev", spec, deployment.WorkerSettings(gateway_url="http://gw")
+    )
+    assert workers["selector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
+    # A busy worker evicted by the drain gets time to finish its job.
+    assert worker_pod["spec"]["terminationGracePeriodSeconds"] >= 300
+
+    objs = render({"podDisruptionBudgets": {"workers": {"maxUnavailable": "25%"}}}, tmp_path)
+    assert one(objs, "PodDisruptionBudget", "remotegpu-workers")["spec"]["maxUnavailable"] == "25%"
+    assert not find(render({"podDisruptionBudgets": {"enabled": False}}, tmp_path), "PodDisruptionBudget")
+
+
+def test_network_policies(tmp_path: Path):
+    from remotegpu_operator import deployment
+
+    objs = render()
+    gateway_pods = one(objs, "Deployment", "remotegpu-gateway")["spec"]["template"]["metadata"]["labels"]
+    workers = one(objs, "NetworkPolicy", "remotegpu-workers")["spec"]
+    spec = load_models_file(CHART / "files" / "models.yaml")[0].spec
+    worker_pod = deployment.pod_template("m", spec, deployment.WorkerSettings(gateway_url="http://gw"))
+    assert workers["podSelector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
+    assert workers["policyTypes"] == ["Ingress", "Egress"]
+    to_gateway, dns, model_source = workers["egress"]
+    assert to_gateway["to"][0]["podSelector"]["matchLabels"].items() <= gateway_pods.items()
+    assert to_gateway["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    assert {p["port"] for p in dns["ports"]} == {53} and "to" not in dns
+    assert model_source["ports"] == [{"port": 443, "protocol": "TCP"}]
+    assert "10.0.0.0/8" in model_source["to"][0]["ipBlock"]["except"]  # not the cluster's own services
+    assert workers["ingress"] == [{"ports": [{"port": 8001, "protocol": "TCP"}]}]
+    pg = one(objs, "NetworkPolicy", "remotegpu-postgresql")["spec"]
+    assert pg["ingress"][0]["from"][0]["podSelector"]["matchLabels"].items() <= gateway_pods.items()
+    assert pg["ingress"][0]["ports"] == [{"port": 5432, "protocol": "TCP"}] and pg["egress"] == []
+
+    mirror = [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "hf-mirror"}}}]}]
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    objs = render(
+        {
+            "networkPolicy": {"workerModelSourceEgress": mirror, "metricsFrom": monitoring},
+            "postgresql": {"enabled": False},
+            "database": {"url": "postgresql://a:b@db/x"},
+        },
+        tmp_path,
+    )
+    workers = one(objs, "NetworkPolicy", "remotegpu-workers")["spec"]
+    assert workers["egress"][2:] == mirror and workers["ingress"][0]["from"] == monitoring
+    assert not find(objs, "NetworkPolicy", "remotegpu-postgresql")
+    assert not find(render({"networkPolicy": {"enabled": False}}, tmp_path), "NetworkPolicy")
+
+
+def test_crd_upgrade_hook(tmp_path: Path):
+    """The pre-upgrade hook carries the chart's very CRD and may update that one only
+    (an upgrade adding a field, against the API server: test_install.py)."""
+    objs = render()
+    job = one(objs, "Job", "remotegpu-crd-upgrade")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-upgrade"
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["CRD"]) == yaml.safe_load((CHART / "crds" / "imagemodels.yaml").read_text())
+    (role,) = find(objs, "ClusterRole")
+    assert role["metadata"]["name"] == "remotegpu-crd-upgrade-imaging"  # cluster-wide: one per namespace
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "resourceNames": ["imagemodels.remotegpu.ai"],
+            "verbs": ["get", "update"],
+        }
+    ]
+    off = render({"crds": {"upgrade": False}}, tmp_path)
+    assert not find(off, "ClusterRole") and not find(off, "Job", "remotegpu-crd-upgrade")
+
+
+def test_hook_jobs_run_where_the_operator_runs(tmp_path: Path):
+    """A hook Job that lands on a node it cannot run on blocks install, upgrade or uninstall."""
+    place = {"nodeSelector": {"pool": "system"}, "tolerations": [{"key": "system", "operator": "Exists"}]}
+    objs = render({"operator": place}, tmp_path)
+    jobs = find(objs, "Job")
+    assert sorted(j["metadata"]["name"] for j in jobs) == [
+        "remotegpu-crd-upgrade", "remotegpu-secrets", "remotegpu-uninstall"
+    ]  # fmt: skip
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert {k: pod.get(k) for k in place} == place, job["metadata"]["name"]
+
+
+def test_priority_class_and_probe_timeouts(tmp_path: Path):
+    objs = render({"priorityClassName": "remotegpu-critical"}, tmp_path)
+    pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
+    assert len(pods) == 6 and all(p["priorityClassName"] == "remotegpu-critical" for p in pods)
+    assert all(
+        "priorityClassName" not in o.get("spec", {}).get("template", {}).get("spec", {}) for o in render()
+    )
+    for o in objs:
+        for c in o.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                if probe in c:
+                    assert c[probe].get("timeoutSeconds", 1) >= 5, (o["metadata"]["name"], probe)
 
 
 def test_release_name_prefixes_every_object():
@@ -176,10 +310,7 @@ def test_gateway_wiring():
     assert c["image"] == "ghcr.io/remotegpu/remotegpu:0.1.0"
     assert c["args"][:2] == ["gateway", "--host=0.0.0.0"] and "--namespace=imaging" in c["args"]
     env = env_of(gw)
-    assert env["REMOTEGPU_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-        "name": "remotegpu-database",
-        "key": "url",
-    }
+    assert env["REMOTEGPU_DATABASE_URL"]["value"].startswith("postgresql://remotegpu@remotegpu-postgresql.")
     assert env["REMOTEGPU_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"] == {
         "name": "remotegpu-worker-token",
         "key": "token",
@@ -269,8 +400,10 @@ def test_operator_rbac_equals_operator_rbac_yaml():
         assert rb["subjects"] == [
             {"kind": "ServiceAccount", "name": "remotegpu-operator", "namespace": "imaging"}
         ]
-    # No cluster-wide grants at all.
-    assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding")
+    # No cluster-wide grants but the CRD upgrade hook's on that one CRD (test_crd_upgrade_hook).
+    assert [o["metadata"]["name"] for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")] == [
+        "remotegpu-crd-upgrade-imaging"
+    ] * 2
 
 
 def test_several_operators_need_leader_election(tmp_path: Path):
@@ -385,23 +518,75 @@ def test_preset_min_above_max_is_refused(tmp_path: Path):
 # ---- secrets, database, storage ----------------------------------------------------------
 
 
-def test_generated_secrets_and_bundled_postgresql():
+def test_generated_secrets_come_from_a_hook_so_renders_are_identical():
+    """Argo CD and Flux render with `helm template` (no `lookup`): nothing random is rendered.
+    The secrets nobody gave are the hook's to generate (run for real in test_install.py)."""
+    first, second = template().stdout, template().stdout
+    assert first == second
     objs = render()
-    token = secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token")
-    assert len(token) >= 32
-    password = secret_value(one(objs, "Secret", "remotegpu-postgresql"), "password")
-    url = secret_value(one(objs, "Secret", "remotegpu-database"), "url")
-    assert url == f"postgresql://remotegpu:{password}@remotegpu-postgresql.imaging.svc:5432/remotegpu"
+    assert not find(objs, "Secret")
+    hook = one(objs, "Job", "remotegpu-secrets")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    env = {e["name"]: e["value"] for e in hook["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["SECRETS"]) == [
+        {"name": "remotegpu-worker-token", "key": "token"},
+        {"name": "remotegpu-postgresql", "key": "password"},
+    ]
+    # It may create Secrets and patch only those two; it reads none.
+    rules = one(objs, "Role", "remotegpu-secrets")["rules"]
+    assert rules == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["remotegpu-worker-token", "remotegpu-postgresql"],
+            "verbs": ["patch"],
+        },
+    ]
+    # The bundled database: the URL names no password, libpq takes it from PGPASSWORD.
+    env = env_of(one(objs, "Deployment", "remotegpu-gateway"))
+    assert env["REMOTEGPU_DATABASE_URL"]["value"] == (
+        "postgresql://remotegpu@remotegpu-postgresql.imaging.svc:5432/remotegpu"
+    )
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "remotegpu-postgresql",
+        "key": "password",
+    }
     sts = one(objs, "StatefulSet", "remotegpu-postgresql")
-    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+    pg_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
         "name": "remotegpu-postgresql",
         "key": "password",
     }
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
-    # Two renders generate different secrets: what keeps them across upgrades is `lookup`
-    # (exercised against the real API server in test_install.py).
-    assert secret_value(one(render(), "Secret", "remotegpu-worker-token"), "token") != token
+
+
+def test_given_secrets_need_no_hook(tmp_path: Path):
+    objs = render(
+        {
+            "workerToken": {"value": "tok-123"},
+            "postgresql": {"auth": {"existingSecret": "pg-pass", "existingSecretKey": "pw"}},
+        },
+        tmp_path,
+    )
+    assert not find(objs, "Job", "remotegpu-secrets") and not find(objs, "Role", "remotegpu-secrets")
+    assert secret_value(one(objs, "Secret", "remotegpu-worker-token"), "token") == "tok-123"
+    assert [o["metadata"]["name"] for o in find(objs, "Secret")] == ["remotegpu-worker-token"]
+    ref = {"name": "pg-pass", "key": "pw"}
+    assert (
+        env_of(one(objs, "Deployment", "remotegpu-gateway"))["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    )
+    sts = one(objs, "StatefulSet", "remotegpu-postgresql")
+    pg_env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == ref
+    # A given password is rendered (the same every time); only the token is left to generate.
+    objs = render({"postgresql": {"auth": {"password": "pw-1"}}}, tmp_path)
+    assert secret_value(one(objs, "Secret", "remotegpu-postgresql"), "password") == "pw-1"
+    env = {
+        e["name"]: e["value"]
+        for e in one(objs, "Job", "remotegpu-secrets")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert json.loads(env["SECRETS"]) == [{"name": "remotegpu-worker-token", "key": "token"}]
 
 
 def test_given_worker_token_and_external_database(tmp_path: Path):
@@ -460,11 +645,18 @@ def test_exactly_one_database_is_required(values, tmp_path: Path):
 
 
 def test_results_without_persistence_and_with_existing_claim(tmp_path: Path):
-    objs = render({"results": {"persistence": {"enabled": False}}, "gateway": {"replicaCount": 2}}, tmp_path)
+    objs = render({"results": {"persistence": {"enabled": False}}}, tmp_path)
     assert not find(objs, "PersistentVolumeClaim")
     gw = one(objs, "Deployment", "remotegpu-gateway")
     assert {"name": "data", "emptyDir": {}} in gw["spec"]["template"]["spec"]["volumes"]
-    assert "strategy" not in gw["spec"] and gw["spec"]["replicas"] == 2
+    assert gw["spec"]["strategy"]["type"] == "RollingUpdate" and gw["spec"]["replicas"] == 1
+    # Two gateways with a folder each would each miss the other's images.
+    out = template(
+        {"results": {"persistence": {"enabled": False}}, "gateway": {"replicaCount": 2}},
+        tmp_path,
+        check=False,
+    )
+    assert out.returncode != 0 and "needs shared images: objectStorage.enabled=true" in out.stderr
     objs = render(
         {"results": {"persistence": {"existingClaim": "shared", "accessModes": ["ReadWriteMany"]}}}, tmp_path
     )
@@ -472,7 +664,57 @@ def test_results_without_persistence_and_with_existing_claim(tmp_path: Path):
     gw = one(objs, "Deployment", "remotegpu-gateway")
     vols = {v["name"]: v for v in gw["spec"]["template"]["spec"]["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "shared"
-    assert "strategy" not in gw["spec"]  # ReadWriteMany: rolling updates are fine
+    assert gw["spec"]["strategy"]["type"] == "RollingUpdate"  # ReadWriteMany: rolling updates are fine
+
+
+def test_object_storage_makes_the_gateway_highly_available(tmp_path: Path):
+    s3 = {"enabled": True, "bucket": "images", "endpoint": "http://s3.storage:8333", "prefix": "rg",
+          "existingSecret": "s3-keys"}  # fmt: skip
+    objs = render({"objectStorage": s3}, tmp_path)
+    assert not find(objs, "PersistentVolumeClaim", "remotegpu-results")
+    gw = one(objs, "Deployment", "remotegpu-gateway")
+    spec, pod = gw["spec"], gw["spec"]["template"]["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    env = env_of(gw)
+    assert {k: env[k]["value"] for k in ("REMOTEGPU_S3_BUCKET", "REMOTEGPU_S3_ENDPOINT_URL", "REMOTEGPU_S3_PREFIX")} == {
+        "REMOTEGPU_S3_BUCKET": "images", "REMOTEGPU_S3_ENDPOINT_URL": "http://s3.storage:8333", "REMOTEGPU_S3_PREFIX": "rg"
+    }  # fmt: skip
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys", "key": "accessKeyId"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-keys",
+        "key": "secretAccessKey",
+    }
+    assert "REMOTEGPU_RESULTS_DIR" not in env
+    assert {"name": "data", "emptyDir": {}} in pod["volumes"]
+    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    selector = spec["selector"]["matchLabels"]
+    assert [(c["topologyKey"], c["whenUnsatisfiable"], c["labelSelector"]["matchLabels"]) for c in pod["topologySpreadConstraints"]] == [
+        ("kubernetes.io/hostname", "ScheduleAnyway", selector), ("topology.kubernetes.io/zone", "ScheduleAnyway", selector)
+    ]  # fmt: skip
+    assert not find(objs, "HorizontalPodAutoscaler")
+
+    objs = render(
+        {"objectStorage": s3, "gateway": {"autoscaling": {"enabled": True, "maxReplicas": 9}}}, tmp_path
+    )
+    hpa = one(objs, "HorizontalPodAutoscaler", "remotegpu-gateway")["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 9)
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "remotegpu-gateway",
+    }
+    assert "replicas" not in one(objs, "Deployment", "remotegpu-gateway")["spec"]  # the HPA owns it
+
+    out = template({"objectStorage": {"enabled": True}}, tmp_path, check=False)
+    assert out.returncode != 0 and "needs objectStorage.bucket" in out.stderr
+    out = template(
+        {"gateway": {"autoscaling": {"enabled": True}}}, tmp_path, check=False
+    )  # a ReadWriteOnce volume
+    assert out.returncode != 0 and "needs shared images" in out.stderr
 
 
 def test_results_claim_settings(tmp_path: Path):
@@ -563,7 +805,7 @@ def test_dashboards_as_configmaps(tmp_path: Path):
     objs = render()
     cms = find(objs, "ConfigMap")
     files = dashboards()
-    assert sorted(files) == ["fleet-overview.json", "model.json"]
+    assert sorted(files) == ["fleet-overview.json", "gpu-cost.json", "model.json"]
     assert len(cms) == len(files)
     seen = {}
     for cm in cms:
@@ -572,7 +814,7 @@ def test_dashboards_as_configmaps(tmp_path: Path):
         seen[fname] = json.loads(text)
     assert seen == files
     uids = {d["uid"] for d in files.values()}
-    assert uids == {"remotegpu-fleet", "remotegpu-model"}
+    assert uids == {"remotegpu-fleet", "remotegpu-model", "remotegpu-gpu-cost"}
     assert not find(render({"metrics": {"dashboards": {"enabled": False}}}, tmp_path), "ConfigMap")
 
 
@@ -586,7 +828,7 @@ def render_notes(tmp_path: Path, values: dict | None = None) -> str:
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
         'data: {notes: {{ tpl (.Files.Get "files/NOTES.txt") . | toJson }}}\n'
     )
-    args = ["template", "remotegpu", str(chart), "--namespace", "imaging", "--kube-version", kube_version()]
+    args = ["template", "remotegpu", str(chart), "--namespace", "imaging"]
     if values:
         (tmp_path / "notes-values.yaml").write_text(yaml.safe_dump(values))
         args += ["-f", str(tmp_path / "notes-values.yaml")]
@@ -651,7 +893,7 @@ def test_schema_rejects(values, message, tmp_path: Path):
 
 def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
     objs = render()
-    hook = [o for o in objs if (o["metadata"].get("annotations") or {}).get("helm.sh/hook")]
+    hook = [o for o in objs if (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "pre-delete"]
     assert sorted(o["kind"] for o in hook) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
     assert all(o["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete" for o in hook)
     job = one(hook, "Job")
@@ -672,7 +914,9 @@ def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
         job["spec"]["template"]["spec"]["serviceAccountName"]
         == one(hook, "ServiceAccount")["metadata"]["name"]
     )
-    assert not find(render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job")
+    assert not find(
+        render({"operator": {"cleanupOnUninstall": False}}, tmp_path), "Job", "remotegpu-uninstall"
+    )
 
 
 def test_readme_values_table_is_current():

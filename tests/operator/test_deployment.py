@@ -45,6 +45,8 @@ def test_manifest_shape():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == spec.worker.gpu.count
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8001}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8001}
+    # Neither probe has the default 1 s timeout (a worker busy on the GPU can be slow to answer).
+    assert c["readinessProbe"]["timeoutSeconds"] >= 5 and c["livenessProbe"]["timeoutSeconds"] >= 5
     assert (
         d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         == spec.worker.termination_grace_period_seconds

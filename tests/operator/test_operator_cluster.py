@@ -101,6 +101,8 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     im = get(kube, namespace, "imagemodel", "m2")
     assert im["status"]["readyReplicas"] == 1 and condition(im, "Ready")["status"] == "True"
     assert op.metric("remotegpu_operator_ready_replicas", imagemodel="m2") == 1.0
+    assert op.metric("remotegpu_operator_worker_gpus", imagemodel="m2") == 1.0  # cost: x replicas
+    assert op.metric("remotegpu_operator_unschedulable_replicas", imagemodel="m2") == 0.0
     assert op.metric("remotegpu_operator_model_state", imagemodel="m2", state="ready") == 1.0
     # The pod (as its worker would) leases the job, runs it, completes it; after the
     # idle window (3 s) the model sleeps again.
@@ -210,7 +212,7 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
         scaling={"maxReplicas": 4, "idleSeconds": 1, "scaleUpLimit": 4},
     )
     gw = gateway(im)
-    operators.start(gateway_url=gw.url)
+    op = operators.start(gateway_url=gw.url)
     apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m5") == "sleeping", 30, "sleeping")
     gw.submit("test/huge", 4)
@@ -237,6 +239,10 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
     assert any(
         e["reason"] == "InsufficientGPU" and e["type"] == "Warning" for e in events(kube, namespace, "m5")
     )
+    # The dashboards' Pending pods and the alert's capacity, as metrics.
+    assert (op.metric("remotegpu_operator_unschedulable_replicas", imagemodel="m5") or 0) >= 1
+    assert op.metric("remotegpu_operator_capacity_available", imagemodel="m5") == 0.0
+    assert op.metric("remotegpu_operator_worker_gpus", imagemodel="m5") == 3.0
 
 
 def test_operator_restart_mid_scale_converges_without_duplicates(

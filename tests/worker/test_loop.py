@@ -76,6 +76,11 @@ def test_job_succeeds_and_matches_a_direct_run(engines: Any, gateway: RunningGat
     text = generate_latest(lt.metrics.registry).decode()
     assert "remotegpu_worker_inference_seconds_count" in text
     assert 'remotegpu_worker_jobs_total{model="remotegpu/tiny-random-flux1",outcome="succeeded"} 1.0' in text
+    # The other outcomes read 0 from the start (increase() over a counter needs its 0).
+    assert 'remotegpu_worker_jobs_total{model="remotegpu/tiny-random-flux1",outcome="failed"} 0.0' in text
+    assert (
+        'remotegpu_worker_job_seconds_count{model="remotegpu/tiny-random-flux1",outcome="lost"} 0.0' in text
+    )
 
 
 def test_input_image_models_through_the_gateway(engines: Any, gateway: RunningGateway) -> None:

@@ -57,6 +57,12 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/* Selector labels of the worker pods the operator creates (operator/remotegpu_operator/deployment.py). */}}
+{{- define "remotegpu.workerSelectorLabels" -}}
+app.kubernetes.io/name: remotegpu-worker
+app.kubernetes.io/managed-by: remotegpu-operator
+{{- end }}
+
 {{- define "remotegpu.gateway.fullname" -}}
 {{ include "remotegpu.componentName" (dict "root" . "component" "gateway") }}
 {{- end }}
@@ -117,6 +123,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.workerToken.existingSecret }}{{ .Values.workerToken.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
 
+{{/* Secrets: the bundled PostgreSQL's password (name and key). */}}
+{{- define "remotegpu.postgresql.secretName" -}}
+{{- if .Values.postgresql.auth.existingSecret }}
+{{- .Values.postgresql.auth.existingSecret }}
+{{- else }}
+{{- include "remotegpu.postgresql.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{- define "remotegpu.postgresql.secretKey" -}}
+{{- if .Values.postgresql.auth.existingSecret }}{{ .Values.postgresql.auth.existingSecretKey }}{{ else }}password{{ end }}
+{{- end }}
+
 {{/* Secrets: the database URL (name and key). */}}
 {{- define "remotegpu.database.secretName" -}}
 {{- if .Values.database.existingSecret }}
@@ -160,5 +179,60 @@ app.kubernetes.io/component: {{ .component }}
 {{- if $h.host }}
 {{- printf "http%s://%s" (ternary "s" "" (not (empty .Values.gateway.ingress.tls))) $h.host }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Where the chart's hook Jobs run: with the operator (same image, same placement). */}}
+{{- define "remotegpu.hookPlacement" -}}
+{{- with .Values.operator.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.operator.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.operator.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* An alert's labels: its severity (metrics.prometheusRule.severities), then the additional
+labels, which win on the same key (one `severity`, never two). (dict "r" $rule "alert" NAME) */}}
+{{- define "remotegpu.alertLabels" -}}
+{{- $labels := merge (deepCopy (default dict .r.additionalAlertLabels)) (dict "severity" (index .r.severities .alert)) }}
+{{- toYaml $labels }}
+{{- end }}
+
+{{/* Whether results live on a local volume (not object storage) and which: "" (object
+storage), "emptyDir", "shared" (ReadWriteMany claim) or "single" (a ReadWriteOnce claim:
+one gateway pod, replaced rather than rolled). */}}
+{{- define "remotegpu.results.volume" -}}
+{{- $p := .Values.results.persistence }}
+{{- if .Values.objectStorage.enabled }}
+{{- else if not $p.enabled }}emptyDir
+{{- else if has "ReadWriteMany" $p.accessModes }}shared
+{{- else }}single
+{{- end }}
+{{- end }}
+
+{{/* Gateway replicas: the value, else 2 with object storage (highly available) and 1 without. */}}
+{{- define "remotegpu.gateway.replicas" -}}
+{{- if .Values.gateway.replicaCount }}{{ .Values.gateway.replicaCount }}
+{{- else if .Values.objectStorage.enabled }}2
+{{- else }}1
+{{- end }}
+{{- end }}
+
+{{/* Checks that several gateways share their images (object storage or a ReadWriteMany volume). */}}
+{{- define "remotegpu.gateway.validate" -}}
+{{- $volume := include "remotegpu.results.volume" . }}
+{{- $several := or (gt (int (include "remotegpu.gateway.replicas" .)) 1) .Values.gateway.autoscaling.enabled }}
+{{- if and $several (or (eq $volume "single") (eq $volume "emptyDir")) }}
+{{- fail "more than one gateway replica (gateway.replicaCount > 1 or gateway.autoscaling.enabled) needs shared images: objectStorage.enabled=true (recommended) or a ReadWriteMany result volume (results.persistence.accessModes)" }}
+{{- end }}
+{{- if and .Values.objectStorage.enabled (not .Values.objectStorage.bucket) }}
+{{- fail "objectStorage.enabled=true needs objectStorage.bucket (an existing bucket)" }}
 {{- end }}
 {{- end }}

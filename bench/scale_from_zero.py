@@ -38,7 +38,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from remotegpu_base import kube  # noqa: E402
+from remotegpu_base.kube import APIObject, Deployment, Pod, connect, list_of, watch  # noqa: E402
 
 from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
 from tests.fixtures.cluster import Kube  # noqa: E402
@@ -69,7 +69,7 @@ class Watch:
     Its own event loop in its own thread, with the project's Kubernetes client.
     """
 
-    def __init__(self, kubeconfig: Path, kind: type[kube.APIObject], cond: Any):
+    def __init__(self, kubeconfig: Path, kind: type[APIObject], cond: Any):
         self.kubeconfig, self.kind, self.cond = kubeconfig, kind, cond
         self.lock = threading.Lock()
         self.armed_at: float | None = None
@@ -82,14 +82,14 @@ class Watch:
             self.armed_at, self.hit_at = time.monotonic(), None
 
     async def _run(self) -> None:
-        api = await kube.connect(str(self.kubeconfig))
+        api = await connect(str(self.kubeconfig))
         while not STOPPING.is_set():
             try:
-                listing = await kube.list_of(api, self.kind, NS)
+                listing = await list_of(api, self.kind, NS)
                 rv = listing["metadata"]["resourceVersion"]
                 for obj in listing.get("items", []):
                     self.state[obj["metadata"]["name"]] = obj
-                async for ev in kube.watch(api, self.kind, NS, rv):
+                async for ev in watch(api, self.kind, NS, rv):
                     if ev["type"] not in ("ADDED", "MODIFIED", "DELETED"):
                         continue
                     obj = ev["object"]
@@ -154,10 +154,10 @@ def main() -> int:
 
         deps = Watch(
             kubeconfig,
-            kube.Deployment,
+            Deployment,
             lambda d: d["metadata"]["name"] == f"{NAME}-worker" and (d["spec"].get("replicas") or 0) >= 1,
         )
-        pods = Watch(kubeconfig, kube.Pod, pod_ready)
+        pods = Watch(kubeconfig, Pod, pod_ready)
         public = httpx.Client(
             base_url=gateway.url, timeout=30, headers={"Authorization": f"Bearer {gateway.key}"}
         )

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from remotegpu_base.catalog import ImageModelSpec, load_models_file
 
+from cluster.localcluster import pinned
 from tests.chart.helm import (
     CHART,
     REPO,

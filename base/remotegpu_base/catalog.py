@@ -235,14 +235,42 @@ class GPU(_Spec):
     resource_name: str = "nvidia.com/gpu"
 
 
+class QoS(StrEnum):
+    """The worker pods' Kubernetes QoS class, from their CPU and memory requests and limits."""
+
+    # limits = requests for CPU and memory: evicted last, never OOM-killed before others
+    GUARANTEED = "Guaranteed"
+    # requests as given, limits as given (no CPU limit: bursts on idle cores)
+    BURSTABLE = "Burstable"
+
+
+# A restricted container securityContext (the Pod Security Standards' "restricted" level);
+# the worker image runs as uid 10001.
+RESTRICTED_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 class WorkerPod(_Spec):
     image: str = "ghcr.io/remotegpu/worker:0.1.0"
     command: list[str] | None = None
     env: list[dict[str, Any]] = Field(default_factory=list)
+    # CPU, memory and ephemeral-storage requests and limits (the catalog's per model);
+    # the GPU limit comes from `gpu`.
     resources: dict[str, Any] = Field(default_factory=dict)
+    qos: QoS = QoS.GUARANTEED
     gpu: GPU = Field(default_factory=GPU)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None  # e.g. nvidia
+    image_pull_secrets: list[dict[str, str]] = Field(default_factory=list)
+    # The container's securityContext; unset: RESTRICTED_SECURITY_CONTEXT.
+    security_context: dict[str, Any] | None = None
     pod_annotations: dict[str, str] = Field(default_factory=dict)  # extra annotations on worker pods
     volumes: list[dict[str, Any]] = Field(default_factory=list)  # e.g. a PVC with the weights cache
     volume_mounts: list[dict[str, Any]] = Field(default_factory=list)

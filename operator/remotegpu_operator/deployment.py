@@ -17,7 +17,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, ImageModelSpec
+from remotegpu_base.catalog import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    RESTRICTED_SECURITY_CONTEXT,
+    ImageModelSpec,
+    QoS,
+    WorkerPod,
+)
 from remotegpu_base.protocol import WORKER_TOKEN_ENV
 
 WORKER_PORT = 8001
@@ -31,6 +39,8 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 MODEL_SPEC_ENV = "REMOTEGPU_MODEL_SPEC"
 GATEWAY_URL_ENV = "REMOTEGPU_GATEWAY_URL"
 WORKER_ID_ENV = "REMOTEGPU_WORKER_ID"
+# The resources whose limits equal their requests in a Guaranteed pod.
+GUARANTEED_RESOURCES = ("cpu", "memory")
 
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -117,12 +127,6 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
         },
         *w.env,  # the model's own env comes last, so it can override ours
     ]
-    resources: dict[str, Any] = json.loads(json.dumps(w.resources))  # a deep copy
-    if w.gpu.count > 0:
-        limits = resources.setdefault("limits", {})
-        limits[w.gpu.resource_name] = w.gpu.count
-        if w.gpu.resource_name in resources.get("requests", {}):
-            resources["requests"][w.gpu.resource_name] = w.gpu.count
     return {
         "name": CONTAINER_NAME,
         "image": w.image,
@@ -130,7 +134,10 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
         "env": env,
         "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
         **({"volumeMounts": list(w.volume_mounts)} if w.volume_mounts else {}),
-        "resources": resources,
+        "resources": container_resources(w),
+        "securityContext": _copy(
+            RESTRICTED_SECURITY_CONTEXT if w.security_context is None else w.security_context
+        ),
         # Ready once the weights are loaded and warmed up; alive while loading.
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": WORKER_PORT},
@@ -144,6 +151,31 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
             "failureThreshold": 6,
         },
     }
+
+
+def _copy(obj: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(obj))  # a deep copy
+    return out
+
+
+def container_resources(w: WorkerPod) -> dict[str, Any]:
+    """The worker container's requests and limits: the catalog's, the GPU, and the QoS class.
+
+    Guaranteed: CPU and memory limits equal the requests (a request given only as a limit
+    is a request too, as Kubernetes does), so the pod is evicted and OOM-killed last.
+    """
+    resources = _copy(w.resources)
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    if w.qos is QoS.GUARANTEED:
+        for name in GUARANTEED_RESOURCES:
+            value = requests.get(name, limits.get(name))
+            if value is not None:
+                requests[name] = limits[name] = value
+    if w.gpu.count > 0:
+        limits[w.gpu.resource_name] = w.gpu.count
+        if w.gpu.resource_name in requests:
+            requests[w.gpu.resource_name] = w.gpu.count
+    return {**({"requests": requests} if requests else {}), **({"limits": limits} if limits else {})}
 
 
 def pod_template(name: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
@@ -160,6 +192,14 @@ def pod_template(name: str, spec: ImageModelSpec, settings: WorkerSettings) -> d
         pod["volumes"] = list(w.volumes)
     if w.service_account_name:
         pod["serviceAccountName"] = w.service_account_name
+    if w.affinity:
+        pod["affinity"] = dict(w.affinity)
+    if w.priority_class_name:
+        pod["priorityClassName"] = w.priority_class_name
+    if w.runtime_class_name:
+        pod["runtimeClassName"] = w.runtime_class_name
+    if w.image_pull_secrets:
+        pod["imagePullSecrets"] = list(w.image_pull_secrets)
     return {
         "metadata": {
             "labels": labels(name, spec),

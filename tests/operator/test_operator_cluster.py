@@ -664,3 +664,50 @@ def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
                               {"op": "remove", "path": f"/status/allocatable/{escaped}"}]),
             check=False,
         )  # fmt: skip
+
+
+def test_worker_pods_carry_the_models_resources_placement_and_security(kube, namespace, operators: Operators):
+    """The API server admits the worker pod and classes it Guaranteed (status.qosClass)."""
+    priority = f"gpu-{namespace}"  # cluster-scoped: unique per test
+    kube.kubectl(
+        "apply", "-f", "-",
+        input=json.dumps({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                          "metadata": {"name": priority}, "value": 1000}),
+    )  # fmt: skip
+    try:
+        operators.start()
+        worker = {
+            "image": "example.invalid/worker:test",
+            "gpu": {"count": 1},
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"}},
+            "priorityClassName": priority,
+            "imagePullSecrets": [{"name": "regcred"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 1,
+                            "preference": {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]},
+                        }
+                    ]
+                }
+            },
+        }
+        apply(kube, namespace, imagemodel("res", "test/resources", worker=worker, scaling={"minReplicas": 1}))
+        pods = wait_for(
+            lambda: kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=res")["items"],
+            30,
+            "a worker pod",
+        )
+        pod = pods[0]
+        assert pod["status"]["qosClass"] == "Guaranteed"
+        assert pod["spec"]["priorityClassName"] == priority and pod["spec"]["priority"] == 1000
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["spec"]["affinity"] == worker["affinity"]
+        c = pod["spec"]["containers"][0]
+        assert c["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
+        assert c["resources"]["requests"]["ephemeral-storage"] == "1Gi"
+        assert c["securityContext"]["runAsNonRoot"] is True
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    finally:
+        kube.kubectl("delete", "priorityclass", priority, "--wait=false", check=False)

@@ -250,7 +250,9 @@ def tiny_imagemodels(models_dir: Path, real: RealNodes) -> tuple[list[dict], dic
             "gpu": {"count": 1},  # a fake one: the pod lands on a real node and runs on its CPU
             "nodeSelector": dict(real.node_selector),
             "tolerations": list(real.tolerations),
-            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+            # the catalog's requests and limits (a tiny model's fit the real nodes)
+            "resources": spec["worker"]["resources"],
+            "qos": spec["worker"]["qos"],
             "volumes": [{"name": "tiny-models", "hostPath": {"path": str(models_dir), "type": "Directory"}}],
             "volumeMounts": [{"name": "tiny-models", "mountPath": MODELS_MOUNT, "readOnly": True}],
             "terminationGracePeriodSeconds": 60,  # the worker drains for 45 s

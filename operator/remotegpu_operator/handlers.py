@@ -27,9 +27,9 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec, ScalingMode
-from remotegpu_base.protocol import ModelQueue
+from remotegpu_base.protocol import ModelQueue, WorkerPhases
 
-from remotegpu_operator import deployment, metrics, scaling, status
+from remotegpu_operator import coldstart, deployment, metrics, scaling, status
 from remotegpu_operator.kubeapi import (
     ApiError,
     KubeAPI,
@@ -278,6 +278,8 @@ class Memory:
     was_saturated: bool = False
     scale_downs: scaling.ScaleDowns = ()
     cold_start_seconds: float | None = None  # measured: pod created -> ready
+    last_scale_up: datetime | None = None  # the decision behind the pods it created (timelines)
+    phases_reported: set[str] = field(default_factory=set)  # pods whose phases the gateway has
     events: dict[str, tuple[str, float]] = field(default_factory=dict)  # reason -> (message, when)
 
     def should_report(self, reason: str, message: str, every: float = 60.0) -> bool:
@@ -497,6 +499,8 @@ async def act(seen: Seen, plan: Plan, mem: Memory) -> None:
     dname = seen.dep["metadata"]["name"]
     await c.api.patch(deployments(seen.ns, dname), {"spec": {"replicas": d.desired}})
     mem.last_scale = seen.now
+    if direction is scaling.Direction.UP:
+        mem.last_scale_up = seen.now
     labels = (seen.ns, seen.name, seen.spec.model)
     changed_at = c.queue.changed_at.get(seen.spec.model)
     if direction is scaling.Direction.UP and changed_at is not None:
@@ -625,6 +629,16 @@ async def tick(body: dict[str, Any], mem: Memory) -> None:
     c.claims[(seen.ns, seen.name)] = claim(seen, plan.decision)
     await act(seen, plan, mem)
     await report(seen, plan, mem)
+    await report_phases(seen, mem)
+
+
+async def report_phases(seen: Seen, mem: Memory) -> None:
+    """Tells the gateway each new worker pod's cold-start phases (for its jobs' timelines)."""
+    mem.phases_reported &= {p["metadata"]["name"] for p in seen.pods}
+    for pod, phases in coldstart.to_report(seen.pods, mem.last_scale_up, mem.phases_reported):
+        report = WorkerPhases(worker_id=pod, model=seen.spec.model, phases=phases)
+        if await asyncio.to_thread(ctx().queue.report_phases, report):
+            mem.phases_reported.add(pod)
 
 
 async def _tick_safely(key: tuple[str, str]) -> None:

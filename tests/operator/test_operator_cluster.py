@@ -88,7 +88,7 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 30, "sleeping")
     t0 = time.monotonic()
-    gw.submit("test/wake")
+    (job,) = gw.submit("test/wake")
     wait_for(lambda: replicas_of(kube, namespace, "m2") == 1, 30, "replicas 1", every=0.02)
     reacted = time.monotonic() - t0
     # Driven by the queue's change, not a periodic resync (30 s or more); a margin for load.
@@ -108,6 +108,24 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
         "name"
     ]
     lease = gw.lease("test/wake", pod)
+    # The operator told the gateway the pod's phases: the job's timeline shows them.
+    timeline = wait_for(
+        lambda: (
+            (
+                t := gw.http.get(
+                    f"/v1/inference/jobs/{job}/timeline", headers={"Authorization": f"Bearer {gw.key}"}
+                )
+            )
+            and len(t.json()["phases"]) == 4
+            and t.json()
+        ),
+        20,
+        "the pod's phases in the job's timeline",
+    )
+    assert timeline["waited_for_capacity"] is True and timeline["worker_id"] == pod
+    assert [p["phase"] for p in timeline["phases"]] == [
+        "scale_decision", "pod_scheduled", "container_started", "first_lease",
+    ]  # fmt: skip
     wait_for(
         lambda: (get(kube, namespace, "imagemodel", "m2")["status"].get("queue") or {}).get("running") == 1,
         10,

@@ -282,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=50, help="jobs per page (default 50, at most 200)")
     j.add_argument("--all", action="store_true", help="every page, not only the first")
     j.set_defaults(func=_handler("remotegpu.client:list_jobs"))
+    j = jobs.add_parser(
+        "timeline",
+        help="the cold start a job waited for, phase by phase",
+        description="For a job submitted before its worker was ready: when that worker reached each phase "
+        "(scale_decision, pod_scheduled, container_started, process_started, weights_fetched when the weights "
+        "were not cached, weights_loaded, warmed, first_lease) and how long each took.",
+    )
+    j.add_argument("job_id")
+    j.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")
+    j.add_argument("--api-key", help="API key (default $REMOTEGPU_API_KEY)")
+    j.add_argument("--json", action="store_true", help="print the response as JSON")
+    j.set_defaults(func=_handler("remotegpu.client:show_timeline"))
 
     p = sub.add_parser("models", help="the model catalog and the tiny random-weight models")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")

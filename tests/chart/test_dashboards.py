@@ -26,6 +26,7 @@ REQUIRED = {
     "worker steps per second": "remotegpu_worker_steps_per_second",
     "model load time": "remotegpu_worker_model_load_seconds",
     "no GPU capacity": "remotegpu_operator_capacity_available",
+    "cold-start phases": "remotegpu_cold_start_phase_seconds_bucket",
 }
 
 
@@ -37,7 +38,13 @@ def test_dashboards_cover_the_required_metrics():
         [t["expr"] for p in dashboards()["model.json"]["panels"] for t in p.get("targets", [])]
     )
     assert {
-        REQUIRED[k] for k in ("wait time histogram", "cold-start time histogram", "worker inference time")
+        REQUIRED[k]
+        for k in (
+            "wait time histogram",
+            "cold-start time histogram",
+            "worker inference time",
+            "cold-start phases",
+        )
     } <= per_model
 
 

@@ -6,6 +6,7 @@ so nothing depends on how fast this machine runs."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from remotegpu_base.protocol import (
@@ -172,3 +173,36 @@ def _png() -> bytes:
     from tests.gateway.conftest import png_bytes
 
     return png_bytes()
+
+
+def test_remotegpu_jobs_timeline_prints_the_phases(gateway: RunningGateway, key: str):
+    from tests.gateway.test_cli_extensions import cli
+
+    g = gateway
+    job = submit(g, key)
+    r = cli(g, key, "jobs", "timeline", job)
+    assert r.returncode == 0 and "has not run yet" in r.stdout, r.stderr
+    t0 = g.gw.clock()
+    with _closing(g.worker()) as w:
+        w.report_phases(
+            WorkerPhases(
+                worker_id="pod-1",
+                model=SCHNELL,
+                phases={P.CONTAINER_STARTED: t0, P.PROCESS_STARTED: t0 + 0.25, P.WEIGHTS_LOADED: t0 + 0.5},
+            )
+        )
+        lease = w.lease(SCHNELL, "pod-1", wait_seconds=5)
+        assert lease is not None
+        r = cli(g, key, "jobs", "timeline", job)
+        assert r.returncode == 0, r.stderr
+        assert "waited for worker pod-1 (weights cached on the node)" in r.stdout
+        lines = r.stdout.splitlines()
+        assert [line.split()[0] for line in lines[2:]] == [
+            "container_started", "process_started", "weights_loaded", "first_lease",
+        ]  # fmt: skip
+        assert "0.250s" in lines[3]
+        r = cli(g, key, "jobs", "timeline", job, "--json")
+        assert json.loads(r.stdout)["worker_id"] == "pod-1"
+        w.complete(job, lease.lease_token, _png())
+    r = cli(g, g.key("other"), "jobs", "timeline", job)
+    assert r.returncode == 2 and "404" in r.stderr or "no job" in r.stderr

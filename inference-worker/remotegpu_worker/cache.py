@@ -60,6 +60,7 @@ class FetchResult:
     files: int
     started_at: float
     finished_at: float
+    fetched_at: str  # when the cache was last completed (UTC)
 
     def record(self) -> dict[str, object]:
         return {
@@ -69,7 +70,7 @@ class FetchResult:
             "files": self.files,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
-            "fetchedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.finished_at)),
+            "fetchedAt": self.fetched_at,
         }
 
 
@@ -205,7 +206,8 @@ def fetch(dest: Path, source: Source, *, full: bool = False) -> FetchResult:
         else:
             manifest = read_manifest(dest) or {}
             size, count = int(manifest.get("sizeBytes") or 0), len(manifest.get("files") or {})  # type: ignore[call-overload, arg-type]
-    return FetchResult(bool(problems), problems, size, count, started, time.time())
+        fetched_at = str((read_manifest(dest) or {}).get("fetchedAt") or "")
+    return FetchResult(bool(problems), problems, size, count, started, time.time(), fetched_at)
 
 
 def gc(root: Path, keep: list[str]) -> list[str]:

@@ -28,6 +28,8 @@ from remotegpu_base.catalog import (
 )
 from remotegpu_base.protocol import WORKER_TOKEN_ENV
 
+from remotegpu_operator import modelcache
+
 WORKER_PORT = 8001
 CONTAINER_NAME = "worker"
 MANAGED_BY = "remotegpu-operator"
@@ -94,8 +96,12 @@ def labels(imagemodel: str, spec: ImageModelSpec) -> dict[str, str]:
 
 
 def worker_spec_json(spec: ImageModelSpec) -> str:
-    """The model's catalog entry as the worker receives it (no scaling, no pin)."""
+    """The model's catalog entry as the worker receives it (no scaling, no pin). With a
+    model cache the weights are the read-only folder the cache volume mounts."""
     entry = spec.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"replicas", "scaling"})
+    if spec.cache is not None:
+        entry["weights"] = {**entry["weights"], "source": modelcache.WEIGHTS_MOUNT}
+        entry["weights"].pop("revision", None)
     return json.dumps(entry, sort_keys=True, separators=(",", ":"))
 
 
@@ -110,7 +116,7 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
+def _container(name: str, namespace: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
     w = spec.worker
     command = list(w.command) if w.command else [
         "remotegpu", "worker", "--model", spec.model, "--gateway-url", settings.gateway_url,
@@ -125,16 +131,22 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
             "name": WORKER_TOKEN_ENV,
             "valueFrom": {"secretKeyRef": {"name": settings.token_secret, "key": settings.token_secret_key}},
         },
+        *(modelcache.worker_env() if spec.cache is not None else []),
         *w.env,  # the model's own env comes last, so it can override ours
     ]
+    mounts = list(w.volume_mounts)
+    resources = container_resources(w)
+    if spec.cache is not None:
+        mounts += modelcache.worker_mounts(namespace, name)
+        resources = modelcache.without_ephemeral_storage(resources)
     return {
         "name": CONTAINER_NAME,
         "image": w.image,
         "command": command,
         "env": env,
         "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
-        **({"volumeMounts": list(w.volume_mounts)} if w.volume_mounts else {}),
-        "resources": container_resources(w),
+        **({"volumeMounts": mounts} if mounts else {}),
+        "resources": resources,
         "securityContext": _copy(
             RESTRICTED_SECURITY_CONTEXT if w.security_context is None else w.security_context
         ),
@@ -178,18 +190,24 @@ def container_resources(w: WorkerPod) -> dict[str, Any]:
     return {**({"requests": requests} if requests else {}), **({"limits": limits} if limits else {})}
 
 
-def pod_template(name: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
+def pod_template(name: str, namespace: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
     w = spec.worker
+    container = _container(name, namespace, spec, settings)
     pod: dict[str, Any] = {
-        "containers": [_container(spec, settings)],
+        "containers": [container],
         "terminationGracePeriodSeconds": w.termination_grace_period_seconds,
     }
+    if spec.cache is not None:
+        resources = modelcache.cpu_memory(container["resources"])
+        pod["initContainers"] = [
+            modelcache.fetch_container(namespace, name, spec, resources, verify=spec.cache.verify)
+        ]
     if w.node_selector:
         pod["nodeSelector"] = dict(w.node_selector)
     if w.tolerations:
         pod["tolerations"] = list(w.tolerations)
-    if w.volumes:
-        pod["volumes"] = list(w.volumes)
+    if w.volumes or spec.cache is not None:
+        pod["volumes"] = list(w.volumes) + (modelcache.volumes(spec) if spec.cache is not None else [])
     if w.service_account_name:
         pod["serviceAccountName"] = w.service_account_name
     if w.affinity:
@@ -217,7 +235,7 @@ def build(body: dict[str, Any], settings: WorkerSettings, replicas: int) -> dict
     """The desired worker Deployment of an ImageModel resource (`body`)."""
     name = body["metadata"]["name"]
     spec = ImageModelSpec.model_validate(body["spec"])
-    template = pod_template(name, spec, settings)
+    template = pod_template(name, body["metadata"]["namespace"], spec, settings)
     digest = template_hash(template)
     template["metadata"]["annotations"][TEMPLATE_HASH] = digest
     return {

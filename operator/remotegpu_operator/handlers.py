@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec, ScalingMode
 from remotegpu_base.protocol import ModelQueue, WorkerPhases
 
-from remotegpu_operator import coldstart, deployment, metrics, scaling, status
+from remotegpu_operator import cachectl, coldstart, deployment, metrics, scaling, status
 from remotegpu_operator.kubeapi import (
     ApiError,
     KubeAPI,
@@ -211,6 +211,9 @@ async def registry(type: str, body: Any, **_: Any) -> None:
     key = (meta["namespace"], meta["name"])
     if type == "DELETED" or meta.get("deletionTimestamp"):
         _forget(key)
+        if type == "DELETED":
+            others = [m for (ns, _), m in c.models.items() if ns == key[0]]
+            asyncio.create_task(cachectl.collect_garbage(c.api, copy.deepcopy(dict(body)), others))
         return
     old = c.models.get(key)
     c.models[key] = copy.deepcopy(dict(body))
@@ -280,6 +283,7 @@ class Memory:
     cold_start_seconds: float | None = None  # measured: pod created -> ready
     last_scale_up: datetime | None = None  # the decision behind the pods it created (timelines)
     phases_reported: set[str] = field(default_factory=set)  # pods whose phases the gateway has
+    had_cache: bool = False  # a model cache was configured (its pre-warm DaemonSet may remain)
     events: dict[str, tuple[str, float]] = field(default_factory=dict)  # reason -> (message, when)
 
     def should_report(self, reason: str, message: str, every: float = 60.0) -> bool:
@@ -603,6 +607,9 @@ async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
         scaling=(d.reason not in ("QueueUnknown", "DuplicateModel"), d.reason, d.message),
     )
     new_status = status.compute(observed, mem.last_status.get("conditions"), seen.now)
+    cache = await cachectl.cache_status(c.api, seen.body, seen.spec, seen.pods, seen.now)
+    if cache is not None:
+        new_status["cache"] = cache
     patch = status.changed(mem.last_status, new_status)
     if patch:
         await c.api.patch(imagemodel_status(seen.ns, seen.name), {"status": patch})
@@ -628,6 +635,9 @@ async def tick(body: dict[str, Any], mem: Memory) -> None:
     remember(seen, plan, mem)
     c.claims[(seen.ns, seen.name)] = claim(seen, plan.decision)
     await act(seen, plan, mem)
+    if seen.spec.cache is not None or mem.had_cache:
+        await cachectl.ensure_prewarm(c.api, seen.body, seen.spec, seen.dep)
+        mem.had_cache = seen.spec.cache is not None
     await report(seen, plan, mem)
     await report_phases(seen, mem)
 

@@ -414,7 +414,9 @@ class ImageModelSpec(_Spec):
     @model_validator(mode="after")
     def _cache_has_a_source(self) -> ImageModelSpec:
         if self.cache is not None and self.cache.source is None and self.weights.random:
-            raise ValueError("cache.source is required for random-weight models (weights.source is a local folder)")
+            raise ValueError(
+                "cache.source is required for random-weight models (weights.source is a local folder)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ COMPILED_MOUNT = "/compile-cache"  # the worker's compiled-artifact cache (read-
 FETCH_RECORD_ENV = "REMOTEGPU_FETCH_RECORD"
 COMPILE_CACHE_ENV = "REMOTEGPU_COMPILE_CACHE"
 LABEL_CACHE = f"{API_GROUP}/model-cache"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # The node selector of a switched-off pre-warm DaemonSet: no node has this label.
 PARKED = {f"{API_GROUP}/model-cache-prewarm": "off"}
 # The pre-warm pods only hold their node's place once the fetch is done.
@@ -190,6 +191,13 @@ def prewarm_daemonset(
             "imagePullSecrets",
         )
     }
+    if spec.worker.gpu.count > 0 and not ("nodeSelector" in pod or "affinity" in pod):
+        # The workers go wherever their GPU resource is, which a pod that holds no GPU
+        # cannot ask for: the nodes GPU Feature Discovery labels with their GPU product.
+        term = {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "Exists"}]}
+        pod["affinity"] = {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}
+        }
     pod["volumes"] = [
         v for v in pod_spec["volumes"] if v["name"] in (CACHE_VOLUME, SOURCE_VOLUME, RECORD_VOLUME)
     ]

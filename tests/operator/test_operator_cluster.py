@@ -729,3 +729,63 @@ def test_worker_pods_carry_the_models_resources_placement_and_security(kube, nam
         assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     finally:
         kube.kubectl("delete", "priorityclass", priority, "--wait=false", check=False)
+
+
+def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_model(
+    kube, namespace, operators: Operators
+):
+    operators.start()
+    cache = {
+        "source": {"huggingFace": {"repo": "org/model", "revision": "0" * 40}},
+        "nodeLocal": {"path": "/var/lib/remotegpu/models"},
+        "prewarm": True,
+    }
+    apply(kube, namespace, imagemodel("cached", "test/cached", cache=cache, scaling={"minReplicas": 1}))
+    dep = wait_for(lambda: get(kube, namespace, "deployment", "cached-worker"), 30, "the Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-weights"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/weights")
+    assert mount["readOnly"] is True and mount["subPath"] == f"{namespace}/cached/weights"
+    ds = wait_for(lambda: get(kube, namespace, "daemonset", "cached-cache"), 30, "the pre-warm DaemonSet")
+    assert ds["metadata"]["ownerReferences"][0]["name"] == "cached"
+    # the cache status lists the nodes the fetch pods went to (KWOK reports no fetch result)
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "cached"))
+            and ((o.get("status") or {}).get("cache") or {}).get("path")
+            and o
+        ),
+        30,
+        "status.cache",
+    )
+    assert im["status"]["cache"]["path"] == f"{namespace}/cached"
+    # a node whose cache is ready (as a real fetch container reports it)
+    kube.kubectl(
+        "patch", "imagemodel", "cached", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"cache": {"path": f"{namespace}/cached", "nodes": [
+            {"node": "gpu-node-0", "ready": True, "sizeBytes": 5, "fetchedAt": "2026-11-28T10:00:00Z"}]}}}),
+    )  # fmt: skip
+    wait_for(
+        lambda: any(
+            n["node"] == "gpu-node-0"
+            for n in get(kube, namespace, "imagemodel", "cached")["status"]["cache"]["nodes"]
+        ),
+        10,
+        "the node kept in the status",
+    )
+    kube.kubectl("delete", "imagemodel", "cached", "-n", namespace)
+    jobs = wait_for(
+        lambda: kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=cached")["items"],
+        30,
+        "the clean-up Job",
+    )
+    # one per node that had the cache: the pre-warm pods went to the GPU nodes only
+    assert sorted(j["spec"]["template"]["spec"]["nodeName"] for j in jobs) == ["gpu-node-0", "gpu-node-1"]
+    spec = jobs[0]["spec"]["template"]["spec"]
+    assert spec["containers"][0]["command"][:5] == [
+        "remotegpu",
+        "cache",
+        "gc",
+        "--root",
+        f"/cache/{namespace}",
+    ]

@@ -28,7 +28,7 @@ RECORD_FILE = f"{RECORD_DIR}/fetch.json"
 WEIGHTS_MOUNT = "/weights"  # the worker's read-only view of its model's weights
 COMPILED_MOUNT = "/compile-cache"  # the worker's compiled-artifact cache (read-write)
 FETCH_RECORD_ENV = "REMOTEGPU_FETCH_RECORD"
-COMPILE_CACHE_ENV = "REMOTEGPU_COMPILE_CACHE"
+COMPILE_CACHE_ENV = "REMOTEGPU_COMPILE_CACHE_DIR"  # remotegpu_worker.engine.optimize
 LABEL_CACHE = f"{API_GROUP}/model-cache"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # The node selector of a switched-off pre-warm DaemonSet: no node has this label.

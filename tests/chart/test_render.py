@@ -713,3 +713,21 @@ def test_preset_worker_pod_settings_and_per_model_resources(tmp_path: Path):
     assert presets["flux-2-dev"]["worker"]["resources"] != presets["flux-1-schnell"]["worker"]["resources"]
     out = template({"presets": {"worker": {"qos": "Sometimes"}}}, tmp_path, check=False)
     assert out.returncode != 0 and "qos" in out.stderr
+
+
+def test_presets_model_cache(tmp_path: Path):
+    """presets.modelCache gives every preset a cache of its Hub repo, with the token Secret."""
+    values = {"presets": {"modelCache": {"enabled": True, "prewarm": True, "hfTokenSecret": "hf"}}}
+    presets = {p["metadata"]["name"]: p["spec"] for p in find(render(values, tmp_path), "ImageModel")}
+    assert sorted(presets) == sorted(PRESETS)
+    for spec in presets.values():
+        cache = ImageModelSpec.model_validate(spec).cache
+        assert cache is not None and cache.prewarm and cache.node_local is not None
+        assert cache.source is not None and cache.source.hugging_face is not None
+        assert cache.source.hugging_face.repo == spec["weights"]["source"]
+        assert cache.source.hugging_face.token_secret is not None
+        assert cache.source.hugging_face.token_secret.name == "hf"
+    values = {"presets": {"modelCache": {"enabled": True, "pvcClaimName": "rwx-models"}}}
+    spec = find(render(values, tmp_path), "ImageModel")[0]["spec"]
+    assert spec["cache"]["pvc"] == {"claimName": "rwx-models"} and "nodeLocal" not in spec["cache"]
+    assert all("cache" not in p["spec"] for p in find(render(), "ImageModel"))  # off by default

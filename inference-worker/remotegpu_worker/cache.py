@@ -212,7 +212,7 @@ def fetch(dest: Path, source: Source, *, full: bool = False) -> FetchResult:
 
 def gc(root: Path, keep: list[str]) -> list[str]:
     """Deletes the model folders under `root` (one per ImageModel) not named in `keep`."""
-    removed = []
+    removed: list[str] = []
     if not root.is_dir():
         return removed
     for child in sorted(root.iterdir()):

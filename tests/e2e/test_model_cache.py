@@ -16,101 +16,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.system import IDLE_SECONDS, MODELS_MOUNT, System, tiny_imagemodels, wait_for
-from tests.fixtures.cluster import REPO
+from tests.e2e.system import (
+    IDLE_SECONDS,
+    System,
+    cached_imagemodel,
+    hub_counts,
+    hub_objects,
+    timeline,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes, pytest.mark.timeout(2400)]
 
 NAME = "cached-flux1"
 MODEL = "remotegpu/tiny-cached-flux1"
-HUB_REPO = "remotegpu/flux1"  # the hub serves MODELS_MOUNT/<arch> as remotegpu/<arch>
 NODE = "real-node-1"
 PHASES = [
     "scale_decision", "pod_scheduled", "container_started", "process_started",
     "weights_fetched", "weights_loaded", "warmed", "first_lease",
 ]  # fmt: skip
-
-
-def hub_objects(system: System, tiny_models_dir: Path) -> list[dict]:
-    repository, tag = system.real.ref("worker")
-    script = (REPO / "tests/fixtures/hub.py").read_text()
-    labels = {"app": "fake-hub"}
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "fake-hub"},
-            "data": {"hub.py": script},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "fake-hub", "labels": labels},
-            "spec": {
-                "nodeSelector": {**system.real.node_selector, "kubernetes.io/hostname": "real-node-0"},
-                "tolerations": list(system.real.tolerations),
-                "containers": [
-                    {
-                        "name": "hub",
-                        "image": f"{repository}:{tag}",
-                        "command": ["python", "/hub/hub.py", "--root", "/repos", "--port", "8080"],
-                        "ports": [{"containerPort": 8080}],
-                        "readinessProbe": {
-                            "httpGet": {"path": "/_requests", "port": 8080},
-                            "periodSeconds": 1,
-                        },
-                        "volumeMounts": [
-                            {"name": "script", "mountPath": "/hub"},
-                            {"name": "models", "mountPath": "/repos/remotegpu", "readOnly": True},
-                        ],
-                    }
-                ],
-                "volumes": [
-                    {"name": "script", "configMap": {"name": "fake-hub"}},
-                    {"name": "models", "hostPath": {"path": str(tiny_models_dir), "type": "Directory"}},
-                ],
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "fake-hub"},
-            "spec": {"selector": labels, "ports": [{"port": 8080, "targetPort": 8080}]},
-        },
-    ]
-
-
-def cached_imagemodel(system: System, tiny_models_dir: Path, cache_root: Path) -> dict:
-    docs, _ = tiny_imagemodels(tiny_models_dir, system.real)
-    doc = next(d for d in docs if d["spec"]["architecture"] == "flux1")
-    doc["metadata"] = {"name": NAME}
-    spec = doc["spec"]
-    spec["model"] = MODEL
-    spec["weights"] = {"source": f"{MODELS_MOUNT}/unused", "random": True}
-    spec["worker"].pop("volumes")
-    spec["worker"].pop("volumeMounts")
-    spec["worker"]["nodeSelector"] = {**spec["worker"]["nodeSelector"], "kubernetes.io/hostname": NODE}
-    endpoint = f"http://fake-hub.{system.namespace}.svc.cluster.local:8080"
-    spec["cache"] = {
-        "source": {"huggingFace": {"repo": HUB_REPO, "endpoint": endpoint}},
-        "nodeLocal": {"path": str(cache_root)},
-    }
-    return doc
-
-
-def hub_counts(system: System) -> dict:
-    out = system.kube.kubectl(
-        "exec", "-n", system.namespace, "fake-hub", "--", "python", "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/_requests').read().decode())",
-    )  # fmt: skip
-    return json.loads(out.stdout)
-
-
-def timeline(system: System, job_id: str) -> dict:
-    with system.http() as http:
-        r = http.get(f"/v1/inference/jobs/{job_id}/timeline")
-        r.raise_for_status()
-        return r.json()
 
 
 def summary(t: dict) -> str:
@@ -128,7 +52,7 @@ def test_the_first_pod_on_a_node_fetches_and_the_next_fetches_nothing(
     )
     wait_for(lambda: any(p.ready for p in system.pod_list("fake-hub")), 180, "the Hub stand-in to be ready")
     files = sum(1 for p in (tiny_models_dir / "flux1").rglob("*") if p.is_file())
-    doc = cached_imagemodel(system, tiny_models_dir, cache_root)
+    doc = cached_imagemodel(system, tiny_models_dir, cache_root, NAME, MODEL, NODE)
     system.kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
     wait_for(lambda: MODEL in system.models(), 60, "the cached model in the catalog")
 

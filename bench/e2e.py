@@ -194,17 +194,20 @@ def main() -> int:
 
     print(f"\ncold start on real nodes, {args.runs} runs (seconds since submit; tiny model on CPU)")
     print(f"{'phase':<18}{'median':>9}{'p95':>9}")
-    for k, v in phases.items():
-        print(f"{k:<18}{statistics.median(v):>9.2f}{p95(v):>9.2f}")
+    for k, times in phases.items():
+        print(f"{k:<18}{statistics.median(times):>9.2f}{p95(times):>9.2f}")
     print(
         f"\nwarm: {args.jobs} jobs to a ready model: {rate:.2f} jobs/s; "
         f"latency median {statistics.median(lat):.2f}s p95 {p95(lat):.2f}s"
     )
     print("\ncold start with a node-local model cache (the job's timeline: seconds since the phase before)")
-    phases = list(dict.fromkeys(k for t in cache.values() for k in t))
+    names = list(dict.fromkeys(name for row in cache.values() for name in row))
     print(f"{'phase':<40}" + "".join(f"{label:>12}" for label in cache))
-    for k in phases:
-        print(f"{k:<40}" + "".join(f"{t[k]:>12.2f}" if k in t else f"{'-':>12}" for t in cache.values()))
+    for name in names:
+        print(
+            f"{name:<40}"
+            + "".join(f"{r[name]:>12.2f}" if name in r else f"{'-':>12}" for r in cache.values())
+        )
     return 0
 
 

@@ -43,6 +43,8 @@ GATEWAY_URL_ENV = "REMOTEGPU_GATEWAY_URL"
 WORKER_ID_ENV = "REMOTEGPU_WORKER_ID"
 # The resources whose limits equal their requests in a Guaranteed pod.
 GUARANTEED_RESOURCES = ("cpu", "memory")
+# A worker whose ImageModel sets no CPU or memory (Burstable: requests, no limits).
+DEFAULT_REQUESTS = {"cpu": "1", "memory": "2Gi"}
 
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -175,10 +177,15 @@ def container_resources(w: WorkerPod) -> dict[str, Any]:
 
     Guaranteed: CPU and memory limits equal the requests (a request given only as a limit
     is a request too, as Kubernetes does), so the pod is evicted and OOM-killed last.
+    Without any CPU or memory: DEFAULT_REQUESTS (Burstable), never BestEffort.
     """
     resources = _copy(w.resources)
     requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
-    if w.qos is QoS.GUARANTEED:
+    if not any(k in requests or k in limits for k in GUARANTEED_RESOURCES):
+        # Nothing given: requests so the pod is never BestEffort (evicted first), and no
+        # limit, since a guessed limit could OOM-kill a large model.
+        requests.update(DEFAULT_REQUESTS)
+    elif w.qos is QoS.GUARANTEED:
         for name in GUARANTEED_RESOURCES:
             value = requests.get(name, limits.get(name))
             if value is not None:

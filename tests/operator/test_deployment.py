@@ -290,3 +290,9 @@ def test_scheduling_and_security_settings_reach_the_pod():
     assert own == {"runAsUser": 0}
     plain = deployment.build(body(), SETTINGS, 1)["spec"]["template"]["spec"]
     assert not {"affinity", "priorityClassName", "runtimeClassName", "imagePullSecrets"} & set(plain)
+
+
+def test_a_model_without_cpu_or_memory_is_not_best_effort():
+    c = _container(body(worker={"gpu": {"count": 1}}))
+    assert c["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"nvidia.com/gpu": 1}}
+    assert _qos(c) == "Burstable"

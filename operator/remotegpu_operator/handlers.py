@@ -213,7 +213,9 @@ async def registry(type: str, body: Any, **_: Any) -> None:
         _forget(key)
         if type == "DELETED":
             others = [m for (ns, _), m in c.models.items() if ns == key[0]]
-            asyncio.create_task(cachectl.collect_garbage(c.api, copy.deepcopy(dict(body)), others))
+            task = asyncio.create_task(cachectl.collect_garbage(c.api, copy.deepcopy(dict(body)), others))
+            _background.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(_background.discard)
         return
     old = c.models.get(key)
     c.models[key] = copy.deepcopy(dict(body))
@@ -229,6 +231,9 @@ async def registry(type: str, body: Any, **_: Any) -> None:
 
             c.queue.register(model, _key_id(key), waker)
     wake(*key)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _key_id(key: tuple[str, str]) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from remotegpu_base.protocol import COLD_START_PHASES, ColdStartPhase
 
-from remotegpu_gateway.store.database import Database
+from remotegpu_gateway.store.database import Database, _text
 from remotegpu_gateway.store.schema import worker_starts
 
 
@@ -45,6 +45,7 @@ class WorkerStartStore(Database):
     ) -> dict[ColdStartPhase, float]:
         """Adds phases to a worker's start (the first report of a phase wins) and returns the
         durations that became known now, each once: what the per-phase histogram observes."""
+        worker_id, model = _text(worker_id), _text(model)  # as the lease stores them
         for attempt in range(2):
             try:
                 return self._merge(worker_id, model, phases)
@@ -81,6 +82,7 @@ class WorkerStartStore(Database):
         return new
 
     def worker_start(self, worker_id: str) -> WorkerStart | None:
+        worker_id = _text(worker_id)
         with self._ro() as conn:
             row = conn.execute(sa.select(worker_starts).where(worker_starts.c.worker_id == worker_id)).first()
         if row is None:

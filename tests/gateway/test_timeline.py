@@ -18,6 +18,7 @@ from remotegpu_base.protocol import (
 )
 
 from tests.gateway.conftest import SCHNELL, Clock, RunningGateway, _closing, auth
+from tests.waiting import wait_for
 
 P = ColdStartPhase
 
@@ -206,3 +207,19 @@ def test_remotegpu_jobs_timeline_prints_the_phases(gateway: RunningGateway, key:
         w.complete(job, lease.lease_token, _png())
     r = cli(g, g.key("other"), "jobs", "timeline", job)
     assert r.returncode == 2 and "404" in r.stderr or "no job" in r.stderr
+
+
+def test_cold_starts_go_with_the_jobs_after_the_retention(start_gateway, clock: Clock):
+    g = start_gateway(retention_seconds=2.0, purge_interval_seconds=0.2)
+    key = g.key()
+    job = submit(g, key)
+    with _closing(g.worker()) as w:
+        w.report_phases(WorkerPhases(worker_id="old-pod", model=SCHNELL, phases={P.WARMED: g.gw.clock()}))
+        lease = w.lease(SCHNELL, "old-pod", wait_seconds=5)
+        assert lease is not None
+        w.complete(job, lease.lease_token, _png())
+    assert g.gw.store.worker_start("old-pod") is not None
+    clock.advance(3)
+    wait_for(lambda: g.job(key, job).status_code == 404, 20, "the finished job to be deleted")
+    assert timeline(g, key, job, 404)
+    assert g.gw.store.worker_start("old-pod") is None

@@ -136,7 +136,7 @@ def cache_cold_and_warm(system: System, tiny_models: Path, cache_root: Path) -> 
     wait_for(lambda: CACHED_MODEL in system.models(), 60, "the cached model")
     out = {}
     for label in ("cold cache", "warm cache"):
-        wait_for(lambda: not system.workers(CACHED_NAME), 300, "no worker of the cached model")
+        wait_for(lambda: not system.pod_list(f"{CACHED_NAME}-worker-"), 300, "no worker of the cached model")
         job = system.submit(CACHED_MODEL, seed=1)
         assert system.wait_job(job, timeout=600)["status"] == "succeeded"
         t = timeline(system, job)

@@ -83,7 +83,8 @@ def test_the_first_pod_on_a_node_fetches_and_the_next_fetches_nothing(
     assert (cache_root / ns / NAME / "weights" / ".remotegpu-cache.json").is_file()
 
     # Back to zero, then 0 -> 1 again on the same node: nothing is downloaded.
-    wait_for(lambda: not system.workers(NAME), 120 + IDLE_SECONDS, "the worker to scale to zero")
+    # gone, not only marked for deletion: until its SIGTERM a pod may still take a job
+    wait_for(lambda: not system.pod_list(f"{NAME}-worker-"), 120 + IDLE_SECONDS, "the worker to be gone")
     second = system.submit(MODEL, seed=2)
     done = system.wait_job(second, timeout=600)
     assert done["status"] == "succeeded", (done, system.logs())
@@ -94,6 +95,7 @@ def test_the_first_pod_on_a_node_fetches_and_the_next_fetches_nothing(
     assert [p["phase"] for p in warm["phases"]] == [p for p in PHASES if p != "weights_fetched"], warm
 
     # Deleting the model removes its cache folder on the node (a clean-up Job).
-    wait_for(lambda: not system.workers(NAME), 120 + IDLE_SECONDS, "the worker to scale to zero")
+    # gone, not only marked for deletion: until its SIGTERM a pod may still take a job
+    wait_for(lambda: not system.pod_list(f"{NAME}-worker-"), 120 + IDLE_SECONDS, "the worker to be gone")
     system.kube.kubectl("delete", "imagemodel", NAME, "-n", ns)
     wait_for(lambda: not (cache_root / ns / NAME).exists(), 180, "the model's cache folder to be removed")

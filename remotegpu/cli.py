@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         "timeline",
         help="the cold start a job waited for, phase by phase",
         description="For a job submitted before its worker was ready: when that worker reached each phase "
-        "(scale_decision, pod_scheduled, container_started, process_started, weights_fetched when the weights "
-        "were not cached, weights_loaded, warmed, first_lease) and how long each took.",
+        "(scale_decision, pod_scheduled, container_started, weights_fetched when the node's cache did not have "
+        "them, process_started, weights_loaded, warmed, first_lease) and how long each took.",
     )
     j.add_argument("job_id")
     j.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")

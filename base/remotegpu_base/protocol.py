@@ -171,17 +171,19 @@ class WorkerStatus(BaseModel):
 
 
 class ColdStartPhase(StrEnum):
-    """A worker's cold start, in order: what a job that waited for capacity waited on.
+    """A worker's cold start, in the order it happens: what a job that waited for capacity
+    waited on.
 
     The operator reports the first three (from the Deployment's scale-up and the pod's
-    status), the worker the next four, the gateway the first lease.
+    status), the worker the next four, the gateway the first lease. The weights are
+    fetched by the pod's init container, before the worker's own container starts.
     """
 
     SCALE_DECISION = "scale_decision"  # the operator raised the replicas
     POD_SCHEDULED = "pod_scheduled"  # the scheduler bound the pod to a node
-    CONTAINER_STARTED = "container_started"  # the kubelet started the worker container
+    CONTAINER_STARTED = "container_started"  # the pod's first container started (the fetcher's, if any)
+    WEIGHTS_FETCHED = "weights_fetched"  # the fetcher downloaded them (absent when the node had them)
     PROCESS_STARTED = "process_started"  # the worker process began (before torch's import)
-    WEIGHTS_FETCHED = "weights_fetched"  # downloaded (absent when the weights were cached)
     WEIGHTS_LOADED = "weights_loaded"  # the pipeline is on its device
     WARMED = "warmed"  # compiled and warmed up: ready
     FIRST_LEASE = "first_lease"  # the worker took its first job

@@ -424,8 +424,9 @@ async def job_status(
     summary="A job's cold-start timeline (extension)",
     description="Extension. For a job that waited for capacity (submitted before the worker that ran it was "
     "ready): when that worker reached each phase of its cold start, in order: `scale_decision` (the operator "
-    "raised the replicas), `pod_scheduled`, `container_started`, `process_started`, `weights_fetched` (only "
-    "when the weights were downloaded, not cached), `weights_loaded`, `warmed` (compiled and warmed up) and "
+    "raised the replicas), `pod_scheduled`, `container_started` (the pod's first container: the weights "
+    "fetcher's with a model cache), `weights_fetched` (only when the fetcher downloaded weights, not when the "
+    "node had them), `process_started`, `weights_loaded`, `warmed` (compiled and warmed up) and "
     "`first_lease`. `seconds` is each phase's time since the phase before it. A phase nobody reported is "
     "missing (a worker outside Kubernetes has no pod phases). `waited_for_capacity` is false (and `phases` "
     "empty) for a job a ready worker took, null before the job is running. Same rules as the job status: "

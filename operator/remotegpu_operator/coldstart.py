@@ -1,8 +1,9 @@
 """The pod's part of a worker's cold start, for the jobs' timelines (pure).
 
 From what the operator sees: its own scale-up decision, then the pod's status (the
-scheduler's PodScheduled condition and the worker container's start, both to the
-second, as Kubernetes records them). The worker reports the rest itself.
+scheduler's PodScheduled condition and the start of the pod's first container, the
+weights fetcher's with a model cache; both to the second, as Kubernetes records them).
+The worker reports the rest itself.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ _TIMESTAMP_RESOLUTION = timedelta(seconds=1)
 
 
 def pod_phases(pod: dict[str, Any], scale_up_at: datetime | None) -> dict[ColdStartPhase, float]:
-    """The phases this pod has reached: scale decision (when the pod came from it),
-    pod scheduled, container started."""
+    """The phases this pod has reached: scale decision (when the pod came from it), pod
+    scheduled, container started (its first container, once the worker's has started)."""
     out: dict[ColdStartPhase, float] = {}
     created = parse_time(pod.get("metadata", {}).get("creationTimestamp"))
     if scale_up_at is not None and created is not None and scale_up_at <= created + _TIMESTAMP_RESOLUTION:
@@ -33,11 +34,16 @@ def pod_phases(pod: dict[str, Any], scale_up_at: datetime | None) -> dict[ColdSt
             at = parse_time(c.get("lastTransitionTime"))
             if at is not None:
                 out[ColdStartPhase.POD_SCHEDULED] = at.timestamp()
-    for cs in st.get("containerStatuses") or []:
-        if cs.get("name") == CONTAINER_NAME:
-            started = parse_time(((cs.get("state") or {}).get("running") or {}).get("startedAt"))
-            if started is not None:
-                out[ColdStartPhase.CONTAINER_STARTED] = started.timestamp()
+    worker_started = False
+    starts = []
+    for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
+        state = cs.get("state") or {}
+        started = parse_time((state.get("running") or state.get("terminated") or {}).get("startedAt"))
+        if started is not None:
+            starts.append(started)
+            worker_started = worker_started or cs.get("name") == CONTAINER_NAME
+    if worker_started:  # reported once the worker runs: its fetcher's start is final by then
+        out[ColdStartPhase.CONTAINER_STARTED] = min(starts).timestamp()
     return out
 
 

@@ -32,8 +32,8 @@ NAME = "cached-flux1"
 MODEL = "remotegpu/tiny-cached-flux1"
 NODE = "real-node-1"
 PHASES = [
-    "scale_decision", "pod_scheduled", "container_started", "process_started",
-    "weights_fetched", "weights_loaded", "warmed", "first_lease",
+    "scale_decision", "pod_scheduled", "container_started", "weights_fetched",
+    "process_started", "weights_loaded", "warmed", "first_lease",
 ]  # fmt: skip
 
 

@@ -67,8 +67,8 @@ def test_a_cold_job_shows_every_phase_in_order_and_a_warm_one_none(
                 worker_id=pod,
                 model=SCHNELL,
                 phases={
-                    P.PROCESS_STARTED: t0 + 2.2,
                     P.WEIGHTS_FETCHED: t0 + 9,
+                    P.PROCESS_STARTED: t0 + 9.2,
                     P.WEIGHTS_LOADED: t0 + 12,
                     P.WARMED: g.gw.clock(),
                 },
@@ -83,8 +83,8 @@ def test_a_cold_job_shows_every_phase_in_order_and_a_warm_one_none(
         phases = {p["phase"]: p for p in t["phases"]}
         assert phases["scale_decision"]["seconds"] is None
         assert phases["pod_scheduled"]["seconds"] == 0.5
-        assert phases["weights_fetched"]["seconds"] == 6.8
-        assert phases["weights_loaded"]["seconds"] == 3.0
+        assert phases["weights_fetched"]["seconds"] == 7.0
+        assert phases["weights_loaded"]["seconds"] == 2.8
         assert 0 < phases["scale_decision"]["since_submit_seconds"] <= 0.5  # t0 was just before the submit
         ats = [p["at"] for p in t["phases"]]
         assert ats == sorted(ats)

@@ -45,3 +45,19 @@ def test_only_started_unreported_pods_are_reported():
     ]
     out = coldstart.to_report(pods, None, reported={"done"})
     assert [name for name, _ in out] == ["started"]
+
+
+def test_with_a_fetch_init_container_the_pod_starts_with_it():
+    p = pod("w-2", "2026-11-28T10:00:00Z", "2026-11-28T10:00:01Z", "2026-11-28T10:00:09Z")
+    fetch = {
+        "name": "fetch-weights",
+        "state": {"terminated": {"startedAt": "2026-11-28T10:00:02Z", "exitCode": 0}},
+    }
+    p["status"]["initContainerStatuses"] = [fetch]
+    assert coldstart.pod_phases(p, None)[P.CONTAINER_STARTED] == ts("2026-11-28T10:00:02Z")
+    # while only the fetcher runs, nothing is reported yet
+    fetching = pod("w-3", "2026-11-28T10:00:00Z", "2026-11-28T10:00:01Z")
+    fetching["status"]["initContainerStatuses"] = [
+        {"name": "fetch-weights", "state": {"running": {"startedAt": "2026-11-28T10:00:02Z"}}}
+    ]
+    assert coldstart.to_report([fetching], None, set()) == []

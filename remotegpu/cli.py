@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", choices=["sizes", "full"], default="sizes")
     c.add_argument("--record", help="write the result (JSON) here, for the worker's timeline")
     c.add_argument("--termination-log", help="write the result here too (Kubernetes: /dev/termination-log)")
+    c.add_argument("--make-dir", action="append", help="also create this folder (e.g. the compile cache)")
     c.set_defaults(func=_handler("remotegpu_worker.cache:fetch_command"))
     c = cache.add_parser("gc", help="delete the caches of models that no longer exist")
     c.add_argument("--root", required=True, help="the folder holding one cache folder per model")

@@ -210,16 +210,18 @@ def fetch(dest: Path, source: Source, *, full: bool = False) -> FetchResult:
     return FetchResult(bool(problems), problems, size, count, started, time.time(), fetched_at)
 
 
-def gc(root: Path, keep: list[str]) -> list[str]:
-    """Deletes the model folders under `root` (one per ImageModel) not named in `keep`."""
+def gc(root: Path, keep: list[str]) -> tuple[list[str], list[str]]:
+    """Deletes the model folders under `root` (one per ImageModel) not named in `keep`;
+    returns (removed, what could not be deleted)."""
     removed: list[str] = []
+    errors: list[str] = []
     if not root.is_dir():
-        return removed
+        return removed, errors
     for child in sorted(root.iterdir()):
         if child.is_dir() and child.name not in keep:
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child.name)
-    return removed
+            shutil.rmtree(child, onerror=lambda _fn, path, info: errors.append(f"{path}: {info[1]}"))
+            (errors if child.exists() else removed).append(child.name)
+    return removed, errors
 
 
 def fetch_command(args: argparse.Namespace) -> int:
@@ -232,6 +234,9 @@ def fetch_command(args: argparse.Namespace) -> int:
         print("remotegpu cache fetch: give exactly one of --hf-repo, --from-dir", file=sys.stderr)
         return 2
     source = Source(args.hf_repo, args.revision, Path(args.from_dir) if args.from_dir else None)
+    for folder in args.make_dir or []:
+        # Made by this (non-root) user: a folder the kubelet makes for a subPath mount is root's.
+        Path(folder).mkdir(parents=True, exist_ok=True)
     try:
         result = fetch(Path(args.dest), source, full=args.verify == "full")
     except Exception as e:  # noqa: BLE001 - the pod's status shows this line
@@ -254,6 +259,8 @@ def _write(path: str | None, text: str) -> None:
 
 
 def gc_command(args: argparse.Namespace) -> int:
-    removed = gc(Path(args.root), [k for k in (args.keep or "").split(",") if k])
+    removed, errors = gc(Path(args.root), [k for k in (args.keep or "").split(",") if k])
     print(f"removed {len(removed)} model cache(s) under {args.root}: {', '.join(removed) or 'none'}")
-    return 0
+    for line in errors:
+        print(f"remotegpu cache gc: could not delete {line}", file=sys.stderr)
+    return 1 if errors else 0

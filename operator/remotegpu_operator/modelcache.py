@@ -73,8 +73,18 @@ def fetch_container(
     """The init container that makes the model's weights folder complete (or waits for the pod that does)."""
     source = spec.cache_source()
     assert source is not None
-    dest = f"{CACHE_MOUNT}/{model_folder(namespace, imagemodel)}/weights"
-    command = ["remotegpu", "cache", "fetch", "--dest", dest]
+    folder = f"{CACHE_MOUNT}/{model_folder(namespace, imagemodel)}"
+    # --make-dir: the worker's compile cache, made by the fetcher's user (uid 10001), not
+    # by the kubelet for the subPath mount (root's, where the worker could not write).
+    command = [
+        "remotegpu",
+        "cache",
+        "fetch",
+        "--dest",
+        f"{folder}/weights",
+        "--make-dir",
+        f"{folder}/compiled",
+    ]
     env: list[dict[str, Any]] = [
         {"name": "HF_HUB_OFFLINE", "value": "0"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},

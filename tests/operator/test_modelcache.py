@@ -37,6 +37,7 @@ def test_node_local_cache_fetches_in_an_init_container_and_mounts_read_only():
     cmd = fetch["command"]
     assert cmd[:3] == ["remotegpu", "cache", "fetch"]
     assert cmd[cmd.index("--dest") + 1] == "/cache/ns1/tiny/weights"
+    assert cmd[cmd.index("--make-dir") + 1] == "/cache/ns1/tiny/compiled"  # by uid 10001, not the kubelet
     assert cmd[cmd.index("--hf-repo") + 1] == "black-forest-labs/FLUX.1-schnell"
     assert cmd[cmd.index("--revision") + 1] == "abc123" and cmd[cmd.index("--verify") + 1] == "sizes"
     env = {e["name"]: e for e in fetch["env"]}

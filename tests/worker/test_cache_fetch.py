@@ -125,14 +125,18 @@ def test_a_folder_source_and_gc(tiny_models_dir: Path, tmp_path: Path):
         "cache",
         "fetch",
         "--dest",
-        str(root / "keep-me"),
+        str(root / "keep-me" / "weights"),
         "--from-dir",
         str(tiny_models_dir / "flux1"),
+        "--make-dir",
+        str(root / "keep-me" / "compiled"),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "fetched" in r.stdout, r.stderr
-    assert (root / "keep-me" / WEIGHTS).read_bytes() == (tiny_models_dir / "flux1" / WEIGHTS).read_bytes()
-    (root / "deleted-model").mkdir()
+    weights = root / "keep-me" / "weights" / WEIGHTS
+    assert weights.read_bytes() == (tiny_models_dir / "flux1" / WEIGHTS).read_bytes()
+    assert (root / "keep-me" / "compiled").is_dir()
+    (root / "deleted-model" / "compiled").mkdir(parents=True)
     r = subprocess.run(
         [REMOTEGPU, "cache", "gc", "--root", str(root), "--keep", "keep-me"], capture_output=True, text=True
     )

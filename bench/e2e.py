@@ -8,7 +8,9 @@ random-weight models on the CPU, on the nodes' fake GPUs), then measures:
   scale decision (Deployment replicas >= 1), pod scheduled, container created and
   started (from the pod's container status), pod ready (weights loaded, warmed up),
   lease (job running) and run;
-- warm throughput: a batch of jobs to a ready model, jobs/s and per-job latency.
+- warm throughput: a batch of jobs to a ready model, jobs/s and per-job latency;
+- a model with a node-local model cache fetched from a Hub stand-in: its job's
+  cold-start timeline (GET .../timeline) with a cold cache, then with a warm one.
 
     .venv/bin/python bench/e2e.py [--runs 5] [--jobs 20]
 """
@@ -16,6 +18,7 @@ random-weight models on the CPU, on the nodes' fake GPUs), then measures:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -26,7 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.localcluster import Cluster, ClusterConfig  # noqa: E402
-from tests.e2e.system import System, deploy, wait_for  # noqa: E402
+from tests.e2e.system import (  # noqa: E402
+    System,
+    cached_imagemodel,
+    deploy,
+    hub_objects,
+    timeline,
+    wait_for,
+)
 from tests.fixtures.cluster import Kube, RealNodes  # noqa: E402
 
 MODEL_NAME = "tiny-random-flux1"
@@ -103,6 +113,40 @@ def warm_throughput(system: System, model: str, jobs: int) -> tuple[float, list[
     return jobs / (time.monotonic() - t0), latencies
 
 
+CACHED_NAME, CACHED_MODEL = "bench-cached-flux1", "remotegpu/tiny-bench-cached-flux1"
+
+
+def cache_cold_and_warm(system: System, tiny_models: Path, cache_root: Path) -> dict[str, dict[str, float]]:
+    """A model with a node-local cache fetched from the Hub stand-in: the timeline of a
+    job with a cold cache (the first pod fetches), then, after a scale to zero, with a
+    warm one (nothing fetched). Phase -> seconds since the phase before."""
+    import subprocess
+
+    import yaml
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chown", "10001:10001", str(cache_root)], check=True)
+    ns = system.namespace
+    system.kube.kubectl(
+        "apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(hub_objects(system, tiny_models))
+    )
+    wait_for(lambda: any(p.ready for p in system.pod_list("fake-hub")), 180, "the Hub stand-in")
+    doc = cached_imagemodel(system, tiny_models, cache_root, CACHED_NAME, CACHED_MODEL, "real-node-1")
+    system.kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+    wait_for(lambda: CACHED_MODEL in system.models(), 60, "the cached model")
+    out = {}
+    for label in ("cold cache", "warm cache"):
+        wait_for(lambda: not system.pod_list(f"{CACHED_NAME}-worker-"), 300, "no worker of the cached model")
+        job = system.submit(CACHED_MODEL, seed=1)
+        assert system.wait_job(job, timeout=600)["status"] == "succeeded"
+        t = timeline(system, job)
+        out[label] = {p["phase"]: p["seconds"] or 0.0 for p in t["phases"]}
+        out[label]["total (scale decision to first lease)"] = (
+            t["phases"][-1]["since_submit_seconds"] - t["phases"][0]["since_submit_seconds"]
+        )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,18 +187,27 @@ def main() -> int:
                 for k, v in marks.items():
                     phases.setdefault(k, []).append(v)
             rate, lat = warm_throughput(system, model, args.jobs)
+            cache = cache_cold_and_warm(system, work / "tiny-models", work / "model-cache")
     finally:
         if not args.cluster_dir:
             cluster.down(quiet=True)
 
     print(f"\ncold start on real nodes, {args.runs} runs (seconds since submit; tiny model on CPU)")
     print(f"{'phase':<18}{'median':>9}{'p95':>9}")
-    for k, v in phases.items():
-        print(f"{k:<18}{statistics.median(v):>9.2f}{p95(v):>9.2f}")
+    for k, times in phases.items():
+        print(f"{k:<18}{statistics.median(times):>9.2f}{p95(times):>9.2f}")
     print(
         f"\nwarm: {args.jobs} jobs to a ready model: {rate:.2f} jobs/s; "
         f"latency median {statistics.median(lat):.2f}s p95 {p95(lat):.2f}s"
     )
+    print("\ncold start with a node-local model cache (the job's timeline: seconds since the phase before)")
+    names = list(dict.fromkeys(name for row in cache.values() for name in row))
+    print(f"{'phase':<40}" + "".join(f"{label:>12}" for label in cache))
+    for name in names:
+        print(
+            f"{name:<40}"
+            + "".join(f"{r[name]:>12.2f}" if name in r else f"{'-':>12}" for r in cache.values())
+        )
     return 0
 
 

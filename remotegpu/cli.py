@@ -282,6 +282,41 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=50, help="jobs per page (default 50, at most 200)")
     j.add_argument("--all", action="store_true", help="every page, not only the first")
     j.set_defaults(func=_handler("remotegpu.client:list_jobs"))
+    j = jobs.add_parser(
+        "timeline",
+        help="the cold start a job waited for, phase by phase",
+        description="For a job submitted before its worker was ready: when that worker reached each phase "
+        "(scale_decision, pod_scheduled, container_started, weights_fetched when the node's cache did not have "
+        "them, process_started, weights_loaded, warmed, first_lease) and how long each took.",
+    )
+    j.add_argument("job_id")
+    j.add_argument("--url", help="service URL (default $REMOTEGPU_URL or http://127.0.0.1:8000)")
+    j.add_argument("--api-key", help="API key (default $REMOTEGPU_API_KEY)")
+    j.add_argument("--json", action="store_true", help="print the response as JSON")
+    j.set_defaults(func=_handler("remotegpu.client:show_timeline"))
+
+    p = sub.add_parser("cache", help="the model cache: fetch weights once per node, clean up")
+    cache = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    c = cache.add_parser(
+        "fetch",
+        help="make a folder a complete, checked copy of a model's weights (the worker pods' init container)",
+        description="Checks DEST against its manifest (every file's size; with --verify full its SHA-256 too) and "
+        "fetches only what is missing or bad: from a Hugging Face repo (HF_ENDPOINT, HF_TOKEN) or a folder. "
+        "Processes fetching into one folder wait on a lock: one fetches, the others find it complete.",
+    )
+    c.add_argument("--dest", required=True, help="the cache folder of this model")
+    c.add_argument("--hf-repo", help="Hugging Face repo id")
+    c.add_argument("--revision", help="commit hash (pins the weights), branch or tag")
+    c.add_argument("--from-dir", help="copy from this folder (a mounted PVC or host path)")
+    c.add_argument("--verify", choices=["sizes", "full"], default="sizes")
+    c.add_argument("--record", help="write the result (JSON) here, for the worker's timeline")
+    c.add_argument("--termination-log", help="write the result here too (Kubernetes: /dev/termination-log)")
+    c.add_argument("--make-dir", action="append", help="also create this folder (e.g. the compile cache)")
+    c.set_defaults(func=_handler("remotegpu_worker.cache:fetch_command"))
+    c = cache.add_parser("gc", help="delete the caches of models that no longer exist")
+    c.add_argument("--root", required=True, help="the folder holding one cache folder per model")
+    c.add_argument("--keep", default="", help="comma-separated folder names to keep")
+    c.set_defaults(func=_handler("remotegpu_worker.cache:gc_command"))
 
     p = sub.add_parser("models", help="the model catalog and the tiny random-weight models")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")

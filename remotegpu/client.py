@@ -8,6 +8,7 @@ of the public API.
         [--priority low] [--deadline-seconds N] [--webhook-url URL [--webhook-event E ...]]
         [--idempotency-key KEY] [--wait N] [--poll]
     remotegpu jobs list [--status S] [--model M] [--limit N] [--all]
+    remotegpu jobs timeline JOB_ID [--json]
 
 The service URL is --url, else $REMOTEGPU_URL, else http://127.0.0.1:8000; the API key
 is --api-key, else $REMOTEGPU_API_KEY. Submits the job, follows it until it ends through
@@ -347,6 +348,50 @@ def list_jobs(args: argparse.Namespace) -> int:
     print(f"{'JOB':<36}  {'STATUS':<9}  {'CREATED':<20}  MODEL")
     for j in rows:
         print(f"{j['job_id']:<36}  {j['status']:<9}  {j['created_at']:<20}  {j['model']}")
+    return 0
+
+
+def job_timeline(url: str, api_key: str, job_id: str) -> dict[str, Any]:
+    """The job's cold-start timeline (GET /v1/inference/jobs/{id}/timeline); ClientError on failure."""
+    try:
+        r = httpx.get(
+            f"{url.rstrip('/')}/v1/inference/jobs/{job_id}/timeline",
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=30,
+        )
+    except httpx.TransportError as e:
+        raise _unreachable(url, e) from None
+    if r.status_code != 200:
+        raise _api_error(r)
+    return dict(r.json())
+
+
+def show_timeline(args: argparse.Namespace) -> int:
+    """`remotegpu jobs timeline JOB_ID`: the phases of the cold start the job waited for."""
+    key = getattr(args, "api_key", None) or os.environ.get("REMOTEGPU_API_KEY")
+    if not key:
+        _err("no API key; pass --api-key or set $REMOTEGPU_API_KEY")
+        return 2
+    try:
+        t = job_timeline(_url(args), key, args.job_id)
+    except ClientError as e:
+        _err(str(e))
+        return e.code
+    if args.json:
+        print(json.dumps(t, indent=2))
+        return 0
+    if t["waited_for_capacity"] is None:
+        print(f"job {t['job_id']} has not run yet: its timeline is known once a worker takes it")
+        return 0
+    if not t["waited_for_capacity"]:
+        print(f"job {t['job_id']} did not wait for capacity: worker {t['worker_id']} was ready")
+        return 0
+    cached = {True: "cached on the node", False: "fetched", None: "not reported"}[t["weights_cached"]]
+    print(f"job {t['job_id']} waited for worker {t['worker_id']} (weights {cached})")
+    print(f"{'PHASE':<18}  {'AT':<24}  {'TOOK':>8}  {'SINCE SUBMIT':>12}")
+    for p in t["phases"]:
+        took = "" if p["seconds"] is None else f"{p['seconds']:.3f}s"
+        print(f"{p['phase']:<18}  {p['at']:<24}  {took:>8}  {p['since_submit_seconds']:>11.3f}s")
     return 0
 
 

@@ -205,6 +205,74 @@ class Weights(_Spec):
     random: bool = False
 
 
+class SecretKeyRef(_Spec):
+    name: str = Field(min_length=1)
+    key: str = "token"
+
+
+class HuggingFaceSource(_Spec):
+    repo: str = Field(min_length=1)
+    # A commit hash pins the weights (a branch or tag is resolved at each fetch).
+    revision: str | None = None
+    token_secret: SecretKeyRef | None = None  # HF_TOKEN for gated or private repos
+    endpoint: str | None = None  # HF_ENDPOINT: a mirror or a private Hub
+
+
+class PVCSource(_Spec):
+    claim_name: str = Field(min_length=1)
+    path: str = ""  # the model's folder inside the claim
+
+
+class HostPathSource(_Spec):
+    path: str = Field(min_length=1)
+
+
+class CacheSource(_Spec):
+    """Where the fetcher gets the weights (exactly one; none: weights.source as a Hub repo)."""
+
+    hugging_face: HuggingFaceSource | None = None
+    pvc: PVCSource | None = None
+    host_path: HostPathSource | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> CacheSource:
+        if sum(x is not None for x in (self.hugging_face, self.pvc, self.host_path)) != 1:
+            raise ValueError("cache.source takes exactly one of huggingFace, pvc, hostPath")
+        return self
+
+
+class NodeLocalCache(_Spec):
+    # The node's folder for model caches (created if missing; writable by uid 10001).
+    path: str = "/var/lib/remotegpu/models"
+
+
+class SharedCache(_Spec):
+    claim_name: str = Field(min_length=1)  # a ReadWriteMany PersistentVolumeClaim
+
+
+class CacheVerify(StrEnum):
+    SIZES = "Sizes"  # every file present at its recorded size (a partial fetch is caught)
+    FULL = "Full"  # and its SHA-256 (a corrupted file is caught; reads every byte)
+
+
+class ModelCache(_Spec):
+    """Weights fetched once per node (or once per shared volume) and mounted read-only."""
+
+    source: CacheSource | None = None
+    node_local: NodeLocalCache | None = None
+    pvc: SharedCache | None = None
+    # Fetch on the GPU nodes the workers may use before the first job (a DaemonSet).
+    prewarm: bool = False
+    # What each worker pod checks before it starts (pre-warm pods check Full).
+    verify: CacheVerify = CacheVerify.SIZES
+
+    @model_validator(mode="after")
+    def _one_place(self) -> ModelCache:
+        if (self.node_local is None) == (self.pvc is None):
+            raise ValueError("cache takes exactly one of nodeLocal, pvc")
+        return self
+
+
 class StepCache(_Spec):
     type: StepCacheType
     # first-block: relative change of the first block's residual under which a step reuses
@@ -235,14 +303,42 @@ class GPU(_Spec):
     resource_name: str = "nvidia.com/gpu"
 
 
+class QoS(StrEnum):
+    """The worker pods' Kubernetes QoS class, from their CPU and memory requests and limits."""
+
+    # limits = requests for CPU and memory: evicted last, never OOM-killed before others
+    GUARANTEED = "Guaranteed"
+    # requests as given, limits as given (no CPU limit: bursts on idle cores)
+    BURSTABLE = "Burstable"
+
+
+# A restricted container securityContext (the Pod Security Standards' "restricted" level);
+# the worker image runs as uid 10001.
+RESTRICTED_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 class WorkerPod(_Spec):
     image: str = "ghcr.io/remotegpu/worker:0.1.0"
     command: list[str] | None = None
     env: list[dict[str, Any]] = Field(default_factory=list)
+    # CPU, memory and ephemeral-storage requests and limits (the catalog's per model);
+    # the GPU limit comes from `gpu`.
     resources: dict[str, Any] = Field(default_factory=dict)
+    qos: QoS = QoS.GUARANTEED
     gpu: GPU = Field(default_factory=GPU)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None  # e.g. nvidia
+    image_pull_secrets: list[dict[str, str]] = Field(default_factory=list)
+    # The container's securityContext; unset: RESTRICTED_SECURITY_CONTEXT.
+    security_context: dict[str, Any] | None = None
     pod_annotations: dict[str, str] = Field(default_factory=dict)  # extra annotations on worker pods
     volumes: list[dict[str, Any]] = Field(default_factory=list)  # e.g. a PVC with the weights cache
     volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
@@ -313,6 +409,15 @@ class ImageModelSpec(_Spec):
     serving: Serving = Field(default_factory=Serving)
     worker: WorkerPod = Field(default_factory=WorkerPod)
     scaling: Scaling = Field(default_factory=Scaling)
+    cache: ModelCache | None = None
+
+    @model_validator(mode="after")
+    def _cache_has_a_source(self) -> ImageModelSpec:
+        if self.cache is not None and self.cache.source is None and self.weights.random:
+            raise ValueError(
+                "cache.source is required for random-weight models (weights.source is a local folder)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _step_cache_fits(self) -> ImageModelSpec:
@@ -326,6 +431,14 @@ class ImageModelSpec(_Spec):
                 "use stepCache.type taylorseer"
             )
         return self
+
+    def cache_source(self) -> CacheSource | None:
+        """Where the model cache's fetcher gets the weights (None without a cache)."""
+        if self.cache is None:
+            return None
+        return self.cache.source or CacheSource(
+            hugging_face=HuggingFaceSource(repo=self.weights.source, revision=self.weights.revision)
+        )
 
     @property
     def max_prompt_tokens(self) -> int:

@@ -170,6 +170,36 @@ class WorkerStatus(BaseModel):
     load_failures: int = Field(default=0, ge=0)
 
 
+class ColdStartPhase(StrEnum):
+    """A worker's cold start, in the order it happens: what a job that waited for capacity
+    waited on.
+
+    The operator reports the first three (from the Deployment's scale-up and the pod's
+    status), the worker the next four, the gateway the first lease. The weights are
+    fetched by the pod's init container, before the worker's own container starts.
+    """
+
+    SCALE_DECISION = "scale_decision"  # the operator raised the replicas
+    POD_SCHEDULED = "pod_scheduled"  # the scheduler bound the pod to a node
+    CONTAINER_STARTED = "container_started"  # the pod's first container started (the fetcher's, if any)
+    WEIGHTS_FETCHED = "weights_fetched"  # the fetcher downloaded them (absent when the node had them)
+    PROCESS_STARTED = "process_started"  # the worker process began (before torch's import)
+    WEIGHTS_LOADED = "weights_loaded"  # the pipeline is on its device
+    WARMED = "warmed"  # compiled and warmed up: ready
+    FIRST_LEASE = "first_lease"  # the worker took its first job
+
+
+COLD_START_PHASES: list[ColdStartPhase] = list(ColdStartPhase)
+
+
+class WorkerPhases(BaseModel):
+    """When a worker reached phases of its cold start (UNIX seconds)."""
+
+    worker_id: str = Field(min_length=1, max_length=300)
+    model: str
+    phases: dict[ColdStartPhase, float]
+
+
 class LeaseLost(Exception):
     """The gateway refused a lease token: the job was re-leased, cancelled or finished."""
 
@@ -226,6 +256,9 @@ class WorkerAPIClient:
         r = self._http.get("/queue", params=params, timeout=wait_seconds + 30)
         r.raise_for_status()
         return QueueSnapshot.model_validate(r.json())
+
+    def report_phases(self, phases: WorkerPhases) -> None:
+        self._http.post("/workers/phases", json=phases.model_dump(mode="json")).raise_for_status()
 
     def report_status(self, status: WorkerStatus) -> None:
         self._http.post("/workers/status", json=status.model_dump(mode="json")).raise_for_status()

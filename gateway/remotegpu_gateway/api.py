@@ -36,6 +36,7 @@ from remotegpu_gateway.schemas import (
     ImageRequest,
     JobListResponse,
     JobStatusResponse,
+    JobTimelineResponse,
     ModelsResponse,
     WebhookDeliveries,
     inline_schema,
@@ -414,6 +415,29 @@ async def job_status(
     gw = gateway(request)
     job = await owned_job(gw, job_id, key.id)
     return await anyio.to_thread.run_sync(gw.job_view_with_eta, job, base_url(gw, request))
+
+
+@router.get(
+    "/jobs/{job_id}/timeline",
+    response_model=JobTimelineResponse,
+    responses=_errors(401, 403, 404),
+    summary="A job's cold-start timeline (extension)",
+    description="Extension. For a job that waited for capacity (submitted before the worker that ran it was "
+    "ready): when that worker reached each phase of its cold start, in order: `scale_decision` (the operator "
+    "raised the replicas), `pod_scheduled`, `container_started` (the pod's first container: the weights "
+    "fetcher's with a model cache), `weights_fetched` (only when the fetcher downloaded weights, not when the "
+    "node had them), `process_started`, `weights_loaded`, `warmed` (compiled and warmed up) and "
+    "`first_lease`. `seconds` is each phase's time since the phase before it. A phase nobody reported is "
+    "missing (a worker outside Kubernetes has no pod phases). `waited_for_capacity` is false (and `phases` "
+    "empty) for a job a ready worker took, null before the job is running. Same rules as the job status: "
+    "jobs of other keys are 404.",
+)
+async def job_timeline(
+    job_id: str, request: Request, key: KeyRecord = Depends(inference_key)
+) -> dict[str, Any]:
+    gw = gateway(request)
+    job = await owned_job(gw, job_id, key.id)
+    return await anyio.to_thread.run_sync(gw.timelines.timeline, job)
 
 
 SSE_KEEPALIVE_SECONDS = 15.0

@@ -29,6 +29,7 @@ from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 from remotegpu_gateway.storage import BlobStorage, LocalDirStorage, S3Storage, StorageError, UrlSigner
 from remotegpu_gateway.store import PENDING, RUNNING, TERMINAL_STATES, Delivery, JobRecord, Store
+from remotegpu_gateway.timeline import ColdStarts
 from remotegpu_gateway.usage import Usage
 from remotegpu_gateway.webhooks import WebhookSender, parse_networks, webhook_body
 
@@ -114,6 +115,7 @@ class Gateway:
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.usage = Usage(self.store, self.metrics)
+        self.timelines = ColdStarts(self.store, self.metrics)
         self.limits = Limits(
             self.store,
             self.usage,

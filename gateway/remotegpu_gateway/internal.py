@@ -21,6 +21,7 @@ from remotegpu_base.protocol import (
     QueueSnapshot,
     Release,
     RuntimeState,
+    WorkerPhases,
     WorkerStatus,
     image_format,
 )
@@ -67,6 +68,9 @@ async def lease(body: LeaseRequest, request: Request) -> Response:
                 max(0.0, (job.started_at or time.time()) - job.created_at)
             )
             gw.notifier.bump(job.model)
+            await anyio.to_thread.run_sync(
+                gw.timelines.leased, body.worker_id, job.model, job.started_at or gw.clock()
+            )
             try:
                 out = await anyio.to_thread.run_sync(gw.build_lease, job)
             except StorageError as e:
@@ -187,3 +191,11 @@ async def worker_status(body: WorkerStatus, request: Request) -> dict[str, str]:
             await anyio.to_thread.run_sync(gw.fail_waiting, body.model, message)
         gw.notifier.bump(body.model)  # wakes that worker's lease poll, which then ends
     return {"state": gw.registry.state(body.model).value}
+
+
+@router.post("/workers/phases")
+async def worker_phases(body: WorkerPhases, request: Request) -> dict[str, str]:
+    """A worker's cold-start phases, from the operator (pod) or the worker itself."""
+    gw = gateway(request)
+    await anyio.to_thread.run_sync(gw.timelines.record, body.worker_id, body.model, body.phases)
+    return {"worker_id": body.worker_id}

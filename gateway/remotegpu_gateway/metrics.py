@@ -144,6 +144,13 @@ class Metrics:
             buckets=JOB_BUCKETS,
             registry=r,
         )
+        self.cold_start_phase = Histogram(
+            "remotegpu_cold_start_phase_seconds",
+            "A worker's cold-start phases (scale_decision .. first_lease): each phase's seconds since the one before",
+            ["model", "phase"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
         self.http_requests = Counter(
             "remotegpu_http_requests",
             "HTTP requests by route, method and code",

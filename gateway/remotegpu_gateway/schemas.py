@@ -103,6 +103,38 @@ class JobStatusResponse(BaseModel):
     )
 
 
+class TimelinePhase(BaseModel):
+    phase: Literal[
+        "scale_decision",
+        "pod_scheduled",
+        "container_started",
+        "weights_fetched",
+        "process_started",
+        "weights_loaded",
+        "warmed",
+        "first_lease",
+    ]
+    at: str = Field(description="When the worker reached the phase, UTC to the millisecond")
+    seconds: float | None = Field(description="Time since the phase before (null for the first)")
+    since_submit_seconds: float = Field(description="Time since the job was submitted (negative: before it)")
+
+
+class JobTimelineResponse(BaseModel):
+    """Extension: the cold start a job waited for."""
+
+    job_id: str
+    model: str
+    worker_id: str | None = Field(description="The worker (pod) that ran the job; null before it ran")
+    waited_for_capacity: bool | None = Field(
+        description="Submitted before its worker was ready; null before the job ran"
+    )
+    weights_cached: bool | None = Field(
+        description="The worker fetched no weights (they were in its node's cache); null when not reported"
+    )
+    created_at: str
+    phases: list[TimelinePhase]
+
+
 class JobListResponse(BaseModel):
     jobs: list[JobStatusResponse]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")

@@ -33,7 +33,7 @@ from typing import Any
 
 from remotegpu_base import config
 from remotegpu_base.catalog import DEFAULT_MODELS_FILE, ImageModel, ImageModelSpec, load_models_file
-from remotegpu_base.protocol import WORKER_TOKEN_ENV, RuntimeState, WorkerAPIClient
+from remotegpu_base.protocol import WORKER_TOKEN_ENV, ColdStartPhase, RuntimeState, WorkerAPIClient
 
 MODEL_SPEC_ENV = "REMOTEGPU_MODEL_SPEC"
 GATEWAY_URL_ENV = "REMOTEGPU_GATEWAY_URL"
@@ -108,6 +108,7 @@ def serve_worker(
     from remotegpu_worker.loop import LoopSettings, WorkerLoop, default_worker_id
     from remotegpu_worker.metrics import WorkerMetrics
     from remotegpu_worker.server import HttpServer, WorkerState, create_app
+    from remotegpu_worker.startup import StartupPhases
 
     spec = model.spec
     metrics = WorkerMetrics()
@@ -136,6 +137,7 @@ def serve_worker(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    phases = StartupPhases()
     engine = ImageEngine(model, data_dir, device=os.environ.get("REMOTEGPU_DEVICE") or None)
     reporter = client()
     from remotegpu_base.protocol import WorkerStatus
@@ -158,13 +160,16 @@ def serve_worker(
         report(RuntimeState.STARTING)
         state.phase = "loading"
         info = engine.load()
+        phases.reached(ColdStartPhase.WEIGHTS_LOADED)
         state.load_seconds = info.load_seconds
         metrics.load_seconds.labels(spec.model).set(info.load_seconds)
         for note in info.notes:
             log.info("%s: %s", spec.model, note)
         state.phase = "warming"
         state.warmup_seconds = engine.warm_up()
+        phases.reached(ColdStartPhase.WARMED)
         metrics.warmup_seconds.labels(spec.model).set(state.warmup_seconds)
+        phases.report(reporter, worker_id, spec.model)
     except Exception as e:  # noqa: BLE001
         log.exception("could not load %s", spec.model)
         state.phase, state.error = "failed", f"{type(e).__name__}: {e}"

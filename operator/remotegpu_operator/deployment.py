@@ -17,8 +17,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, ImageModelSpec
+from remotegpu_base.catalog import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    RESTRICTED_SECURITY_CONTEXT,
+    ImageModelSpec,
+    QoS,
+    WorkerPod,
+)
 from remotegpu_base.protocol import WORKER_TOKEN_ENV
+
+from remotegpu_operator import modelcache
 
 WORKER_PORT = 8001
 CONTAINER_NAME = "worker"
@@ -31,6 +41,10 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 MODEL_SPEC_ENV = "REMOTEGPU_MODEL_SPEC"
 GATEWAY_URL_ENV = "REMOTEGPU_GATEWAY_URL"
 WORKER_ID_ENV = "REMOTEGPU_WORKER_ID"
+# The resources whose limits equal their requests in a Guaranteed pod.
+GUARANTEED_RESOURCES = ("cpu", "memory")
+# A worker whose ImageModel sets no CPU or memory (Burstable: requests, no limits).
+DEFAULT_REQUESTS = {"cpu": "1", "memory": "2Gi"}
 
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -84,8 +98,12 @@ def labels(imagemodel: str, spec: ImageModelSpec) -> dict[str, str]:
 
 
 def worker_spec_json(spec: ImageModelSpec) -> str:
-    """The model's catalog entry as the worker receives it (no scaling, no pin)."""
+    """The model's catalog entry as the worker receives it (no scaling, no pin). With a
+    model cache the weights are the read-only folder the cache volume mounts."""
     entry = spec.model_dump(by_alias=True, exclude_none=True, mode="json", exclude={"replicas", "scaling"})
+    if spec.cache is not None:
+        entry["weights"] = {**entry["weights"], "source": modelcache.WEIGHTS_MOUNT}
+        entry["weights"].pop("revision", None)
     return json.dumps(entry, sort_keys=True, separators=(",", ":"))
 
 
@@ -100,7 +118,7 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
+def _container(name: str, namespace: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
     w = spec.worker
     command = list(w.command) if w.command else [
         "remotegpu", "worker", "--model", spec.model, "--gateway-url", settings.gateway_url,
@@ -115,22 +133,25 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
             "name": WORKER_TOKEN_ENV,
             "valueFrom": {"secretKeyRef": {"name": settings.token_secret, "key": settings.token_secret_key}},
         },
+        *(modelcache.worker_env() if spec.cache is not None else []),
         *w.env,  # the model's own env comes last, so it can override ours
     ]
-    resources: dict[str, Any] = json.loads(json.dumps(w.resources))  # a deep copy
-    if w.gpu.count > 0:
-        limits = resources.setdefault("limits", {})
-        limits[w.gpu.resource_name] = w.gpu.count
-        if w.gpu.resource_name in resources.get("requests", {}):
-            resources["requests"][w.gpu.resource_name] = w.gpu.count
+    mounts = list(w.volume_mounts)
+    resources = container_resources(w)
+    if spec.cache is not None:
+        mounts += modelcache.worker_mounts(namespace, name)
+        resources = modelcache.without_ephemeral_storage(resources)
     return {
         "name": CONTAINER_NAME,
         "image": w.image,
         "command": command,
         "env": env,
         "ports": [{"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"}],
-        **({"volumeMounts": list(w.volume_mounts)} if w.volume_mounts else {}),
+        **({"volumeMounts": mounts} if mounts else {}),
         "resources": resources,
+        "securityContext": _copy(
+            RESTRICTED_SECURITY_CONTEXT if w.security_context is None else w.security_context
+        ),
         # Ready once the weights are loaded and warmed up; alive while loading. 5 s, not
         # the default 1 s: a worker busy on the GPU may answer slowly without being stuck.
         "readinessProbe": {
@@ -148,20 +169,64 @@ def _container(spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]
     }
 
 
-def pod_template(name: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
+def _copy(obj: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(obj))  # a deep copy
+    return out
+
+
+def container_resources(w: WorkerPod) -> dict[str, Any]:
+    """The worker container's requests and limits: the catalog's, the GPU, and the QoS class.
+
+    Guaranteed: CPU and memory limits equal the requests (a request given only as a limit
+    is a request too, as Kubernetes does), so the pod is evicted and OOM-killed last.
+    Without any CPU or memory: DEFAULT_REQUESTS (Burstable), never BestEffort.
+    """
+    resources = _copy(w.resources)
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    if not any(k in requests or k in limits for k in GUARANTEED_RESOURCES):
+        # Nothing given: requests so the pod is never BestEffort (evicted first), and no
+        # limit, since a guessed limit could OOM-kill a large model.
+        requests.update(DEFAULT_REQUESTS)
+    elif w.qos is QoS.GUARANTEED:
+        for name in GUARANTEED_RESOURCES:
+            value = requests.get(name, limits.get(name))
+            if value is not None:
+                requests[name] = limits[name] = value
+    if w.gpu.count > 0:
+        limits[w.gpu.resource_name] = w.gpu.count
+        if w.gpu.resource_name in requests:
+            requests[w.gpu.resource_name] = w.gpu.count
+    return {**({"requests": requests} if requests else {}), **({"limits": limits} if limits else {})}
+
+
+def pod_template(name: str, namespace: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:
     w = spec.worker
+    container = _container(name, namespace, spec, settings)
     pod: dict[str, Any] = {
-        "containers": [_container(spec, settings)],
+        "containers": [container],
         "terminationGracePeriodSeconds": w.termination_grace_period_seconds,
     }
+    if spec.cache is not None:
+        resources = modelcache.cpu_memory(container["resources"])
+        pod["initContainers"] = [
+            modelcache.fetch_container(namespace, name, spec, resources, verify=spec.cache.verify)
+        ]
     if w.node_selector:
         pod["nodeSelector"] = dict(w.node_selector)
     if w.tolerations:
         pod["tolerations"] = list(w.tolerations)
-    if w.volumes:
-        pod["volumes"] = list(w.volumes)
+    if w.volumes or spec.cache is not None:
+        pod["volumes"] = list(w.volumes) + (modelcache.volumes(spec) if spec.cache is not None else [])
     if w.service_account_name:
         pod["serviceAccountName"] = w.service_account_name
+    if w.affinity:
+        pod["affinity"] = dict(w.affinity)
+    if w.priority_class_name:
+        pod["priorityClassName"] = w.priority_class_name
+    if w.runtime_class_name:
+        pod["runtimeClassName"] = w.runtime_class_name
+    if w.image_pull_secrets:
+        pod["imagePullSecrets"] = list(w.image_pull_secrets)
     return {
         "metadata": {
             "labels": labels(name, spec),
@@ -179,7 +244,7 @@ def build(body: dict[str, Any], settings: WorkerSettings, replicas: int) -> dict
     """The desired worker Deployment of an ImageModel resource (`body`)."""
     name = body["metadata"]["name"]
     spec = ImageModelSpec.model_validate(body["spec"])
-    template = pod_template(name, spec, settings)
+    template = pod_template(name, body["metadata"]["namespace"], spec, settings)
     digest = template_hash(template)
     template["metadata"]["annotations"][TEMPLATE_HASH] = digest
     return {

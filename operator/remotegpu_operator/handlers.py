@@ -29,9 +29,9 @@ from pydantic import ValidationError
 from remotegpu_base import kube
 from remotegpu_base.catalog import API_GROUP, API_VERSION, KIND, PLURAL, ImageModelSpec, ScalingMode
 from remotegpu_base.kube import Deployment, ImageModelObject, Pod
-from remotegpu_base.protocol import ModelQueue
+from remotegpu_base.protocol import ModelQueue, WorkerPhases
 
-from remotegpu_operator import deployment, metrics, scaling, status
+from remotegpu_operator import cachectl, coldstart, deployment, metrics, scaling, status
 from remotegpu_operator.queuewatch import QueueWatcher
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,11 @@ async def registry(type: str, body: Any, **_: Any) -> None:
     key = (meta["namespace"], meta["name"])
     if type == "DELETED" or meta.get("deletionTimestamp"):
         _forget(key)
+        if type == "DELETED":
+            others = [m for (ns, _), m in c.models.items() if ns == key[0]]
+            task = asyncio.create_task(cachectl.collect_garbage(c.api, copy.deepcopy(dict(body)), others))
+            _background.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(_background.discard)
         return
     old = c.models.get(key)
     c.models[key] = copy.deepcopy(dict(body))
@@ -235,6 +240,9 @@ async def registry(type: str, body: Any, **_: Any) -> None:
 
             c.queue.register(model, _key_id(key), waker)
     wake(*key)
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _key_id(key: tuple[str, str]) -> int:
@@ -287,6 +295,9 @@ class Memory:
     was_saturated: bool = False
     scale_downs: scaling.ScaleDowns = ()
     cold_start_seconds: float | None = None  # measured: pod created -> ready
+    last_scale_up: datetime | None = None  # the decision behind the pods it created (timelines)
+    phases_reported: set[str] = field(default_factory=set)  # pods whose phases the gateway has
+    had_cache: bool = False  # a model cache was configured (its pre-warm DaemonSet may remain)
     events: dict[str, tuple[str, float]] = field(default_factory=dict)  # reason -> (message, when)
 
     def should_report(self, reason: str, message: str, every: float = 60.0) -> bool:
@@ -506,6 +517,8 @@ async def act(seen: Seen, plan: Plan, mem: Memory) -> None:
     dname = seen.dep["metadata"]["name"]
     await kube.patch(c.api, Deployment, seen.ns, dname, {"spec": {"replicas": d.desired}})
     mem.last_scale = seen.now
+    if direction is scaling.Direction.UP:
+        mem.last_scale_up = seen.now
     labels = (seen.ns, seen.name, seen.spec.model)
     changed_at = c.queue.changed_at.get(seen.spec.model)
     if direction is scaling.Direction.UP and changed_at is not None:
@@ -607,6 +620,9 @@ async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
         scaling=(d.reason not in ("QueueUnknown", "DuplicateModel"), d.reason, d.message),
     )
     new_status = status.compute(observed, mem.last_status.get("conditions"), seen.now)
+    cache = await cachectl.cache_status(c.api, seen.body, seen.spec, seen.pods, seen.now)
+    if cache is not None:
+        new_status["cache"] = cache
     patch = status.changed(mem.last_status, new_status)
     if patch:
         await kube.patch(c.api, ImageModelObject, seen.ns, seen.name, {"status": patch}, subresource="status")
@@ -633,7 +649,20 @@ async def tick(body: dict[str, Any], mem: Memory) -> None:
     remember(seen, plan, mem)
     c.claims[(seen.ns, seen.name)] = claim(seen, plan.decision)
     await act(seen, plan, mem)
+    if seen.spec.cache is not None or mem.had_cache:
+        await cachectl.ensure_prewarm(c.api, seen.body, seen.spec, seen.dep)
+        mem.had_cache = seen.spec.cache is not None
     await report(seen, plan, mem)
+    await report_phases(seen, mem)
+
+
+async def report_phases(seen: Seen, mem: Memory) -> None:
+    """Tells the gateway each new worker pod's cold-start phases (for its jobs' timelines)."""
+    mem.phases_reported &= {p["metadata"]["name"] for p in seen.pods}
+    for pod, phases in coldstart.to_report(seen.pods, mem.last_scale_up, mem.phases_reported):
+        report = WorkerPhases(worker_id=pod, model=seen.spec.model, phases=phases)
+        if await asyncio.to_thread(ctx().queue.report_phases, report):
+            mem.phases_reported.add(pod)
 
 
 async def _tick_safely(key: tuple[str, str]) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from remotegpu_base.protocol import ModelQueue, QueueSnapshot, WorkerAPIClient
+from remotegpu_base.protocol import ModelQueue, QueueSnapshot, WorkerAPIClient, WorkerPhases
 
 from remotegpu_operator import metrics
 
@@ -36,6 +36,8 @@ class QueueWatcher:
     ):
         self.gateway_url = gateway_url
         self._client = client or (WorkerAPIClient(gateway_url, token, timeout=10.0) if gateway_url else None)
+        # Phase reports go on their own connection: the watcher's thread long-polls on _client.
+        self._reporter = WorkerAPIClient(gateway_url, token, timeout=5.0) if gateway_url else None
         self._wait = wait_seconds
         self._stale_after = stale_after
         self._lock = threading.Lock()
@@ -48,6 +50,18 @@ class QueueWatcher:
         self.changed_at: dict[str, float] = {}  # model -> monotonic time its queue last changed
 
     # -- what the daemons use ---------------------------------------------------------
+
+    def report_phases(self, phases: WorkerPhases) -> bool:
+        """Blocking: tells the gateway a worker pod's cold-start phases; False if it could not."""
+        if self._reporter is None:
+            return False
+        try:
+            self._reporter.report_phases(phases)
+        except Exception as e:  # noqa: BLE001 - advisory: retried on the next tick
+            log.debug("cold-start phases of %s not reported: %s", phases.worker_id, e)
+            return False
+        return True
+
     def register(self, model: str, key: int, waker: Waker) -> None:
         with self._lock:
             self._wakers.setdefault(model, {})[key] = waker
@@ -88,8 +102,9 @@ class QueueWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._client is not None:
-            self._client.close()
+        for client in (self._client, self._reporter):
+            if client is not None:
+                client.close()
 
     def _run(self) -> None:
         assert self._client is not None

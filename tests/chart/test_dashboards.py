@@ -34,6 +34,7 @@ REQUIRED = {
     "cold-start phase: operator reaction": "remotegpu_operator_last_wake_to_scale_seconds",
     "cold-start phase: weights load": "remotegpu_worker_model_load_seconds",
     "cold-start phase: warm-up": "remotegpu_worker_model_warmup_seconds",
+    "cold-start phases": "remotegpu_cold_start_phase_seconds_bucket",
 }
 # NVIDIA dcgm-exporter's names (its default counters) for GPU utilisation and memory.
 DCGM = {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE"}
@@ -50,7 +51,13 @@ def test_dashboards_cover_the_required_metrics():
         [t["expr"] for p in dashboards()["model.json"]["panels"] for t in p.get("targets", [])]
     )
     assert {
-        REQUIRED[k] for k in ("wait time histogram", "cold-start time histogram", "worker inference time")
+        REQUIRED[k]
+        for k in (
+            "wait time histogram",
+            "cold-start time histogram",
+            "worker inference time",
+            "cold-start phases",
+        )
     } <= per_model
 
 

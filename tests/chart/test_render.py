@@ -925,3 +925,54 @@ def test_readme_values_table_is_current():
 
     readme = (CHART / "README.md").read_text()
     assert render_readme(readme) == readme, "run `.venv/bin/python -m tests.chart.values_doc`"
+
+
+def test_preset_worker_pod_settings_and_per_model_resources(tmp_path: Path):
+    """Scheduling and security settings reach every preset; resources are the catalog's unless a preset sets its own."""
+    worker = {
+        "priorityClassName": "gpu-high",
+        "runtimeClassName": "nvidia",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+        "securityContext": {"runAsUser": 10001, "runAsNonRoot": True},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    values = {
+        "presets": {
+            "worker": worker,
+            "flux-1-dev": {"resources": {"requests": {"cpu": "6", "memory": "64Gi"}}},
+        }
+    }
+    presets = {p["metadata"]["name"]: p["spec"] for p in find(render(values, tmp_path), "ImageModel")}
+    catalog = _catalog_specs()
+    for name, spec in presets.items():
+        parsed = ImageModelSpec.model_validate(spec).worker
+        assert parsed.priority_class_name == "gpu-high" and parsed.runtime_class_name == "nvidia"
+        assert parsed.image_pull_secrets == [{"name": "regcred"}]
+        assert parsed.affinity == worker["affinity"] and parsed.tolerations == worker["tolerations"]
+        assert parsed.security_context == worker["securityContext"]
+        if name != "flux-1-dev":
+            assert parsed.resources == catalog[name]["worker"]["resources"]
+    assert presets["flux-1-dev"]["worker"]["resources"] == {"requests": {"cpu": "6", "memory": "64Gi"}}
+    # the catalog's per-model memory: FLUX.2-dev far above FLUX.1
+    assert presets["flux-2-dev"]["worker"]["resources"] != presets["flux-1-schnell"]["worker"]["resources"]
+    out = template({"presets": {"worker": {"qos": "Sometimes"}}}, tmp_path, check=False)
+    assert out.returncode != 0 and "qos" in out.stderr
+
+
+def test_presets_model_cache(tmp_path: Path):
+    """presets.modelCache gives every preset a cache of its Hub repo, with the token Secret."""
+    values = {"presets": {"modelCache": {"enabled": True, "prewarm": True, "hfTokenSecret": "hf"}}}
+    presets = {p["metadata"]["name"]: p["spec"] for p in find(render(values, tmp_path), "ImageModel")}
+    assert sorted(presets) == sorted(PRESETS)
+    for spec in presets.values():
+        cache = ImageModelSpec.model_validate(spec).cache
+        assert cache is not None and cache.prewarm and cache.node_local is not None
+        assert cache.source is not None and cache.source.hugging_face is not None
+        assert cache.source.hugging_face.repo == spec["weights"]["source"]
+        assert cache.source.hugging_face.token_secret is not None
+        assert cache.source.hugging_face.token_secret.name == "hf"
+    values = {"presets": {"modelCache": {"enabled": True, "pvcClaimName": "rwx-models"}}}
+    spec = find(render(values, tmp_path), "ImageModel")[0]["spec"]
+    assert spec["cache"]["pvc"] == {"claimName": "rwx-models"} and "nodeLocal" not in spec["cache"]
+    assert all("cache" not in p["spec"] for p in find(render(), "ImageModel"))  # off by default

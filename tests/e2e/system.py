@@ -35,6 +35,7 @@ IDLE_SECONDS = 6
 MODELS_MOUNT = "/models"
 # The gateway, operator and PostgreSQL stay on node 0; workers go to either node.
 INFRA_NODE = "real-node-0"
+HUB_REPO = "remotegpu/flux1"  # the Hub stand-in serves each tiny model as remotegpu/<architecture>
 
 
 @dataclass
@@ -250,7 +251,9 @@ def tiny_imagemodels(models_dir: Path, real: RealNodes) -> tuple[list[dict], dic
             "gpu": {"count": 1},  # a fake one: the pod lands on a real node and runs on its CPU
             "nodeSelector": dict(real.node_selector),
             "tolerations": list(real.tolerations),
-            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+            # the catalog's requests and limits (a tiny model's fit the real nodes)
+            "resources": spec["worker"]["resources"],
+            "qos": spec["worker"]["qos"],
             "volumes": [{"name": "tiny-models", "hostPath": {"path": str(models_dir), "type": "Directory"}}],
             "volumeMounts": [{"name": "tiny-models", "mountPath": MODELS_MOUNT, "readOnly": True}],
             "terminationGracePeriodSeconds": 60,  # the worker drains for 45 s
@@ -367,3 +370,91 @@ def deploy(kube: Kube, real: RealNodes, tiny_models_dir: Path, work: Path) -> It
         kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         collector.stop()
         kube.kubectl("delete", "pv", claim, "--wait=false", check=False)
+
+
+def hub_objects(system: System, tiny_models_dir: Path) -> list[dict]:
+    """A stand-in for the Hugging Face Hub in a pod (tests/fixtures/hub.py, Service
+    `fake-hub`) serving the tiny models as remotegpu/<architecture>; it counts requests."""
+    repository, tag = system.real.ref("worker")
+    script = (REPO / "tests/fixtures/hub.py").read_text()
+    labels = {"app": "fake-hub"}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "fake-hub"},
+            "data": {"hub.py": script},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "fake-hub", "labels": labels},
+            "spec": {
+                "nodeSelector": {**system.real.node_selector, "kubernetes.io/hostname": "real-node-0"},
+                "tolerations": list(system.real.tolerations),
+                "containers": [
+                    {
+                        "name": "hub",
+                        "image": f"{repository}:{tag}",
+                        "command": ["python", "/hub/hub.py", "--root", "/repos", "--port", "8080"],
+                        "ports": [{"containerPort": 8080}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/_requests", "port": 8080},
+                            "periodSeconds": 1,
+                        },
+                        "volumeMounts": [
+                            {"name": "script", "mountPath": "/hub"},
+                            {"name": "models", "mountPath": "/repos/remotegpu", "readOnly": True},
+                        ],
+                    }
+                ],
+                "volumes": [
+                    {"name": "script", "configMap": {"name": "fake-hub"}},
+                    {"name": "models", "hostPath": {"path": str(tiny_models_dir), "type": "Directory"}},
+                ],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "fake-hub"},
+            "spec": {"selector": labels, "ports": [{"port": 8080, "targetPort": 8080}]},
+        },
+    ]
+
+
+def cached_imagemodel(
+    system: System, tiny_models_dir: Path, cache_root: Path, name: str, model: str, node: str
+) -> dict:
+    """The tiny FLUX.1 model with a node-local cache at `cache_root`, fetched from the Hub
+    stand-in (hub_objects), its workers pinned to `node`."""
+    docs, _ = tiny_imagemodels(tiny_models_dir, system.real)
+    doc = next(d for d in docs if d["spec"]["architecture"] == "flux1")
+    doc["metadata"] = {"name": name}
+    spec = doc["spec"]
+    spec["model"] = model
+    spec["weights"] = {"source": f"{MODELS_MOUNT}/unused", "random": True}
+    spec["worker"].pop("volumes")
+    spec["worker"].pop("volumeMounts")
+    spec["worker"]["nodeSelector"] = {**spec["worker"]["nodeSelector"], "kubernetes.io/hostname": node}
+    endpoint = f"http://fake-hub.{system.namespace}.svc.cluster.local:8080"
+    spec["cache"] = {
+        "source": {"huggingFace": {"repo": HUB_REPO, "endpoint": endpoint}},
+        "nodeLocal": {"path": str(cache_root)},
+    }
+    return doc
+
+
+def hub_counts(system: System) -> dict:
+    out = system.kube.kubectl(
+        "exec", "-n", system.namespace, "fake-hub", "--", "python", "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/_requests').read().decode())",
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def timeline(system: System, job_id: str) -> dict:
+    with system.http() as http:
+        r = http.get(f"/v1/inference/jobs/{job_id}/timeline")
+        r.raise_for_status()
+        return r.json()

@@ -208,3 +208,93 @@ def test_unknown_queue_is_a_condition():
     st = status.compute(observed(queue=None), None, NOW)
     assert conds(st)["QueueObserved"]["status"] == "False"
     assert st["queueDepth"] is None and st["queue"] is None  # the merge patch removes the old reading
+
+
+def _container(b: dict) -> dict:
+    return deployment.build(b, SETTINGS, 1)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _qos(container: dict) -> str:
+    """The pod's QoS class as the kubelet computes it for one container (cpu and memory)."""
+    req, lim = container["resources"].get("requests", {}), container["resources"].get("limits", {})
+    if not any(k in req or k in lim for k in ("cpu", "memory")):
+        return "BestEffort"
+    if all(k in lim and req.get(k, lim[k]) == lim[k] for k in ("cpu", "memory")):
+        return "Guaranteed"
+    return "Burstable"
+
+
+def test_catalog_models_get_their_resources_and_none_is_best_effort():
+    """Every catalog model's workers have requests; the FLUX models are Guaranteed."""
+    for m in catalog.load_models_file():
+        b = m.to_resource("ns1")
+        b["metadata"].update(uid="u")
+        c = _container(b)
+        want = "Burstable" if m.spec.weights.random else "Guaranteed"
+        assert _qos(c) == want, m.name
+        assert "ephemeral-storage" in c["resources"]["requests"], m.name
+    flux2 = next(m for m in catalog.load_models_file() if m.name == "flux-2-dev").to_resource("ns1")
+    flux1 = next(m for m in catalog.load_models_file() if m.name == "flux-1-dev").to_resource("ns1")
+    flux2["metadata"]["uid"] = flux1["metadata"]["uid"] = "u"
+    mem2 = _container(flux2)["resources"]["limits"]["memory"]
+    mem1 = _container(flux1)["resources"]["limits"]["memory"]
+    assert int(mem2.removesuffix("Gi")) > 2 * int(mem1.removesuffix("Gi"))
+
+
+def test_guaranteed_limits_equal_requests_and_burstable_keeps_what_is_given():
+    c = _container(
+        body(worker={"resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "3"}}})
+    )
+    assert c["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": 1}
+    c = _container(body(worker={"resources": {"limits": {"memory": "8Gi"}}}))  # a limit alone is the request
+    assert c["resources"]["requests"] == {"memory": "8Gi"} and c["resources"]["limits"]["memory"] == "8Gi"
+    c = _container(
+        body(worker={"qos": "Burstable", "resources": {"requests": {"cpu": "2", "memory": "1Gi"}}})
+    )
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"nvidia.com/gpu": 1}}
+    assert _qos(c) == "Burstable"
+
+
+def test_scheduling_and_security_settings_reach_the_pod():
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["H100"]}
+                        ]
+                    }
+                ]
+            }
+        }
+    }
+    b = body(
+        worker={
+            "affinity": affinity,
+            "priorityClassName": "gpu-high",
+            "runtimeClassName": "nvidia",
+            "imagePullSecrets": [{"name": "regcred"}],
+        }
+    )
+    pod = deployment.build(b, SETTINGS, 1)["spec"]["template"]["spec"]
+    assert pod["affinity"] == affinity and pod["priorityClassName"] == "gpu-high"
+    assert pod["runtimeClassName"] == "nvidia" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    restricted = pod["containers"][0]["securityContext"]
+    assert restricted == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    own = _container(body(worker={"securityContext": {"runAsUser": 0}}))["securityContext"]
+    assert own == {"runAsUser": 0}
+    plain = deployment.build(body(), SETTINGS, 1)["spec"]["template"]["spec"]
+    assert not {"affinity", "priorityClassName", "runtimeClassName", "imagePullSecrets"} & set(plain)
+
+
+def test_a_model_without_cpu_or_memory_is_not_best_effort():
+    c = _container(body(worker={"gpu": {"count": 1}}))
+    assert c["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"nvidia.com/gpu": 1}}
+    assert _qos(c) == "Burstable"

@@ -88,7 +88,7 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 30, "sleeping")
     t0 = time.monotonic()
-    gw.submit("test/wake")
+    (job,) = gw.submit("test/wake")
     wait_for(lambda: replicas_of(kube, namespace, "m2") == 1, 30, "replicas 1", every=0.02)
     reacted = time.monotonic() - t0
     # Driven by the queue's change, not a periodic resync (30 s or more); a margin for load.
@@ -110,6 +110,24 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
         "name"
     ]
     lease = gw.lease("test/wake", pod)
+    # The operator told the gateway the pod's phases: the job's timeline shows them.
+    timeline = wait_for(
+        lambda: (
+            (
+                t := gw.http.get(
+                    f"/v1/inference/jobs/{job}/timeline", headers={"Authorization": f"Bearer {gw.key}"}
+                )
+            )
+            and len(t.json()["phases"]) == 4
+            and t.json()
+        ),
+        20,
+        "the pod's phases in the job's timeline",
+    )
+    assert timeline["waited_for_capacity"] is True and timeline["worker_id"] == pod
+    assert [p["phase"] for p in timeline["phases"]] == [
+        "scale_decision", "pod_scheduled", "container_started", "first_lease",
+    ]  # fmt: skip
     wait_for(
         lambda: (get(kube, namespace, "imagemodel", "m2")["status"].get("queue") or {}).get("running") == 1,
         10,
@@ -670,3 +688,110 @@ def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
                               {"op": "remove", "path": f"/status/allocatable/{escaped}"}]),
             check=False,
         )  # fmt: skip
+
+
+def test_worker_pods_carry_the_models_resources_placement_and_security(kube, namespace, operators: Operators):
+    """The API server admits the worker pod and classes it Guaranteed (status.qosClass)."""
+    priority = f"gpu-{namespace}"  # cluster-scoped: unique per test
+    kube.kubectl(
+        "apply", "-f", "-",
+        input=json.dumps({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                          "metadata": {"name": priority}, "value": 1000}),
+    )  # fmt: skip
+    try:
+        operators.start()
+        worker = {
+            "image": "example.invalid/worker:test",
+            "gpu": {"count": 1},
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"}},
+            "priorityClassName": priority,
+            "imagePullSecrets": [{"name": "regcred"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 1,
+                            "preference": {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]},
+                        }
+                    ]
+                }
+            },
+        }
+        apply(kube, namespace, imagemodel("res", "test/resources", worker=worker, scaling={"minReplicas": 1}))
+        pods = wait_for(
+            lambda: kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=res")["items"],
+            30,
+            "a worker pod",
+        )
+        pod = pods[0]
+        assert pod["status"]["qosClass"] == "Guaranteed"
+        assert pod["spec"]["priorityClassName"] == priority and pod["spec"]["priority"] == 1000
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["spec"]["affinity"] == worker["affinity"]
+        c = pod["spec"]["containers"][0]
+        assert c["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
+        assert c["resources"]["requests"]["ephemeral-storage"] == "1Gi"
+        assert c["securityContext"]["runAsNonRoot"] is True
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    finally:
+        kube.kubectl("delete", "priorityclass", priority, "--wait=false", check=False)
+
+
+def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_model(
+    kube, namespace, operators: Operators
+):
+    operators.start()
+    cache = {
+        "source": {"huggingFace": {"repo": "org/model", "revision": "0" * 40}},
+        "nodeLocal": {"path": "/var/lib/remotegpu/models"},
+        "prewarm": True,
+    }
+    apply(kube, namespace, imagemodel("cached", "test/cached", cache=cache, scaling={"minReplicas": 1}))
+    dep = wait_for(lambda: get(kube, namespace, "deployment", "cached-worker"), 30, "the Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-weights"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/weights")
+    assert mount["readOnly"] is True and mount["subPath"] == f"{namespace}/cached/weights"
+    ds = wait_for(lambda: get(kube, namespace, "daemonset", "cached-cache"), 30, "the pre-warm DaemonSet")
+    assert ds["metadata"]["ownerReferences"][0]["name"] == "cached"
+    # the cache status lists the nodes the fetch pods went to (KWOK reports no fetch result)
+    im = wait_for(
+        lambda: (
+            (o := get(kube, namespace, "imagemodel", "cached"))
+            and ((o.get("status") or {}).get("cache") or {}).get("path")
+            and o
+        ),
+        30,
+        "status.cache",
+    )
+    assert im["status"]["cache"]["path"] == f"{namespace}/cached"
+    # a node whose cache is ready (as a real fetch container reports it)
+    kube.kubectl(
+        "patch", "imagemodel", "cached", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"cache": {"path": f"{namespace}/cached", "nodes": [
+            {"node": "gpu-node-0", "ready": True, "sizeBytes": 5, "fetchedAt": "2026-11-28T10:00:00Z"}]}}}),
+    )  # fmt: skip
+    wait_for(
+        lambda: any(
+            n["node"] == "gpu-node-0"
+            for n in get(kube, namespace, "imagemodel", "cached")["status"]["cache"]["nodes"]
+        ),
+        10,
+        "the node kept in the status",
+    )
+    kube.kubectl("delete", "imagemodel", "cached", "-n", namespace)
+    jobs = wait_for(
+        lambda: kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=cached")["items"],
+        30,
+        "the clean-up Job",
+    )
+    # one per node that had the cache: the pre-warm pods went to the GPU nodes only
+    assert sorted(j["spec"]["template"]["spec"]["nodeName"] for j in jobs) == ["gpu-node-0", "gpu-node-1"]
+    spec = jobs[0]["spec"]["template"]["spec"]
+    assert spec["containers"][0]["command"][:5] == [
+        "remotegpu",
+        "cache",
+        "gc",
+        "--root",
+        f"/cache/{namespace}",
+    ]

@@ -217,3 +217,26 @@ def test_a_worker_that_cannot_load_tells_the_gateway(
     assert p.wait(timeout=120) == 1, p.log()[-3000:]
     assert gateway.gw.registry.load_failures(TINY) == 1
     assert gateway.gw.store.get_job(job_id, None).status == "pending"
+
+
+def test_a_job_waiting_for_the_worker_gets_its_startup_phases(
+    procs: Callable[..., Proc], gateway: RunningGateway, tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The worker reports process start, the fetcher's download (its record), load and warm-up."""
+    job_id = gateway.submit(TINY, "wait for me")  # before any worker exists: a cold start
+    record = tmp_path / "fetch.json"
+    fetched_at = time.time()
+    record.write_text(f'{{"fetched": true, "started_at": {fetched_at - 1}, "finished_at": {fetched_at}}}')
+    p, _ = start_worker(
+        procs, gateway, tiny_data_dir, tmp_path / "worker.log", REMOTEGPU_FETCH_RECORD=str(record)
+    )
+    assert gateway.wait(job_id, {"succeeded"}, timeout=120)["status"] == "succeeded"
+    t = gateway.http.get(f"/v1/inference/jobs/{job_id}/timeline").json()
+    assert t["waited_for_capacity"] is True and t["weights_cached"] is False
+    names = [x["phase"] for x in t["phases"]]
+    # the fetch (the pod's init container) ends before the worker process starts
+    assert names == ["weights_fetched", "process_started", "weights_loaded", "warmed", "first_lease"], t
+    loaded, warmed, leased = (t["phases"][i]["at"] for i in (2, 3, 4))
+    assert loaded <= warmed <= leased
+    p.signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0

@@ -3,8 +3,8 @@
 `Store` is a thin facade over one class per concern, all on the same `Database`:
 keys (`keys.py`), jobs (`jobs.py`, inserts through the group-commit thread in
 `batcher.py`; idempotency keys, listing, queue position), webhook deliveries
-(`webhooks.py`), the queue and its leases (`leases.py`), retention (`retention.py`) and
-read-only statistics (`stats.py`). The schema and its migrations are in `schema.py`.
+(`webhooks.py`), the queue and its leases (`leases.py`), retention (`retention.py`),
+read-only statistics (`stats.py`) and the workers' cold-start phases (`starts.py`). The schema and its migrations are in `schema.py`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from remotegpu_gateway.store.schema import (
     metadata,
     schema_migrations,
     webhook_deliveries,
+    worker_starts,
 )
+from remotegpu_gateway.store.starts import WorkerStart, WorkerStartStore, phase_durations
 from remotegpu_gateway.store.stats import StatsStore
 from remotegpu_gateway.store.webhooks import Delivery, record_from_snapshot
 
@@ -84,10 +86,13 @@ __all__ = [
     "schema_migrations",
     "split_token",
     "webhook_deliveries",
+    "WorkerStart",
+    "phase_durations",
+    "worker_starts",
 ]
 
 
-class Store(KeyStore, LeaseStore, RetentionStore, StatsStore):
+class Store(KeyStore, LeaseStore, RetentionStore, StatsStore, WorkerStartStore):
     """Jobs, queue, leases and API keys on one database (SQLite or PostgreSQL)."""
 
     def __init__(self, url: str, *, max_attempts: int = 3, clock: Callable[[], float] = time.time):

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from remotegpu_gateway.store.database import Database
 from remotegpu_gateway.store.records import JobRecord
-from remotegpu_gateway.store.schema import TERMINAL_STATES, jobs, webhook_deliveries
+from remotegpu_gateway.store.schema import TERMINAL_STATES, jobs, webhook_deliveries, worker_starts
 
 
 class RetentionStore(Database):
@@ -22,6 +22,8 @@ class RetentionStore(Database):
                 .with_for_update(skip_locked=True)
             ).all()
             purged = [JobRecord.from_row(row) for row in rows]
+            # cold starts as old as the jobs that go (their timelines go with them)
+            conn.execute(sa.delete(worker_starts).where(worker_starts.c.created_at < before))
             if purged:
                 ids = [j.id for j in purged]
                 conn.execute(sa.delete(webhook_deliveries).where(webhook_deliveries.c.job_id.in_(ids)))

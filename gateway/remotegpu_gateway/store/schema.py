@@ -175,6 +175,20 @@ job_usage = sa.Table(
 )
 
 
+# Each worker's cold start (protocol.ColdStartPhase -> UNIX seconds, JSON), reported by
+# the operator, the worker and the gateway (migration 6): the timeline of the jobs that
+# waited for it. `observed`: the phases already in the per-phase histogram.
+worker_starts = sa.Table(
+    "worker_starts",
+    metadata,
+    sa.Column("worker_id", sa.String(300), primary_key=True),
+    sa.Column("model", sa.String(300), nullable=False),
+    sa.Column("phases", sa.Text, nullable=False),
+    sa.Column("observed", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False, index=True),
+)
+
+
 def _migration_1(conn: Connection) -> None:
     for table in (gateway_settings, api_keys, api_key_secrets, jobs):
         table.create(conn, checkfirst=True)
@@ -230,6 +244,10 @@ def _migration_5(conn: Connection) -> None:
     _add_columns(conn, jobs, ["step_megapixels"])
 
 
+def _migration_6(conn: Connection) -> None:
+    worker_starts.create(conn, checkfirst=True)
+
+
 # Append-only: (version, name, function). Never edit an applied migration.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "jobs, api keys, settings", _migration_1),
@@ -237,4 +255,5 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "priority, deadlines, webhooks, idempotency keys, job revisions", _migration_3),
     (4, "per-key limits, rate windows and usage", _migration_4),
     (5, "each job's work in steps x megapixels", _migration_5),
+    (6, "each worker's cold-start phases", _migration_6),
 ]

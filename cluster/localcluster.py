@@ -175,7 +175,8 @@ def write_stages(path: Path, bins: Path, pod_ready_delay_ms: int) -> None:
 
 
 def node_manifest(name: str, cpu: str, memory: str, gpus: int = 0, product: str | None = None) -> dict:
-    capacity = {"cpu": cpu, "memory": memory, "pods": "110"}
+    # ephemeral-storage too, as a kubelet reports it: worker pods request some (issue 16).
+    capacity = {"cpu": cpu, "memory": memory, "ephemeral-storage": "500Gi", "pods": "110"}
     labels = {
         "kubernetes.io/hostname": name,
         "kubernetes.io/os": "linux",

@@ -135,9 +135,10 @@ def test_gpu_cost_panels_compute_gpu_seconds(tmp_path: Path):
     series = [
         {"series": f"remotegpu_operator_replicas{{{op}}}", "values": "2x20"},
         {"series": f"remotegpu_operator_worker_gpus{{{op}}}", "values": "2x20"},
-        # Two worker pods: 90 s and 60 s of jobs within the range (counters from 0).
+        # Two worker pods: 90 s and 60 s of jobs within the range (counters from 0; each still 0
+        # at the range's first sample, as Prometheus 3's ranges leave out their start).
         {"series": 'remotegpu_worker_job_seconds_sum{namespace="imaging", model="flux", outcome="succeeded", pod="a"}',
-         "values": "0x10 30 60 90x8"},
+         "values": "0x11 30 60 90x7"},
         {"series": 'remotegpu_worker_job_seconds_sum{namespace="imaging", model="flux", outcome="succeeded", pod="b"}',
          "values": "0x12 60x8"},
         {"series": 'remotegpu_worker_busy{namespace="imaging", model="flux", pod="a"}', "values": "0x19 1"},

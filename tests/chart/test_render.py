@@ -199,7 +199,7 @@ def test_disruption_budgets(tmp_path: Path):
     workers = one(objs, "PodDisruptionBudget", "remotegpu-workers")["spec"]
     spec = load_models_file(CHART / "files" / "models.yaml")[0].spec
     worker_pod = deployment.pod_template(
-        "flux-1-dev", spec, deployment.WorkerSettings(gateway_url="http://gw")
+        "flux-1-dev", "imaging", spec, deployment.WorkerSettings(gateway_url="http://gw")
     )
     assert workers["selector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
     # A busy worker evicted by the drain gets time to finish its job.
@@ -217,7 +217,9 @@ def test_network_policies(tmp_path: Path):
     gateway_pods = one(objs, "Deployment", "remotegpu-gateway")["spec"]["template"]["metadata"]["labels"]
     workers = one(objs, "NetworkPolicy", "remotegpu-workers")["spec"]
     spec = load_models_file(CHART / "files" / "models.yaml")[0].spec
-    worker_pod = deployment.pod_template("m", spec, deployment.WorkerSettings(gateway_url="http://gw"))
+    worker_pod = deployment.pod_template(
+        "m", "imaging", spec, deployment.WorkerSettings(gateway_url="http://gw")
+    )
     assert workers["podSelector"]["matchLabels"].items() <= worker_pod["metadata"]["labels"].items()
     assert workers["policyTypes"] == ["Ingress", "Egress"]
     to_gateway, dns, model_source = workers["egress"]

@@ -99,3 +99,20 @@ def test_the_first_pod_on_a_node_fetches_and_the_next_fetches_nothing(
     wait_for(lambda: not system.pod_list(f"{NAME}-worker-"), 120 + IDLE_SECONDS, "the worker to be gone")
     system.kube.kubectl("delete", "imagemodel", NAME, "-n", ns)
     wait_for(lambda: not (cache_root / ns / NAME).exists(), 180, "the model's cache folder to be removed")
+    # The namespace is the system's, shared with the next tests: what this test added goes
+    # (the finished clean-up Job would stay for its TTL; the Hub stand-in for good).
+    system.kube.kubectl("delete", "jobs", "-n", ns, "-l", f"remotegpu.ai/model-cache={NAME}", "--wait")
+    system.kube.kubectl(
+        "delete",
+        "-n",
+        ns,
+        "--wait",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(hub_objects(system, tiny_models_dir)),
+    )
+    wait_for(
+        lambda: not system.pod_list(f"{NAME}-cache-gc-") and not system.pod_list("fake-hub"),
+        120,
+        "the clean-up Job's pods and the Hub stand-in to be gone",
+    )

@@ -363,5 +363,7 @@ def test_image_decoding_does_not_block_the_event_loop(gateway: RunningGateway, k
     slowest_submit = max(d for _, d in done)
     latencies.sort()
     median = latencies[len(latencies) // 2]
-    # Blocking the loop would stall a health check for a whole parse-and-decode batch.
-    assert len(latencies) >= 3 and latencies[-1] < slowest_submit / 4, (median, slowest_submit, latencies)
+    # Blocking the loop would stall every health check for a whole parse-and-decode batch, so
+    # few would be answered and most slowly; the median, not the maximum: on a loaded machine
+    # (CI shares 2 cores) one check may wait on the scheduler whatever the loop does.
+    assert len(latencies) >= 3 and median < slowest_submit / 4, (median, slowest_submit, latencies)

@@ -178,6 +178,8 @@ def test_prometheus_discovers_the_real_pods_and_scrapes_every_metric_used(system
         assert workers and {s["metric"].get("remotegpu_ai_imagemodel") for s in workers} <= imagemodels, (
             workers
         )
+        # The system is shared with the next tests: leave the model asleep, as it was found.
+        wait_for(lambda: system.state(model) == "sleeping", 180, "the model to go back to sleeping")
     finally:
         proc.terminate()
         try:

@@ -21,6 +21,20 @@ API_VERSION = "v1alpha1"
 KIND = "ImageModel"
 PLURAL = "imagemodels"
 
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    """The ImageModel `body` as the controlling owner of what the operator makes for it
+    (worker Deployment, pre-warm DaemonSet): they go when it goes."""
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": body["metadata"]["name"],
+        "uid": body["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
 # The spec's fixed preset table (aspect ratio -> sizes). Requests and input images
 # must match one of these; a model may allow a subset.
 SIZE_PRESETS: dict[str, list[tuple[int, int]]] = {

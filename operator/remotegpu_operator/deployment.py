@@ -19,12 +19,11 @@ from typing import Any
 
 from remotegpu_base.catalog import (
     API_GROUP,
-    API_VERSION,
-    KIND,
     RESTRICTED_SECURITY_CONTEXT,
     ImageModelSpec,
     QoS,
     WorkerPod,
+    owner_reference,
 )
 from remotegpu_base.protocol import WORKER_TOKEN_ENV
 
@@ -105,17 +104,6 @@ def worker_spec_json(spec: ImageModelSpec) -> str:
         entry["weights"] = {**entry["weights"], "source": modelcache.WEIGHTS_MOUNT}
         entry["weights"].pop("revision", None)
     return json.dumps(entry, sort_keys=True, separators=(",", ":"))
-
-
-def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "name": body["metadata"]["name"],
-        "uid": body["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def _container(name: str, namespace: str, spec: ImageModelSpec, settings: WorkerSettings) -> dict[str, Any]:

@@ -15,7 +15,13 @@ import json
 from datetime import datetime
 from typing import Any
 
-from remotegpu_base.catalog import API_GROUP, RESTRICTED_SECURITY_CONTEXT, CacheVerify, ImageModelSpec
+from remotegpu_base.catalog import (
+    API_GROUP,
+    RESTRICTED_SECURITY_CONTEXT,
+    CacheVerify,
+    ImageModelSpec,
+    owner_reference,
+)
 
 FETCH_CONTAINER = "fetch-weights"
 CACHE_VOLUME = "model-cache"
@@ -233,16 +239,7 @@ def prewarm_daemonset(
             "name": daemonset_name(name),
             "namespace": body["metadata"]["namespace"],
             "labels": {**selector, "app.kubernetes.io/part-of": "remotegpu"},
-            "ownerReferences": [
-                {
-                    "apiVersion": body.get("apiVersion", f"{API_GROUP}/v1alpha1"),
-                    "kind": "ImageModel",
-                    "name": name,
-                    "uid": body["metadata"]["uid"],
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [owner_reference(body)],
         },
         "spec": {
             "selector": {"matchLabels": selector},

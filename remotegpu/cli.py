@@ -301,12 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch",
         help="make a folder a complete, checked copy of a model's weights (the worker pods' init container)",
         description="Checks DEST against its manifest (every file's size; with --verify full its SHA-256 too) and "
-        "fetches only what is missing or bad: from a Hugging Face repo (HF_ENDPOINT, HF_TOKEN) or a folder. "
+        "fetches only what is missing or bad: from a Hugging Face repo (HF_ENDPOINT, HF_TOKEN), an S3-compatible "
+        "bucket (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the pod's identity) or a folder. "
         "Processes fetching into one folder wait on a lock: one fetches, the others find it complete.",
     )
     c.add_argument("--dest", required=True, help="the cache folder of this model")
     c.add_argument("--hf-repo", help="Hugging Face repo id")
     c.add_argument("--revision", help="commit hash (pins the weights), branch or tag")
+    c.add_argument("--s3-bucket", help="S3-compatible bucket: every object under --s3-prefix is a file")
+    c.add_argument("--s3-prefix", default="", help="the model's folder in the bucket")
+    c.add_argument("--s3-endpoint", help="the S3-compatible server's URL (default: AWS S3)")
+    c.add_argument("--s3-region", help="the bucket's region (default us-east-1)")
     c.add_argument("--from-dir", help="copy from this folder (a mounted PVC or host path)")
     c.add_argument("--verify", choices=["sizes", "full"], default="sizes")
     c.add_argument("--record", help="write the result (JSON) here, for the worker's timeline")

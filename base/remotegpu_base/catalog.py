@@ -8,12 +8,13 @@ field names are camelCase; the public API renders parameters in snake_case.
 from __future__ import annotations
 
 import math
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "remotegpu.ai"
@@ -241,17 +242,68 @@ class HostPathSource(_Spec):
     path: str = Field(min_length=1)
 
 
+class S3Credentials(_Spec):
+    """A Secret with an access key (the chart's objectStorage.existingSecret has the same keys)."""
+
+    name: str = Field(min_length=1)
+    access_key_id_key: str = Field(default="accessKeyId", min_length=1)
+    secret_access_key_key: str = Field(default="secretAccessKey", min_length=1)
+
+
+# S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens, a letter or digit at each end.
+S3_BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+
+
+class S3Source(_Spec):
+    """An S3-compatible bucket (AWS S3, SeaweedFS, MinIO, Ceph RGW, ...): every object under
+    `prefix` is a file of the model's folder (as save_pretrained wrote it)."""
+
+    bucket: str
+    prefix: str = ""  # the model's folder in the bucket, e.g. "models/flux1-dev"
+    endpoint: str | None = None  # an S3-compatible server's URL; unset: AWS S3
+    region: str | None = None  # unset: us-east-1
+    # Unset: the pod's own identity (IRSA / workload identity on the worker's ServiceAccount).
+    credentials_secret: S3Credentials | None = None
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.match(S3_BUCKET_PATTERN, v):
+            raise ValueError(
+                f"cache.source.s3.bucket {v!r} is not a bucket name: give the bucket alone (3-63 lowercase "
+                "letters, digits, dots, hyphens), the folder in prefix and the server in endpoint"
+            )
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(
+                f"cache.source.s3.endpoint {v!r} must be the server's URL, e.g. http://seaweedfs-s3.storage:8333 "
+                "(leave it unset for AWS S3)"
+            )
+        return v
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix as object keys start with it: no leading slash, one trailing slash."""
+        p = self.prefix.strip("/")
+        return f"{p}/" if p else ""
+
+
 class CacheSource(_Spec):
     """Where the fetcher gets the weights (exactly one; none: weights.source as a Hub repo)."""
 
     hugging_face: HuggingFaceSource | None = None
+    s3: S3Source | None = None
     pvc: PVCSource | None = None
     host_path: HostPathSource | None = None
 
     @model_validator(mode="after")
     def _one(self) -> CacheSource:
-        if sum(x is not None for x in (self.hugging_face, self.pvc, self.host_path)) != 1:
-            raise ValueError("cache.source takes exactly one of huggingFace, pvc, hostPath")
+        if sum(x is not None for x in (self.hugging_face, self.s3, self.pvc, self.host_path)) != 1:
+            raise ValueError("cache.source takes exactly one of huggingFace, s3, pvc, hostPath")
         return self
 
 

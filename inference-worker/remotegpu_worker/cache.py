@@ -11,7 +11,9 @@ SHA-256, written only after the fetch. At each start the folder is checked again
 are deleted and fetched again (the Hugging Face client re-downloads exactly those).
 
 Sources: a Hugging Face repo at a revision (`huggingface_hub.snapshot_download`, with
-`HF_ENDPOINT` and `HF_TOKEN`), or a folder (a PVC or host path mounted in the pod).
+`HF_ENDPOINT` and `HF_TOKEN`), an S3-compatible bucket (boto3: every object under a
+prefix; `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` or the pod's identity), or a folder
+(a PVC or host path mounted in the pod).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("remotegpu_worker.cache")
 
@@ -39,16 +42,31 @@ _CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str = ""  # "" or ending in "/"
+    endpoint: str | None = None
+    region: str | None = None
+
+    def __str__(self) -> str:
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        return f"s3://{self.bucket}/{self.prefix}{where}"
+
+
+@dataclass(frozen=True)
 class Source:
     hf_repo: str | None = None
     revision: str | None = None
     folder: Path | None = None
+    s3: S3Location | None = None
 
     @property
     def key(self) -> str:
         """What the manifest records: a cache for another source is refetched."""
         if self.hf_repo:
             return f"hf://{self.hf_repo}@{self.revision or 'main'}"
+        if self.s3 is not None:
+            return str(self.s3)
         return f"dir://{self.folder}"
 
 
@@ -108,7 +126,10 @@ def check(dest: Path, source: Source, full: bool) -> tuple[list[str], list[str]]
     if manifest is None:
         return ["no manifest: never fetched completely"], []
     if manifest.get("source") != source.key:
-        return [f"cached {manifest.get('source')}, want {source.key}"], []
+        # The Hub client compares each file with the repo; a folder or bucket copy only
+        # compares sizes: every file of another source is fetched again.
+        bad = [] if source.hf_repo else [str(p.relative_to(dest)) for p in _weight_files(dest)]
+        return [f"cached {manifest.get('source')}, want {source.key}"], bad
     files = manifest.get("files")
     if not isinstance(files, dict):
         return ["unreadable manifest"], []
@@ -158,6 +179,9 @@ def _download(dest: Path, source: Source) -> None:
             endpoint=os.environ.get("HF_ENDPOINT") or None,
         )
         return
+    if source.s3 is not None:
+        _download_s3(dest, source.s3)
+        return
     assert source.folder is not None
     if not source.folder.is_dir():
         raise FetchError(f"source folder {source.folder} does not exist (is the volume mounted?)")
@@ -169,6 +193,79 @@ def _download(dest: Path, source: Source) -> None:
         tmp = target.with_name(target.name + ".part")
         shutil.copyfile(path, tmp)
         tmp.replace(target)
+
+
+def _s3_client(loc: S3Location) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=loc.endpoint or None,
+        region_name=loc.region or "us-east-1",
+        config=Config(
+            connect_timeout=10,
+            read_timeout=60,
+            retries={"max_attempts": 5, "mode": "standard"},
+            s3={"addressing_style": "path"},  # works with every S3-compatible server
+        ),
+    )
+
+
+def _s3_hint(e: Exception, loc: S3Location) -> str:
+    """The error, and what to check in cache.source.s3."""
+    code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+    hint = {
+        "NoSuchBucket": "check cache.source.s3.bucket (and endpoint: the bucket must exist on that server)",
+        "AccessDenied": "check the key in cache.source.s3.credentialsSecret: it needs s3:ListBucket and s3:GetObject",
+        "InvalidAccessKeyId": "check the access key ID in cache.source.s3.credentialsSecret",
+        "SignatureDoesNotMatch": "check the secret access key in cache.source.s3.credentialsSecret",
+    }.get(code)
+    if hint is None and "credentials" in str(e).lower():
+        hint = "set cache.source.s3.credentialsSecret, or give the worker's ServiceAccount an identity"
+    if hint is None and type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
+        hint = "check cache.source.s3.endpoint: is the server reachable from the node?"
+    return f"{loc}: {e}" + (f" ({hint})" if hint else "")
+
+
+def _download_s3(dest: Path, loc: S3Location) -> None:
+    """Every object under the prefix into `dest`; a file already there at the object's
+    size is kept (downloads land in `.part` files first: a complete name is a complete file)."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = _s3_client(loc)
+    transfer = TransferConfig(multipart_chunksize=64 << 20, max_concurrency=8)
+    try:
+        objects = [
+            (o["Key"], int(o["Size"]))
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix)
+            for o in page.get("Contents", [])
+            if not o["Key"].endswith("/")  # folder markers
+        ]
+        if not objects:
+            raise FetchError(
+                f"no objects under {loc}: check cache.source.s3.prefix (the model's folder, with model_index.json)"
+            )
+        for key, size in objects:
+            rel = key[len(loc.prefix) :]
+            if rel.startswith("/") or ".." in rel.split("/"):
+                raise FetchError(f"{loc}: object key {key!r} leaves the model's folder")
+            target = dest / rel
+            if target.is_file() and target.stat().st_size == size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            client.download_file(loc.bucket, key, str(tmp), Config=transfer)
+            if tmp.stat().st_size != size:
+                raise FetchError(f"{loc}: {key}: got {tmp.stat().st_size} bytes, the object has {size}")
+            tmp.replace(target)
+        wanted = {key[len(loc.prefix) :] for key, _ in objects}
+        for path in _weight_files(dest):  # what an interrupted download left, or the bucket no longer has
+            if str(path.relative_to(dest)) not in wanted:
+                path.unlink()
+    except (BotoCoreError, ClientError) as e:
+        raise FetchError(_s3_hint(e, loc)) from e
 
 
 def _write_manifest(dest: Path, source: Source) -> tuple[int, int]:
@@ -230,10 +327,16 @@ def fetch_command(args: argparse.Namespace) -> int:
         level=os.environ.get("REMOTEGPU_LOG_LEVEL", "INFO"), format="%(levelname)s %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per file request otherwise
-    if bool(args.hf_repo) == bool(args.from_dir):
-        print("remotegpu cache fetch: give exactly one of --hf-repo, --from-dir", file=sys.stderr)
+    if sum(bool(x) for x in (args.hf_repo, args.from_dir, args.s3_bucket)) != 1:
+        print(
+            "remotegpu cache fetch: give exactly one of --hf-repo, --s3-bucket, --from-dir", file=sys.stderr
+        )
         return 2
-    source = Source(args.hf_repo, args.revision, Path(args.from_dir) if args.from_dir else None)
+    s3 = None
+    if args.s3_bucket:
+        prefix = (args.s3_prefix or "").strip("/")
+        s3 = S3Location(args.s3_bucket, f"{prefix}/" if prefix else "", args.s3_endpoint, args.s3_region)
+    source = Source(args.hf_repo, args.revision, Path(args.from_dir) if args.from_dir else None, s3)
     for folder in args.make_dir or []:
         # Made by this (non-root) user: a folder the kubelet makes for a subPath mount is root's.
         Path(folder).mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,18 @@ def fetch_container(
         if hf.token_secret is not None:
             ref = {"name": hf.token_secret.name, "key": hf.token_secret.key}
             env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    elif source.s3 is not None:
+        s3 = source.s3
+        command += ["--s3-bucket", s3.bucket, "--s3-prefix", s3.key_prefix]
+        command += [*(["--s3-endpoint", s3.endpoint] if s3.endpoint else [])]
+        command += [*(["--s3-region", s3.region] if s3.region else [])]
+        if s3.credentials_secret is not None:
+            secret = s3.credentials_secret
+            for var, key in (
+                ("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
+                ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key),
+            ):
+                env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
     else:
         sub = source.pvc.path if source.pvc is not None else ""
         command += ["--from-dir", f"{SOURCE_MOUNT}/{sub}".rstrip("/")]

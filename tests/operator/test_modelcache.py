@@ -149,3 +149,49 @@ def test_gc_jobs_one_per_node_keep_the_other_models():
     shared = catalog.ImageModelSpec.model_validate(cached({"source": HF, "pvc": {"claimName": "c"}})["spec"])
     (job,) = modelcache.gc_jobs("ns1", "gone", shared, [], keep=[])
     assert "nodeName" not in job["spec"]["template"]["spec"]
+
+
+def test_an_s3_source_is_fetched_with_the_secrets_keys():
+    s3 = {
+        "bucket": "models",
+        "prefix": "/flux/schnell/",
+        "endpoint": "http://seaweedfs-s3.storage:8333",
+        "region": "eu-west-1",
+        "credentialsSecret": {"name": "s3-key"},
+    }
+    pod = pod_of(cached({"source": {"s3": s3}, "nodeLocal": {}}))
+    (fetch,) = pod["initContainers"]
+    cmd = fetch["command"]
+    assert (
+        cmd[cmd.index("--s3-bucket") + 1] == "models" and cmd[cmd.index("--s3-prefix") + 1] == "flux/schnell/"
+    )
+    assert cmd[cmd.index("--s3-endpoint") + 1] == "http://seaweedfs-s3.storage:8333"
+    assert cmd[cmd.index("--s3-region") + 1] == "eu-west-1" and "--hf-repo" not in cmd
+    env = {e["name"]: e for e in fetch["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "s3-key", "key": "accessKeyId"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-key",
+        "key": "secretAccessKey",
+    }
+    assert "weights-source" not in {v["name"] for v in pod["volumes"]}  # nothing to mount
+    # without a Secret: the pod's own identity (IRSA, workload identity), no key in the env
+    pod = pod_of(cached({"source": {"s3": {"bucket": "models"}}, "nodeLocal": {}}))
+    fetch = pod["initContainers"][0]
+    assert (
+        not any(e["name"].startswith("AWS_") for e in fetch["env"])
+        and "--s3-endpoint" not in fetch["command"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("s3", "message"),
+    [
+        ({"bucket": "s3://models/flux"}, "give the bucket alone"),
+        ({"bucket": "Models"}, "is not a bucket name"),
+        ({"bucket": "models", "endpoint": "seaweedfs:8333"}, "must be the server's URL"),
+        ({"bucket": "models", "credentialsSecret": {}}, "name"),
+    ],
+)
+def test_invalid_s3_sources_say_what_to_fix(s3, message):
+    with pytest.raises(ValidationError, match=message):
+        catalog.ImageModelSpec.model_validate(cached({"source": {"s3": s3}, "nodeLocal": {}})["spec"])

@@ -542,6 +542,18 @@ def test_an_imagemodel_is_deleted_without_the_operator(kube, namespace, operator
         ),
         ({"worker": {"gpu": {"count": -1}}}, "should be greater than or equal to 0"),
         ({"replicas": -2}, "should be greater than or equal to 0"),
+        (
+            {"cache": {"nodeLocal": {}, "source": {"s3": {"bucket": "s3://models/flux"}}}},
+            "cache.source.s3.bucket is not a bucket name: give the bucket alone",
+        ),
+        (
+            {"cache": {"nodeLocal": {}, "source": {"s3": {"bucket": "models", "endpoint": "minio:9000"}}}},
+            "cache.source.s3.endpoint must be the server's URL",
+        ),
+        (
+            {"cache": {"nodeLocal": {}, "source": {"s3": {"bucket": "models"}, "hostPath": {"path": "/m"}}}},
+            "cache.source takes exactly one of huggingFace, s3, pvc, hostPath",
+        ),
     ],
 )
 def test_invalid_imagemodels_are_rejected_by_the_api_server(kube, namespace, crd, patch, message):

@@ -74,8 +74,9 @@ async def get(api: Api, kind: type[APIObject], namespace: str, name: str) -> dic
     return obj.raw.to_dict()
 
 
-async def list_of(api: Api, kind: type[APIObject], namespace: str, **params: Any) -> dict[str, Any]:
-    """One list call (`items` and `metadata.resourceVersion`, for a watch to start from)."""
+async def list_of(api: Api, kind: type[APIObject], namespace: str | None, **params: Any) -> dict[str, Any]:
+    """One list call (`items` and `metadata.resourceVersion`, for a watch to start from);
+    namespace None: every namespace."""
     async with api.call_api(
         "GET", version=kind.version, namespace=namespace, url=kind.endpoint, params=params
     ) as r:
@@ -126,6 +127,24 @@ async def replace(api: Api, kind: type[APIObject], body: dict[str, Any]) -> dict
         content=json.dumps(body),
     ) as r:
         return r.json()
+
+
+async def delete(api: Api, kind: type[APIObject], namespace: str, name: str, *, uid: str) -> None:
+    """Deletes that very object (a precondition on its uid: not one re-created under the name)
+    and, in the background, what it owns; gone already is fine."""
+    body = {"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+    try:
+        async with api.call_api(
+            "DELETE",
+            version=kind.version,
+            namespace=namespace,
+            url=f"{kind.endpoint}/{name}",
+            content=json.dumps(body),
+        ):
+            pass
+    except kr8s.ServerError as e:
+        if status_of(e) != 404:
+            raise
 
 
 async def patch(

@@ -47,6 +47,8 @@ class Context:
     worker: deployment.WorkerSettings
     queue: QueueWatcher
     interval: float = 2.0
+    namespaces: list[str] = field(default_factory=list)  # served; [] for all
+    sweep_interval: float = 60.0  # how often caches no ImageModel owns are looked for
     models: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # live ImageModels
     memory: dict[tuple[str, str], Memory] = field(default_factory=dict)
     claims: dict[tuple[str, str], scaling.Claim] = field(default_factory=dict)  # the GPU board
@@ -224,7 +226,7 @@ async def registry(type: str, body: Any, **_: Any) -> None:
             others = [m for (ns, _), m in c.models.items() if ns == key[0]]
             task = asyncio.create_task(cachectl.collect_garbage(c.api, copy.deepcopy(dict(body)), others))
             _background.add(task)  # held until done: the loop keeps only weak references
-            task.add_done_callback(_background.discard)
+            task.add_done_callback(_done)
         return
     old = c.models.get(key)
     c.models[key] = copy.deepcopy(dict(body))
@@ -243,6 +245,12 @@ async def registry(type: str, body: Any, **_: Any) -> None:
 
 
 _background: set[asyncio.Task[None]] = set()
+
+
+def _done(task: asyncio.Task[None]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("model cache clean-up failed", exc_info=task.exception())
 
 
 def _key_id(key: tuple[str, str]) -> int:
@@ -297,7 +305,9 @@ class Memory:
     cold_start_seconds: float | None = None  # measured: pod created -> ready
     last_scale_up: datetime | None = None  # the decision behind the pods it created (timelines)
     phases_reported: set[str] = field(default_factory=set)  # pods whose phases the gateway has
-    had_cache: bool = False  # a model cache was configured (its pre-warm DaemonSet may remain)
+    # A pre-warm DaemonSet may exist (true after a start: checked once, then while wanted).
+    may_prewarm: bool = True
+    cache_indexed: str | None = None  # the model's entry in the cache index, as last written
     events: dict[str, tuple[str, float]] = field(default_factory=dict)  # reason -> (message, when)
 
     def should_report(self, reason: str, message: str, every: float = 60.0) -> bool:
@@ -649,10 +659,13 @@ async def tick(body: dict[str, Any], mem: Memory) -> None:
     remember(seen, plan, mem)
     c.claims[(seen.ns, seen.name)] = claim(seen, plan.decision)
     await act(seen, plan, mem)
-    if seen.spec.cache is not None or mem.had_cache:
+    if seen.spec.cache is not None or mem.may_prewarm:
         await cachectl.ensure_prewarm(c.api, seen.body, seen.spec, seen.dep)
-        mem.had_cache = seen.spec.cache is not None
+        mem.may_prewarm = seen.spec.cache is not None and seen.spec.cache.prewarm
     await report(seen, plan, mem)
+    if seen.spec.cache is not None:
+        nodes = (mem.last_status.get("cache") or {}).get("nodes") or []
+        mem.cache_indexed = await cachectl.remember(c.api, seen.body, nodes, mem.cache_indexed)
     await report_phases(seen, mem)
 
 
@@ -710,7 +723,31 @@ async def autoscale_forever() -> None:
                 pass
 
 
+async def sweep_forever() -> None:
+    """The caches of models deleted while the operator was down: at start, then every
+    `sweep_interval` (whether or not any ImageModel is left to start the autoscaler)."""
+    c = ctx()
+    while True:
+        try:
+            await cachectl.sweep(c.api, c.namespaces)
+        except Exception as e:  # noqa: BLE001 - the next sweep tries again
+            log.warning(
+                "model cache sweep failed (retried in %.0f s): %s: %s", c.sweep_interval, type(e).__name__, e
+            )
+        await asyncio.sleep(c.sweep_interval)
+
+
+_sweep_task: asyncio.Task[None] | None = None
+
+
+@kopf.on.startup()
+async def start_sweeper(**_: Any) -> None:
+    global _sweep_task
+    _sweep_task = asyncio.create_task(sweep_forever())
+
+
 @kopf.on.cleanup()
 async def stop_autoscaler(**_: Any) -> None:
-    if _loop_task is not None:
-        _loop_task.cancel()
+    for task in (_loop_task, _sweep_task):
+        if task is not None:
+            task.cancel()

@@ -208,7 +208,12 @@ async def serve(args: argparse.Namespace) -> int:
     watcher.start()
     handlers.configure(
         handlers.Context(
-            api=api, worker=worker, queue=watcher, interval=_env_float("REMOTEGPU_OPERATOR_INTERVAL", 2.0)
+            api=api,
+            worker=worker,
+            queue=watcher,
+            interval=_env_float("REMOTEGPU_OPERATOR_INTERVAL", 2.0),
+            namespaces=namespaces,
+            sweep_interval=_env_float("REMOTEGPU_OPERATOR_CACHE_SWEEP_SECONDS", 60.0),
         )
     )
     kopf_stop = asyncio.Event()

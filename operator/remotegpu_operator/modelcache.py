@@ -1,6 +1,10 @@
 """The model cache, as pure functions: the pod parts, the pre-warm DaemonSet, the
 per-node status and the clean-up Jobs of an ImageModel with `spec.cache`.
 
+Which caches exist is also kept apart from the ImageModels, in a ConfigMap per namespace
+(`remotegpu-model-caches`: one entry per model, its spec and the nodes that fetched), so
+the caches of a model deleted while the operator was down are still found and removed.
+
 Layout on the cache volume (a node's hostPath or a ReadWriteMany claim):
 `<namespace>/<imagemodel>/weights` (the fetched weights, with their manifest) and
 `<namespace>/<imagemodel>/compiled` (torch.compile / Inductor artifacts). A worker pod's
@@ -37,8 +41,7 @@ FETCH_RECORD_ENV = "REMOTEGPU_FETCH_RECORD"
 COMPILE_CACHE_ENV = "REMOTEGPU_COMPILE_CACHE_DIR"  # remotegpu_worker.engine.optimize
 LABEL_CACHE = f"{API_GROUP}/model-cache"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-# The node selector of a switched-off pre-warm DaemonSet: no node has this label.
-PARKED = {f"{API_GROUP}/model-cache-prewarm": "off"}
+INDEX = "remotegpu-model-caches"  # the ConfigMap of the namespace's model caches
 # The pre-warm pods only hold their node's place once the fetch is done.
 HOLD_RESOURCES = {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "10m", "memory": "32Mi"}}
 
@@ -362,3 +365,44 @@ def gc_jobs(
             }
         )
     return jobs
+
+
+def index_entry(body: dict[str, Any], nodes: list[dict[str, Any]], known: str | None) -> str:
+    """A model's entry in the cache index: its uid, spec and every node it was fetched on
+    (`known`: the entry as written before; no node is ever dropped from it)."""
+    before = json.loads(known) if known else {}
+    if before.get("uid") != body["metadata"]["uid"]:
+        before = {}
+    names = {n["node"] for n in nodes if n.get("node")} | set(before.get("nodes") or [])
+    entry = {"uid": body["metadata"]["uid"], "spec": body.get("spec") or {}, "nodes": sorted(names)}
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"))
+
+
+def index_configmap(namespace: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": INDEX,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": INDEX, "app.kubernetes.io/part-of": "remotegpu"},
+        },
+        "data": data,
+    }
+
+
+def orphans(index: dict[str, str], live: set[str]) -> list[tuple[str, ImageModelSpec | None, list[str]]]:
+    """The index's caches that no ImageModel owns: (name, spec, nodes), for gc_jobs. An
+    entry that no longer parses is an orphan with nothing to clean (it is dropped)."""
+    out: list[tuple[str, ImageModelSpec | None, list[str]]] = []
+    for name, text in sorted(index.items()):
+        if name in live:
+            continue
+        try:
+            entry = json.loads(text)
+            spec = ImageModelSpec.model_validate(entry.get("spec") or {})
+        except ValueError:
+            out.append((name, None, []))
+            continue
+        out.append((name, spec, [str(n) for n in entry.get("nodes") or []]))
+    return out

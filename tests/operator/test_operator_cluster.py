@@ -807,3 +807,77 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
         "--root",
         f"/cache/{namespace}",
     ]
+
+
+CACHE = {
+    "source": {"huggingFace": {"repo": "org/model", "revision": "0" * 40}},
+    "nodeLocal": {"path": "/var/lib/remotegpu/models"},
+    "prewarm": True,
+}
+
+
+def index_entry(kube: Kube, namespace: str, name: str) -> dict | None:
+    cm = get(kube, namespace, "configmap", "remotegpu-model-caches")
+    text = ((cm or {}).get("data") or {}).get(name)
+    return json.loads(text) if text else None
+
+
+def test_switching_prewarm_off_deletes_the_daemonset_and_on_brings_it_back(
+    kube, namespace, operators: Operators
+):
+    operators.start()
+    apply(kube, namespace, imagemodel("warm", "test/warm", cache=CACHE))
+    ds = wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache"), 30, "the pre-warm DaemonSet")
+    wait_for(
+        lambda: kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/model-cache=warm")["items"],
+        30,
+        "pre-warm pods",
+    )
+    apply(kube, namespace, imagemodel("warm", "test/warm", cache={**CACHE, "prewarm": False}))
+    wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache") is None, 30, "the DaemonSet deleted")
+    wait_for(
+        lambda: not kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/model-cache=warm")["items"],
+        60,
+        "its pods gone",
+    )
+    assert get(kube, namespace, "imagemodel", "warm") is not None  # the model and its workers stay
+    assert get(kube, namespace, "deployment", "warm-worker") is not None
+    apply(kube, namespace, imagemodel("warm", "test/warm", cache=CACHE))
+    again = wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache"), 30, "the DaemonSet again")
+    assert again["metadata"]["uid"] != ds["metadata"]["uid"]
+
+
+def test_a_cached_model_deleted_while_the_operator_is_down_is_cleaned_up_when_it_returns(
+    kube, namespace, operators: Operators
+):
+    op = operators.start()
+    apply(kube, namespace, imagemodel("gone", "test/gone", cache=CACHE))
+    apply(kube, namespace, imagemodel("stays", "test/stays", cache=CACHE))
+    # the index of the namespace's caches lists each model with the nodes its fetch pods went to
+    entry = wait_for(
+        lambda: (e := index_entry(kube, namespace, "gone")) and len(e["nodes"]) == 2 and e,
+        60,
+        "the cache index entry with both GPU nodes",
+    )
+    assert entry["nodes"] == ["gpu-node-0", "gpu-node-1"] and entry["spec"]["cache"]["prewarm"] is True
+    assert entry["uid"] == get(kube, namespace, "imagemodel", "gone")["metadata"]["uid"]
+    op.stop()
+    kube.kubectl("delete", "imagemodel", "gone", "-n", namespace, "--timeout=20s")
+    assert not kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=gone")["items"]
+
+    operators.start("op-back")
+    jobs = wait_for(
+        lambda: (
+            (items := kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=gone")["items"])
+            and len(items) == 2
+            and items
+        ),
+        30,
+        "a clean-up Job per node after the operator's start",
+    )
+    assert sorted(j["spec"]["template"]["spec"]["nodeName"] for j in jobs) == ["gpu-node-0", "gpu-node-1"]
+    cmd = jobs[0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd == ["remotegpu", "cache", "gc", "--root", f"/cache/{namespace}", "--keep", "stays"]
+    wait_for(lambda: index_entry(kube, namespace, "gone") is None, 30, "the entry dropped from the index")
+    assert index_entry(kube, namespace, "stays") is not None  # a live model's cache is left alone
+    assert not kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=stays")["items"]

@@ -50,3 +50,28 @@ def test_gpu_memory_metrics() -> None:
 
     text = generate_latest(WorkerMetrics().registry).decode()
     assert 'remotegpu_worker_gpu_memory_total_bytes{device="0"}' in text
+
+
+@pytest.mark.parametrize(("memory", "direct"), [("auto", True), ("model-cpu-offload", False)])
+def test_weights_load_straight_onto_the_gpu_when_they_stay_there(
+    memory: str, direct: bool, tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]
+) -> None:
+    model = tiny_catalog["flux1"].model_copy(deep=True)
+    model.spec.serving.memory = MemoryPlacement(memory)
+    engine = ImageEngine(model, tiny_data_dir, device="cuda")
+    info = engine.load()
+    assert info.notes[0].startswith(
+        "weights: loaded straight onto cuda" if direct else "weights: loaded on the CPU"
+    )
+    assert (engine.pipe.hf_device_map == "cuda") is direct
+    if direct:
+        params = [
+            p
+            for m in engine.pipe.components.values()
+            if isinstance(m, torch.nn.Module)
+            for p in m.parameters()
+        ]
+        assert all(p.device.type == "cuda" for p in params)
+    engine.warm_up()
+    assert png_size(engine.generate(_req()).data) == (1024, 768)
+    engine.unload()

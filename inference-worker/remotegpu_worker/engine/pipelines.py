@@ -218,6 +218,43 @@ class Rendered:
         )
 
 
+def load_options(
+    spec: ImageModelSpec,
+    device: str,
+    loc: weights_mod.WeightsLocation,
+    dtype: Any,
+    gpu_bytes: int | None = None,
+) -> tuple[dict[str, Any], str]:
+    """from_pretrained's keyword arguments, and how the weights will arrive (for the log and
+    LoadInfo.notes). On a GPU where the whole pipeline will be resident, `device_map` loads
+    each tensor straight from the (memory-mapped) file onto the GPU: no whole copy of the
+    model in host memory first. Otherwise the CPU load, placed by prepare()."""
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if loc.revision:
+        kwargs["revision"] = loc.revision
+    if not device.startswith("cuda"):
+        return kwargs, f"loaded on {device}"
+    import torch
+
+    index = torch.device(device).index
+    if index is not None and index != torch.cuda.current_device():
+        # diffusers takes the device type alone ("cuda"): the current device.
+        return kwargs, f"loaded on the CPU, then moved to {device} (not the current CUDA device)"
+    if gpu_bytes is None:
+        gpu_bytes = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    folder = loc.local_dir or weights_mod.cached_folder(loc.source, loc.revision)
+    direct, why = placement.straight_to_device(
+        spec.serving.memory,
+        placement.files_bytes(folder) if folder is not None else None,
+        gpu_bytes,
+        quantized=spec.serving.quantization is not Quantization.NONE,
+    )
+    if not direct:
+        return kwargs, f"loaded on the CPU, then placed ({why})"
+    kwargs["device_map"] = "cuda"
+    return kwargs, f"loaded straight onto {device} ({why})"
+
+
 class ImageEngine:
     """Loads one model's pipeline and runs `GenerationRequest`s on it.
 
@@ -268,10 +305,8 @@ class ImageEngine:
         if loc.local_dir is not None and not (loc.local_dir / "model_index.json").is_file():
             raise FileNotFoundError(f"{self.spec.model}: no diffusers pipeline at {loc.local_dir}")
         dtype = pick_dtype(self.spec, self.device)
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if loc.revision:
-            kwargs["revision"] = loc.revision
-        log.info("loading %s from %s (%s, %s)", self.spec.model, loc.source, self.device, dtype)
+        kwargs, how = load_options(self.spec, self.device, loc, dtype)
+        log.info("loading %s from %s (%s, %s): %s", self.spec.model, loc.source, self.device, dtype, how)
         pipe = diffusers.DiffusionPipeline.from_pretrained(loc.source, **kwargs)
         expected = _PIPELINES[self.spec.architecture]
         if type(pipe).__name__ != expected:
@@ -281,6 +316,7 @@ class ImageEngine:
             )
         pipe.set_progress_bar_config(disable=True)
         memory, notes = self.prepare(pipe)
+        notes.insert(0, f"weights: {how}")
         self.pipe = pipe
         self.info = LoadInfo(
             source=loc.source,

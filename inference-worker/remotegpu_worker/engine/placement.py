@@ -10,11 +10,17 @@ the same catalog entry runs well on an H200 (141 GB) and an H100 (80 GB):
   48 GB Mistral encoder streamed: one encoder pass per request instead of moving all
   112 GB across PCIe as model CPU offload does.
 - `model-cpu-offload`: not even the transformer fits: each model moves in whole.
+
+With `gpu` (chosen, or `auto` deciding it from the weight files' sizes before loading),
+from_pretrained loads straight onto the GPU (`device_map`): the safetensors files are
+memory-mapped and each tensor is copied to the GPU as it is read, with no whole model in
+host memory first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from remotegpu_base.catalog import MemoryPlacement
@@ -99,3 +105,37 @@ def apply(pipe: Any, placement: MemoryPlacement, device: str) -> None:
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         raise ValueError(f"placement {placement.value} must be decided before it is applied")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def files_bytes(folder: Path) -> dict[str, int]:
+    """Each component's weight files on disk (a folder written by save_pretrained): what
+    placement can be decided from before loading (an upper bound when a file holds fp32
+    that loads as bf16)."""
+    sizes: dict[str, int] = {}
+    for path in folder.glob("*/*"):
+        if path.suffix in WEIGHT_SUFFIXES and path.is_file():
+            sizes[path.parent.name] = sizes.get(path.parent.name, 0) + path.stat().st_size
+    return sizes
+
+
+def straight_to_device(
+    requested: MemoryPlacement, on_disk: Mapping[str, int] | None, gpu_bytes: int, *, quantized: bool
+) -> tuple[bool, str]:
+    """Whether from_pretrained should put every weight straight onto the GPU (diffusers'
+    `device_map`: each tensor goes from the file to the GPU, no whole CPU copy first),
+    and why. Only when the whole pipeline will be resident (placement `gpu`), and, with
+    quantization, only when it fits unquantized too (it is quantized once on the GPU)."""
+    if requested not in (MemoryPlacement.GPU, MemoryPlacement.AUTO):
+        return False, f"serving.memory={requested.value} keeps weights on the CPU"
+    if on_disk is None:
+        if requested is MemoryPlacement.AUTO or quantized:
+            return False, "weight sizes unknown before loading (not a local folder)"
+        return True, "serving.memory=gpu"
+    if choose(MemoryPlacement.AUTO, on_disk, gpu_bytes) is not MemoryPlacement.GPU:
+        if requested is MemoryPlacement.AUTO or quantized:
+            total = sum(on_disk.values()) / GIB
+            return False, f"{total:.0f} GiB of weights need more than the GPU's {gpu_bytes / GIB:.0f} GiB"
+    return True, f"{sum(on_disk.values()) / GIB:.1f} GiB fit the GPU's {gpu_bytes / GIB:.0f} GiB"

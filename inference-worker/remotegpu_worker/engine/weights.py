@@ -42,6 +42,16 @@ def resolve(spec: ImageModelSpec, data_dir: Path | None) -> WeightsLocation:
     return WeightsLocation(src, None, spec.weights.revision)
 
 
+def cached_folder(repo: str, revision: str | None) -> Path | None:
+    """The snapshot folder of a Hub repo in the local Hugging Face cache, if it is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
+        return None
+    found = try_to_load_from_cache(repo, "model_index.json", revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 

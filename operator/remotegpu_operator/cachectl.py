@@ -126,22 +126,29 @@ async def _clean(
 
 async def collect_garbage(api: Api, body: dict[str, Any], others: list[dict[str, Any]]) -> None:
     """A deleted ImageModel's cache: Jobs remove its folder on every node of its status and
-    of its index entry (`others`: the namespace's live models); then the entry goes."""
+    of its index entry (`others`: the namespace's live models); then the entry goes. The
+    entry's spec serves when the last spec had no cache (removed before the deletion)."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
-        spec = ImageModelSpec.model_validate(body.get("spec") or {})
+        spec: ImageModelSpec | None = ImageModelSpec.model_validate(body.get("spec") or {})
+    except ValueError:
+        spec = None
+    try:
         index = await _index(api, ns)
-    except (ValueError, *kube.ERRORS):
-        return  # the periodic sweep tries again from the index
-    if spec.cache is None and name not in index:
-        return
+    except kube.ERRORS:
+        index = {}  # the periodic sweep tries again from the index
     nodes = [n.get("node") for n in ((body.get("status") or {}).get("cache") or {}).get("nodes") or []]
-    orphan = modelcache.orphans({name: index[name]}, set()) if name in index else []
-    nodes += [n for _, _, indexed in orphan for n in indexed]
+    for _, indexed_spec, indexed_nodes in (
+        modelcache.orphans({name: index[name]}, set()) if name in index else []
+    ):
+        nodes += indexed_nodes
+        if spec is None or spec.cache is None:
+            spec = indexed_spec
+    if spec is None or spec.cache is None:
+        return
     keep = [o["metadata"]["name"] for o in others if o["metadata"]["name"] != name]
-    if spec.cache is not None and await _clean(api, ns, name, spec, sorted({n for n in nodes if n}), keep):
-        if name in index:
-            await _forget(api, ns, name)
+    if await _clean(api, ns, name, spec, sorted({n for n in nodes if n}), keep) and name in index:
+        await _forget(api, ns, name)
 
 
 async def sweep(api: Api, namespaces: list[str]) -> None:

@@ -195,3 +195,17 @@ def test_an_s3_source_is_fetched_with_the_secrets_keys():
 def test_invalid_s3_sources_say_what_to_fix(s3, message):
     with pytest.raises(ValidationError, match=message):
         catalog.ImageModelSpec.model_validate(cached({"source": {"s3": s3}, "nodeLocal": {}})["spec"])
+
+
+def test_the_cache_index_keeps_every_node_and_finds_the_models_that_are_gone():
+    b = cached({"source": HF, "nodeLocal": {}})
+    first = modelcache.index_entry(b, [{"node": "n2"}, {"node": "n1", "ready": True}], None)
+    assert json.loads(first) == {"uid": "uid-1", "spec": b["spec"], "nodes": ["n1", "n2"]}
+    # a node whose pods are gone stays listed: its folder is still there
+    assert json.loads(modelcache.index_entry(b, [{"node": "n3"}], first))["nodes"] == ["n1", "n2", "n3"]
+    again = {**b, "metadata": {**b["metadata"], "uid": "uid-2"}}  # re-created under the name: starts over
+    assert json.loads(modelcache.index_entry(again, [{"node": "n3"}], first))["nodes"] == ["n3"]
+    index = {"tiny": first, "live": first, "broken": "{not json"}
+    gone = modelcache.orphans(index, live={"live"})
+    assert [(name, nodes) for name, _, nodes in gone] == [("broken", []), ("tiny", ["n1", "n2"])]
+    assert gone[0][1] is None and gone[1][1] is not None and gone[1][1].cache is not None

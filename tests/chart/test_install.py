@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -22,6 +21,7 @@ from remotegpu_base.catalog import ImageModelSpec, load_models_file
 
 from tests.chart.helm import CHART
 from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.processes import stop
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -211,16 +211,6 @@ def run_hook(
         )  # fmt: skip
     finally:
         kube.kubectl("delete", "-n", namespace, "-f", "-", input=rbac)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture

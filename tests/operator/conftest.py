@@ -35,6 +35,7 @@ from remotegpu_base.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, Wo
 
 from cluster.localcluster import free_port
 from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.processes import stop
 from tests.waiting import wait_for
 
 TOKEN = "test-worker-token"
@@ -182,15 +183,9 @@ class OperatorProc:
         return self.metric("remotegpu_operator_leader") == 1.0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        code = stop(self.proc, sig, timeout)
         self._logf.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture(scope="session")

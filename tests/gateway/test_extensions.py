@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 import schemathesis
 from remotegpu_base.protocol import Progress
 
@@ -254,6 +255,11 @@ def test_low_priority_goes_after_normal_and_is_not_demand(gateway: RunningGatewa
     assert gateway.job(key, normal).json()["status"] == "warming"
     q = gateway.worker().queue().models[SCHNELL]
     assert (q.warming, q.queued, q.low_priority, q.depth) == (1, 0, 1, 1)
+    # Nor is its work: the operator prices the waiting work of the normal job alone.
+    entry = gateway.gw.catalog.get(SCHNELL)
+    assert entry is not None
+    one_job = entry.spec.parameters.default_step_megapixels()
+    assert q.queued_step_megapixels == pytest.approx(one_job)
     metrics = gateway.http.get("/metrics").text
     assert 'remotegpu_queue_low_priority{model="' + SCHNELL + '"} 1.0' in metrics
 

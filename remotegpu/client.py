@@ -32,7 +32,8 @@ From Python, `Client` speaks the same API, extensions included (gateway/README.m
         mine = list(c.jobs(status="succeeded"))  # every page, newest first
         deliveries = c.webhooks(sub.job_id)      # the job's webhook deliveries
 
-`c.events(job_id)` yields the stream's (event, data) pairs, `c.timeline(job_id)` the
+`c.events(job_id, last_event_id=None)` yields the stream's events (kind, data, id: pass the
+last id to resume), `c.timeline(job_id)` the
 cold-start timeline, `c.cancel(job_id)` cancels; with an admin key
 `c.webhook_secret(key_id)` creates or rotates a key's webhook signing secret. Errors
 raise `ClientError` with the service's message and a hint.
@@ -51,7 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -189,11 +190,13 @@ class Client:
                 return
             params["cursor"] = page["next_cursor"]
 
-    def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The job's Server-Sent Events (`status`, `queue`, `progress`) until it ends."""
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[ServerEvent]:
+        """The job's Server-Sent Events (`status`, `queue`, `progress`) until it ends; after
+        `last_event_id` (an earlier event's id), only what changed since."""
         path = f"/v1/inference/jobs/{job_id}/events"
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         try:
-            with self.http.stream("GET", path, timeout=httpx.Timeout(60, read=90)) as r:
+            with self.http.stream("GET", path, headers=headers, timeout=httpx.Timeout(60, read=90)) as r:
                 if r.status_code != 200:
                     r.read()
                     raise _api_error(r)
@@ -278,18 +281,29 @@ def submit_headers(args: argparse.Namespace) -> dict[str, str]:
     return headers
 
 
-def iter_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, data) of a Server-Sent Events stream; comments and retry lines skipped."""
-    event, data = "message", ""
+class ServerEvent(NamedTuple):
+    """One Server-Sent Event: its kind (`status`, `queue`, `progress`), data and id (the
+    job's revision: `Last-Event-ID` to resume after it)."""
+
+    event: str
+    data: dict[str, Any]
+    id: str | None
+
+
+def iter_sse(lines: Iterator[str]) -> Iterator[ServerEvent]:
+    """The events of a Server-Sent Events stream; comments and retry lines skipped."""
+    event, data, event_id = "message", "", None
     for line in lines:
         if not line:
             if data:
-                yield event, json.loads(data)
+                yield ServerEvent(event, json.loads(data), event_id)
             event, data = "message", ""
         elif line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):
             data += line[5:].strip()
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
 
 
 def _seconds_until(when: str | None) -> float | None:
@@ -407,9 +421,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _follow(client: Client, job_id: str, display: _Status, started: float, poll: bool) -> dict[str, Any]:
     """The job once finished: from its event stream, or by polling (--poll, a gateway
     without the stream, or a stream that broke off)."""
-    if not poll:
+    last_event_id = None
+    for _attempt in range(0 if poll else 3):  # a stream that breaks off is resumed where it was
         try:
-            for event, data in client.events(job_id):
+            for event, data, event_id in client.events(job_id, last_event_id):
+                last_event_id = event_id
                 elapsed = time.monotonic() - started
                 if event == "status":
                     display.show(data, elapsed)
@@ -419,8 +435,9 @@ def _follow(client: Client, job_id: str, display: _Status, started: float, poll:
                     display.queue(data, elapsed)
                 elif event == "progress":
                     display.progress(data["step"], data["total_steps"], elapsed)
-        except ClientError:
-            pass  # poll instead
+        except ClientError as e:
+            if e.code != 3:
+                break  # an answer, not a broken connection (a gateway without the stream): poll
     while True:
         job = client.job(job_id)
         display.show(job, time.monotonic() - started)

@@ -69,16 +69,21 @@ def test_the_client_speaks_every_extension(
 
         # The event stream, followed to the end: the queue, the steps, the final status.
         events = c.events(first.job_id)
-        kind, opening = next(events)
+        kind, opening, opening_id = next(events)
         assert kind == "status" and opening["status"] == "queued" and opening["queue_position"] == 0
         worker = run_one(g)
         seen = list(events)
         worker.join(timeout=60)
-        assert [d["status"] for kind, d in seen if kind == "status"] == ["running", "succeeded"]
-        steps = [d["step"] for kind, d in seen if kind == "progress"]  # fast steps may coalesce
+        assert [d["status"] for kind, d, _ in seen if kind == "status"] == ["running", "succeeded"]
+        steps = [d["step"] for kind, d, _ in seen if kind == "progress"]  # fast steps may coalesce
         assert steps and steps == sorted(steps) and set(steps) <= {1, 2, 3}
         job = c.job(first.job_id)
         assert job["status"] == "succeeded"
+        # Resuming after the last event seen: only what changed since (here: nothing).
+        final = seen[-1]
+        assert final.id and list(c.events(first.job_id, last_event_id=final.id)) == []
+        resumed = list(c.events(first.job_id, last_event_id=opening_id))
+        assert [e.data["status"] for e in resumed if e.event == "status"] == ["succeeded"]
         assert c.result(first.job_id).startswith(b"\x89PNG")
 
         # The signed completion webhook, and the job's deliveries as the client lists them.

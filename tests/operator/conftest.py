@@ -376,12 +376,12 @@ class GatewayProc:
         except httpx.HTTPError:
             return False
 
-    def submit(self, model: str, n: int = 1) -> list[str]:
+    def submit(self, model: str, n: int = 1, **options: Any) -> list[str]:
         ids = []
         for _ in range(n):
             r = self.http.post(
                 "/v1/inference/image",
-                json={"model": model, "prompt": "a red fox"},
+                json={"model": model, "prompt": "a red fox", **options},
                 headers={"Authorization": f"Bearer {self.key}"},
             )
             assert r.status_code == 202, r.text

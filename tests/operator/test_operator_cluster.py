@@ -69,6 +69,30 @@ def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, oper
     assert "sleeping" in table and "test/sleepy" in table
 
 
+def test_a_low_priority_job_never_wakes_a_sleeping_model(kube, namespace, operators: Operators, gateway):
+    """Low-priority jobs run only on capacity that is already up: the operator sees one waiting
+    (status.queue.lowPriority) and keeps the model asleep; a normal job then wakes it."""
+    im = imagemodel("m-low", "test/low", worker={"image": "example.invalid/worker:test", "gpu": {"count": 1}})
+    gw = gateway(im)
+    operators.start(gateway_url=gw.url)
+    apply(kube, namespace, im)
+    wait_for(lambda: state_of(kube, namespace, "m-low") == "sleeping", 90, "sleeping")
+    gw.submit("test/low", priority="low")
+    seen = wait_for(
+        lambda: (
+            (q := get(kube, namespace, "imagemodel", "m-low")["status"].get("queue") or {}).get("lowPriority")
+            == 1
+            and q
+        ),
+        90,
+        "the operator to see the low-priority job",
+    )
+    assert seen["queued"] == 0 and seen["warming"] == 0
+    assert replicas_of(kube, namespace, "m-low") == 0 and state_of(kube, namespace, "m-low") == "sleeping"
+    gw.submit("test/low")
+    wait_for(lambda: replicas_of(kube, namespace, "m-low") == 1, 90, "a normal job wakes it")
+
+
 def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     kube, namespace, operators: Operators, gateway
 ):

@@ -41,14 +41,17 @@ def test_a_result_upload_during_a_store_outage_is_retried_and_the_job_succeeds_o
     try:
         bucket, prefix = store.bucket(), f"worker-{uuid.uuid4().hex[:8]}"
         gw = gateway_factory(s3_bucket=bucket, s3_endpoint_url=store.endpoint, s3_prefix=prefix)
-        worker, _ = start_worker(procs, gw, tiny_data_dir, tmp_path / "worker.log")
+        # Uploads sent again for 10 minutes (default 1): a margin for SeaweedFS restarting on a busy machine.
+        worker, _ = start_worker(
+            procs, gw, tiny_data_dir, tmp_path / "worker.log", REMOTEGPU_UPLOAD_RETRY_SECONDS="600"
+        )
 
         store.stop()  # the outage: a text-only job needs the store only for its result
         job_id = gw.submit(TINY, "through an outage", steps=4, seed=9)
         wait_for(lambda: failed_uploads(gw) >= 2, 120, "the worker's upload to fail and be sent again")
         assert gw.job(job_id)["status"] == "running"  # the worker still holds the lease
 
-        store.start()  # within the worker's retry window (a minute): the next attempt lands
+        store.start()  # within the worker's retry window: the next attempt lands
         job = gw.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
         assert job["status"] == "succeeded", (job, worker.log()[-3000:])
         assert gw.gw.store.get_job(job_id, None).attempt == 1  # rendered once, never re-queued

@@ -61,7 +61,7 @@ def engines(tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]) -> Iterato
 class RunningGateway:
     """The real gateway (`create_app(settings)`) under uvicorn in a thread, on SQLite."""
 
-    def __init__(self, data_dir: Path, models: list[ImageModel], lease_ttl: float = 30.0):
+    def __init__(self, data_dir: Path, models: list[ImageModel], lease_ttl: float = 30.0, **settings: Any):
         from remotegpu_gateway.app import create_app
         from remotegpu_gateway.settings import Settings
 
@@ -76,6 +76,7 @@ class RunningGateway:
             lease_ttl_seconds=lease_ttl,
             reaper_interval_seconds=0.2,
             poll_interval_seconds=0.2,
+            **settings,
         )
         self.app = create_app(settings)
         self.gw = self.app.state.gateway
@@ -136,10 +137,10 @@ def gateway_factory(
 ) -> Iterator[Callable[..., RunningGateway]]:
     started: list[RunningGateway] = []
 
-    def make(lease_ttl: float = 30.0) -> RunningGateway:
+    def make(lease_ttl: float = 30.0, **settings: Any) -> RunningGateway:
         d = tmp_path / f"gw{len(started)}"
         d.mkdir()
-        g = RunningGateway(d, list(tiny_catalog.values()), lease_ttl=lease_ttl)
+        g = RunningGateway(d, list(tiny_catalog.values()), lease_ttl=lease_ttl, **settings)
         started.append(g)
         return g
 

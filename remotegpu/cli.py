@@ -323,6 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", default="", help="comma-separated folder names to keep")
     c.set_defaults(func=_handler("remotegpu_worker.cache:gc_command"))
 
+    p = sub.add_parser(
+        "chart-hook", help="what the Helm chart's hook Jobs run (secrets, CRD upgrade, uninstall)"
+    )
+    p.add_argument("--kubeconfig", help="default $KUBECONFIG, ~/.kube/config, else the pod's service account")
+    hooks = p.add_subparsers(dest="hook_command", required=True, metavar="ACTION")
+    h = hooks.add_parser(
+        "secrets", help="create the missing generated Secrets; keep existing ones as they are"
+    )
+    h.add_argument("--namespace", required=True)
+    h.add_argument(
+        "--secret", action="append", metavar="NAME=KEY", help="a Secret and its data key; repeatable"
+    )
+    h.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="a label for the Secrets; repeatable"
+    )
+    h = hooks.add_parser("crd-upgrade", help="replace the ImageModel CRD with the chart's")
+    h.add_argument("--crd", help="the CRD as JSON (default $CRD)")
+    h = hooks.add_parser("uninstall", help="delete the release's ImageModels and wait for the operator")
+    h.add_argument("--namespace", required=True)
+    h.add_argument("--selector", required=True, help="label selector of the release's ImageModels")
+    h.add_argument("--timeout-seconds", type=float, default=240.0)
+    p.set_defaults(func=_handler("remotegpu.chart_hooks:command"))
+
     p = sub.add_parser("models", help="the model catalog and the tiny random-weight models")
     models = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     m = models.add_parser("list", help="print the catalog of a running service")

@@ -18,20 +18,41 @@ its status), and writes the image (PNG unless --output-format says otherwise; wi
 -o, out.png / out.jpg / out.webp). Ctrl-C while waiting cancels the job. Exit codes: 0
 written, 1 the job failed or was cancelled, 2 a usage or request error, 3 the service
 could not be reached.
+
+From Python, `Client` speaks the same API, extensions included (gateway/README.md):
+
+    from remotegpu.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key) as c:
+        sub = c.submit({"model": "remotegpu/tiny-random-flux1", "prompt": "a lighthouse",
+                        "priority": "low", "deadline_seconds": 600},
+                       idempotency_key="order-42", wait=30)  # Idempotency-Key, Prefer: wait=30
+        job = sub.final or c.follow(sub.job_id)  # the event stream (status, queue, progress)
+        png = c.result(sub.job_id)
+        mine = list(c.jobs(status="succeeded"))  # every page, newest first
+        deliveries = c.webhooks(sub.job_id)      # the job's webhook deliveries
+
+`c.events(job_id, last_event_id=None)` yields the stream's events (kind, data, id: pass the
+last id to resume), `c.timeline(job_id)` the
+cold-start timeline, `c.cancel(job_id)` cancels; with an admin key
+`c.webhook_secret(key_id)` creates or rotates a key's webhook signing secret. Errors
+raise `ClientError` with the service's message and a hint.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -86,6 +107,128 @@ def _unreachable(url: str, e: Exception) -> ClientError:
     )
 
 
+@dataclass
+class Submission:
+    """A submit's answer: the job, whether an Idempotency-Key replayed it, and its final
+    status when `Prefer: wait` saw it finish (else None)."""
+
+    job_id: str
+    result_url: str
+    replayed: bool
+    final: dict[str, Any] | None
+
+
+class Client:
+    """The public API (and its extensions) for Python programs; ClientError on failure."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
+        self.url = (url or os.environ.get("REMOTEGPU_URL") or DEFAULT_URL).rstrip("/")
+        key = api_key or os.environ.get("REMOTEGPU_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw: Any) -> httpx.Response:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _unreachable(self.url, e) from None
+        if r.status_code not in ok:
+            raise _api_error(r)
+        return r
+
+    def submit(
+        self, body: dict[str, Any], *, idempotency_key: str | None = None, wait: float | None = None
+    ) -> Submission:
+        """POST /v1/inference/image. `wait` (seconds, at most 60) sends `Prefer: wait=N`."""
+        headers = {}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        if wait:
+            headers["Prefer"] = f"wait={wait:g}"
+        timeout = self.http.timeout.read or 60.0
+        r = self._call(
+            "POST",
+            "/v1/inference/image",
+            (200, 202),
+            json=body,
+            headers=headers,
+            timeout=timeout + (wait or 0),
+        )
+        data = r.json()
+        return Submission(
+            job_id=data["job_id"],
+            result_url=data["result_url"],
+            replayed=r.headers.get("Idempotent-Replayed") == "true",
+            final=data if r.status_code == 200 else None,
+        )
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/inference/jobs/{job_id}").json())
+
+    def jobs(
+        self, status: str | None = None, model: str | None = None, limit: int = 50
+    ) -> Iterator[dict[str, Any]]:
+        """The key's jobs, newest first, every page (GET /v1/inference/jobs)."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        if model:
+            params["model"] = model
+        while True:
+            page = self._call("GET", "/v1/inference/jobs", params=params).json()
+            yield from page["jobs"]
+            if not page["next_cursor"]:
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[ServerEvent]:
+        """The job's Server-Sent Events (`status`, `queue`, `progress`) until it ends; after
+        `last_event_id` (an earlier event's id), only what changed since."""
+        path = f"/v1/inference/jobs/{job_id}/events"
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        try:
+            with self.http.stream("GET", path, headers=headers, timeout=httpx.Timeout(60, read=90)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise _api_error(r)
+                yield from iter_sse(r.iter_lines())
+        except httpx.TransportError as e:
+            raise _unreachable(self.url, e) from None
+
+    def follow(self, job_id: str) -> dict[str, Any]:
+        """The job's final status, from its event stream (polling if the stream breaks off)."""
+        return _follow(self, job_id, _Status(quiet=True), time.monotonic(), poll=False)
+
+    def webhooks(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's webhook deliveries (status, attempts, last answer, next try)."""
+        return list(self._call("GET", f"/v1/inference/jobs/{job_id}/webhooks").json()["deliveries"])
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/inference/jobs/{job_id}/cancel").json())
+
+    def result(self, job_id: str) -> bytes:
+        """The finished job's image, in the format it asked for."""
+        return self._call("GET", f"/v1/inference/jobs/{job_id}/result").content
+
+    def timeline(self, job_id: str) -> dict[str, Any]:
+        """The job's cold-start timeline (GET /v1/inference/jobs/{id}/timeline)."""
+        return dict(self._call("GET", f"/v1/inference/jobs/{job_id}/timeline").json())
+
+    def webhook_secret(self, key_id: str) -> str:
+        """Creates or rotates an API key's `whsec_` webhook signing secret (an admin key's call)."""
+        r = self._call("POST", f"/v1/admin/keys/{key_id}/webhook-secret")
+        return str(r.json()["webhook_secret"])
+
+
 def parse_size(text: str) -> dict[str, int]:
     w, sep, h = text.lower().partition("x")
     if not sep or not w.isdigit() or not h.isdigit():
@@ -138,27 +281,29 @@ def submit_headers(args: argparse.Namespace) -> dict[str, str]:
     return headers
 
 
-def iter_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, data) of a Server-Sent Events stream; comments and retry lines skipped."""
-    event, data = "message", ""
+class ServerEvent(NamedTuple):
+    """One Server-Sent Event: its kind (`status`, `queue`, `progress`), data and id (the
+    job's revision: `Last-Event-ID` to resume after it)."""
+
+    event: str
+    data: dict[str, Any]
+    id: str | None
+
+
+def iter_sse(lines: Iterator[str]) -> Iterator[ServerEvent]:
+    """The events of a Server-Sent Events stream; comments and retry lines skipped."""
+    event, data, event_id = "message", "", None
     for line in lines:
         if not line:
             if data:
-                yield event, json.loads(data)
+                yield ServerEvent(event, json.loads(data), event_id)
             event, data = "message", ""
         elif line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):
             data += line[5:].strip()
-
-
-def stream_job(http: httpx.Client, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The job's events (`status`, `queue`, `progress`) until it ends. Raises LookupError
-    without a stream (then poll the job's status instead)."""
-    with http.stream("GET", f"/v1/inference/jobs/{job_id}/events", timeout=httpx.Timeout(60, read=90)) as r:
-        if r.status_code != 200:  # an older gateway, or an error the status poll reports
-            raise LookupError(f"no event stream (HTTP {r.status_code})")
-        yield from iter_sse(r.iter_lines())
+        elif line.startswith("id:"):
+            event_id = line[3:].strip()
 
 
 def _seconds_until(when: str | None) -> float | None:
@@ -178,7 +323,8 @@ def output_path(args: argparse.Namespace) -> Path:
 class _Status:
     """Status display: one live line on a terminal, one line per change otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.last = ""
         self.job: dict[str, Any] = {}
@@ -204,6 +350,8 @@ class _Status:
             starts = _seconds_until(job.get("estimated_start_at"))
             if starts is not None:
                 text += f", starts in ~{max(0.0, starts):.0f}s"
+        if self.quiet:
+            return
         if status == "running" and self.step is not None:
             step, total = self.step
             filled = int(20 * step / max(1, total))
@@ -216,7 +364,7 @@ class _Status:
         self.last = status
 
     def done(self) -> None:
-        if self.tty:
+        if self.tty and not self.quiet:
             sys.stderr.write("\n")
             sys.stderr.flush()
 
@@ -230,7 +378,6 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    url = _url(args)
     key = getattr(args, "api_key", None) or os.environ.get("REMOTEGPU_API_KEY")
     if not key:
         raise ClientError(
@@ -239,31 +386,23 @@ def _generate(args: argparse.Namespace) -> int:
         )
     body = build_request(args)
     out = output_path(args)
-    headers = {"Authorization": f"Bearer {key}"}
-    wait = getattr(args, "wait", None) or 0
-    with httpx.Client(base_url=url, headers=headers, timeout=60 + wait) as http:
-        try:
-            r = http.post("/v1/inference/image", json=body, headers=submit_headers(args))
-        except httpx.TransportError as e:
-            raise _unreachable(url, e) from None
-        if r.status_code not in (200, 201, 202):
-            raise _api_error(r)
-        job_id = r.json()["job_id"]
-        replayed = " (the Idempotency-Key's original job)" if r.headers.get("Idempotent-Replayed") else ""
+    with Client(_url(args), key) as client:
+        sub = client.submit(
+            body, idempotency_key=getattr(args, "idempotency_key", None), wait=getattr(args, "wait", None)
+        )
+        job_id = sub.job_id
+        replayed = " (the Idempotency-Key's original job)" if sub.replayed else ""
         print(f"job {job_id} accepted ({args.model}){replayed}", file=sys.stderr, flush=True)
         started = time.monotonic()
         display = _Status()
-        job: dict[str, Any] = r.json() if r.status_code == 200 else {}  # Prefer: wait answered it
         try:
-            if job.get("status") not in TERMINAL:
-                job = _follow(http, url, job_id, display, started, poll=getattr(args, "poll", False))
+            job = sub.final or _follow(client, job_id, display, started, poll=getattr(args, "poll", False))
         except KeyboardInterrupt:
             display.done()
             print(f"cancelling job {job_id} ...", file=sys.stderr, flush=True)
             try:
-                r = http.post(f"/v1/inference/jobs/{job_id}/cancel")
-                print(r.json().get("message", r.text), file=sys.stderr)
-            except (httpx.HTTPError, ValueError) as e:
+                print(client.cancel(job_id).get("message", ""), file=sys.stderr)
+            except ClientError as e:
                 _err(f"could not cancel: {e}")
             return 130
         display.done()
@@ -272,26 +411,21 @@ def _generate(args: argparse.Namespace) -> int:
             detail = f": {job['error_message']}" if job.get("error_message") else ""
             _err(f"job {job_id} {job['status']}{detail} ({timings})")
             return 1
-        try:
-            r = http.get(job["result_url"])
-        except httpx.TransportError as e:
-            raise _unreachable(url, e) from None
-        if r.status_code != 200:
-            raise _api_error(r)
+        image = client.result(job_id)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(r.content)
-        print(f"wrote {out} ({len(r.content)} bytes; {timings})", file=sys.stderr, flush=True)
+        out.write_bytes(image)
+        print(f"wrote {out} ({len(image)} bytes; {timings})", file=sys.stderr, flush=True)
     return 0
 
 
-def _follow(
-    http: httpx.Client, url: str, job_id: str, display: _Status, started: float, poll: bool
-) -> dict[str, Any]:
+def _follow(client: Client, job_id: str, display: _Status, started: float, poll: bool) -> dict[str, Any]:
     """The job once finished: from its event stream, or by polling (--poll, a gateway
     without the stream, or a stream that broke off)."""
-    if not poll:
+    last_event_id = None
+    for _attempt in range(0 if poll else 3):  # a stream that breaks off is resumed where it was
         try:
-            for event, data in stream_job(http, job_id):
+            for event, data, event_id in client.events(job_id, last_event_id):
+                last_event_id = event_id
                 elapsed = time.monotonic() - started
                 if event == "status":
                     display.show(data, elapsed)
@@ -301,16 +435,11 @@ def _follow(
                     display.queue(data, elapsed)
                 elif event == "progress":
                     display.progress(data["step"], data["total_steps"], elapsed)
-        except (LookupError, httpx.TransportError):
-            pass  # poll instead
+        except ClientError as e:
+            if e.code != 3:
+                break  # an answer, not a broken connection (a gateway without the stream): poll
     while True:
-        try:
-            r = http.get(f"/v1/inference/jobs/{job_id}")
-        except httpx.TransportError as e:
-            raise _unreachable(url, e) from None
-        if r.status_code != 200:
-            raise _api_error(r)
-        job: dict[str, Any] = r.json()
+        job = client.job(job_id)
         display.show(job, time.monotonic() - started)
         if job["status"] in TERMINAL:
             return job
@@ -319,32 +448,17 @@ def _follow(
 
 def list_jobs(args: argparse.Namespace) -> int:
     """`remotegpu jobs list`: the key's jobs, newest first (all pages with --all)."""
-    url = _url(args)
     key = getattr(args, "api_key", None) or os.environ.get("REMOTEGPU_API_KEY")
     if not key:
         _err("no API key; pass --api-key or set $REMOTEGPU_API_KEY")
         return 2
-    params: dict[str, Any] = {"limit": args.limit}
-    if args.status:
-        params["status"] = args.status
-    if args.model:
-        params["model"] = args.model
-    rows = []
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
-        while True:
-            try:
-                r = http.get("/v1/inference/jobs", params=params)
-            except httpx.TransportError as e:
-                _err(str(_unreachable(url, e)))
-                return 3
-            if r.status_code != 200:
-                _err(str(_api_error(r)))
-                return 2
-            page = r.json()
-            rows += page["jobs"]
-            if not args.all or not page["next_cursor"]:
-                break
-            params["cursor"] = page["next_cursor"]
+    with Client(_url(args), key, timeout=30) as client:
+        try:
+            jobs = client.jobs(status=args.status, model=args.model, limit=args.limit)
+            rows = list(jobs) if args.all else list(itertools.islice(jobs, args.limit))
+        except ClientError as e:
+            _err(str(e))
+            return e.code
     print(f"{'JOB':<36}  {'STATUS':<9}  {'CREATED':<20}  MODEL")
     for j in rows:
         print(f"{j['job_id']:<36}  {j['status']:<9}  {j['created_at']:<20}  {j['model']}")
@@ -353,17 +467,8 @@ def list_jobs(args: argparse.Namespace) -> int:
 
 def job_timeline(url: str, api_key: str, job_id: str) -> dict[str, Any]:
     """The job's cold-start timeline (GET /v1/inference/jobs/{id}/timeline); ClientError on failure."""
-    try:
-        r = httpx.get(
-            f"{url.rstrip('/')}/v1/inference/jobs/{job_id}/timeline",
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=30,
-        )
-    except httpx.TransportError as e:
-        raise _unreachable(url, e) from None
-    if r.status_code != 200:
-        raise _api_error(r)
-    return dict(r.json())
+    with Client(url, api_key, timeout=30) as client:
+        return client.timeline(job_id)
 
 
 def show_timeline(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.cluster",
     "tests.fixtures.postgres",
+    "tests.fixtures.processes",
     "tests.fixtures.seaweedfs",
     "tests.fixtures.tiny_models",
 ]

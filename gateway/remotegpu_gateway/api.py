@@ -78,6 +78,19 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
 
 
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+# The extensions' response headers of a submit (each only when its extension applies).
+_SUBMIT_HEADERS = {
+    "Idempotent-Replayed": _header("`true` when an `Idempotency-Key` returned its original job"),
+    "Preference-Applied": _header("`wait=N` when the request sent `Prefer: wait=N` (N capped at 60)"),
+    "RateLimit-Policy": _header("the key's limits (IETF draft), for a key with limits"),
+    "RateLimit": _header("what is left of them (IETF draft), for a key with limits"),
+}
+
+
 def base_url(gw: Gateway, request: Request) -> str:
     return gw.settings.public_url or str(request.base_url)
 
@@ -94,7 +107,15 @@ async def owned_job(gw: Gateway, job_id: str, owner: str | None) -> JobRecord:
     "/image",
     status_code=202,
     response_model=EnqueueResponse,
-    responses=_errors(400, 401, 403, 413, 422, 429, 500, 503),
+    responses={
+        200: {
+            "model": JobStatusResponse,
+            "description": "Extension, only with `Prefer: wait=N`: the job finished within N s; its final status",
+            "headers": _SUBMIT_HEADERS,
+        },
+        202: {"headers": _SUBMIT_HEADERS},
+        **_errors(400, 401, 403, 413, 422, 429, 500, 503),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,

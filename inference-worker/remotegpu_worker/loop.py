@@ -57,7 +57,8 @@ class LoopSettings:
     drain_grace_seconds: float = 285.0  # how long a draining worker lets its current job run
     idle_seconds: float | None = None  # stop after this long without a job (embedded supervisor)
     status_report_seconds: float = 30.0  # keeps the gateway's view of this worker fresh
-    complete_retry_seconds: float = 60.0  # keep retrying a completion this long on network errors
+    # Keep sending a result this long on network errors and 5xx answers (the lease stays renewed).
+    complete_retry_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, **overrides: float | None) -> LoopSettings:
@@ -69,6 +70,8 @@ class LoopSettings:
             s.heartbeat_seconds = float(env["REMOTEGPU_HEARTBEAT_SECONDS"])
         if env.get("REMOTEGPU_DRAIN_GRACE_SECONDS"):
             s.drain_grace_seconds = float(env["REMOTEGPU_DRAIN_GRACE_SECONDS"])
+        if env.get("REMOTEGPU_UPLOAD_RETRY_SECONDS"):
+            s.complete_retry_seconds = float(env["REMOTEGPU_UPLOAD_RETRY_SECONDS"])
         return s
 
 
@@ -441,9 +444,21 @@ class WorkerLoop:
                         e.response.text[:300],
                     )
                     return "lost"
+                # The gateway could not store it (its object store is down, say): the lease
+                # is still renewed, so the same upload is sent again until the deadline.
+                log.warning(
+                    "job %s: the result upload failed (HTTP %s: %s); sending it again in %.1fs",
+                    lease.job_id,
+                    e.response.status_code,
+                    e.response.text[:200],
+                    delay,
+                )
             except httpx.HTTPError as e:
                 if time.monotonic() > deadline:
                     log.error("job %s: could not deliver the result (%s); lease will expire", lease.job_id, e)
                     return "lost"
+                log.warning(
+                    "job %s: the result upload failed (%s); sending it again in %.1fs", lease.job_id, e, delay
+                )
             time.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -12,6 +12,7 @@ The worker token is `$REMOTEGPU_WORKER_TOKEN` (else DATA_DIR/worker-token, which
 (cpu, cuda, cuda:1; default cuda when present), `$REMOTEGPU_TORCH_THREADS`,
 `$REMOTEGPU_LEASE_WAIT_SECONDS`, `$REMOTEGPU_HEARTBEAT_SECONDS`,
 `$REMOTEGPU_DRAIN_GRACE_SECONDS` (default: the spec's terminationGracePeriodSeconds - 15),
+`$REMOTEGPU_UPLOAD_RETRY_SECONDS` (how long a failed result upload is sent again; default 60),
 `$REMOTEGPU_WORKER_ID`, and the Hugging Face variables (`HF_HUB_OFFLINE`, `HF_HOME`, `HF_TOKEN`).
 
 Lifecycle: HTTP up (/healthz live) -> load weights -> warm-up -> /readyz 200 -> loop.

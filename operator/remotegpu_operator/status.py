@@ -263,6 +263,7 @@ def compute(obs: Observed, previous_conditions: list[dict[str, Any]] | None, now
             "queued": obs.queue.queued,
             "warming": obs.queue.warming,
             "running": obs.queue.running,
+            "lowPriority": obs.queue.low_priority,
         }
         # A time, not an age: it stays put while the job waits, so it needs no status write per tick.
         if obs.queue.oldest_wait_seconds > 0:

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -22,6 +21,7 @@ from remotegpu_base.catalog import ImageModelSpec, load_models_file
 
 from tests.chart.helm import CHART
 from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.processes import stop
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -182,7 +182,7 @@ def run_operator_as_release(kube: Kube, namespace: str, tmp: Path) -> subprocess
 
 
 def run_hook(
-    kube: Kube, namespace: str, component: str, tmp: Path, env: dict[str, str] | None = None
+    kube: Kube, namespace: str, component: str, tmp: Path, args: list[str] | None = None
 ) -> subprocess.CompletedProcess:
     """Runs one of the release's hook Jobs (`helm get hooks`; by its component label) here,
     as its own ServiceAccount with its own RBAC (KWOK runs no containers, so the Job itself
@@ -200,27 +200,17 @@ def run_hook(
         sa = job["spec"]["template"]["spec"]["serviceAccountName"]
         hook_env = {
             **os.environ,
-            **{e["name"]: e["value"] for e in container["env"]},
-            **(env or {}),
+            **{e["name"]: e["value"] for e in container.get("env", [])},
             "KUBECONFIG": str(sa_kubeconfig(kube, namespace, sa, tmp / f"{sa}.kubeconfig")),
         }
         hook_env.pop("KUBERNETES_SERVICE_HOST", None)
+        assert container["command"] == ["remotegpu"], container["command"]
         return subprocess.run(
-            [sys.executable, *container["command"][1:], *container["args"]],
+            [sys.executable, "-m", "remotegpu.cli", *container["args"], *(args or [])],
             env=hook_env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     finally:
         kube.kubectl("delete", "-n", namespace, "-f", "-", input=rbac)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -384,7 +374,7 @@ def test_install_upgrade_uninstall(
 
             # The pre-delete hook, run here as its own ServiceAccount: it deletes the presets
             # while the operator runs, and their worker Deployments go with them (owner references).
-            ran = run_hook(kube, namespace, "uninstall", tmp_path, {"TIMEOUT_SECONDS": "60"})
+            ran = run_hook(kube, namespace, "uninstall", tmp_path, ["--timeout-seconds=60"])
             assert ran.returncode == 0, ran.stdout + ran.stderr
             assert f"deleted {len(models)} ImageModel(s)" in ran.stdout
             assert not kube.get_json("imagemodels", "-n", namespace)["items"]

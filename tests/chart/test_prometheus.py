@@ -15,7 +15,6 @@ import http.server
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ from tests.chart.helm import (
     prometheus_bin,
 )
 from tests.fixtures.cluster import Kube
+from tests.fixtures.processes import Proc
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -73,49 +73,6 @@ def http_ok(url: str) -> bool:
             return r.status == 200
     except OSError:
         return False
-
-
-class Proc:
-    """A process this test started; stopped by its pid (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path):
-        self.name, self.log = name, log
-        self._f = open(log, "wb")
-        self.p = subprocess.Popen(args, env=env, cwd=REPO, stdout=self._f, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)  # fmt: skip
-
-    def alive(self) -> bool:
-        if self.p.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.p.returncode}:\n{self.tail()}")
-        return True
-
-    def tail(self, n: int = 4000) -> str:
-        self._f.flush()
-        return self.log.read_text(errors="replace")[-n:]
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.kill(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.p.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-        self._f.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[..., Proc]]:
-    started: list[Proc] = []
-
-    def start(name: str, args: list[str], env: dict[str, str], log: Path) -> Proc:
-        p = Proc(name, args, env, log)
-        started.append(p)
-        return p
-
-    yield start
-    for p in reversed(started):
-        p.stop()
 
 
 def clean_env(kube: Kube, **extra: str) -> dict[str, str]:
@@ -260,10 +217,9 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     prom_proc = procs(
-        "prometheus",
         [str(prometheus_bin()), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.tsdb.retention.time=1h"],
-        dict(os.environ), tmp_path / "prometheus.log",
+        dict(os.environ), tmp_path / "prometheus.log", name="prometheus",
     )  # fmt: skip
     prom = Prometheus(f"http://127.0.0.1:{prom_port}")
     wait_for(lambda: prom_proc.alive() and http_ok(f"{prom.url}/-/ready"), 60, "Prometheus ready")
@@ -271,19 +227,17 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
     remotegpu = [sys.executable, "-m", "remotegpu.cli"]
     gw_data = tmp_path / "gateway"
     gateway = procs(
-        "gateway",
         [*remotegpu, "gateway", "--host", "127.0.0.1", "--port", str(gw_port), "--namespace", namespace,
          "--data-dir", str(gw_data), "--public-url", gateway_url],
-        clean_env(kube), tmp_path / "gateway.log",
+        clean_env(kube), tmp_path / "gateway.log", name="gateway",
     )  # fmt: skip
     wait_for(lambda: gateway.alive() and http_ok(f"{gateway_url}/readyz"), 90, "the gateway")
     operator = procs(
-        "operator",
         [*remotegpu, "operator", "--namespace", namespace, "--gateway-url", gateway_url,
          "--host", "127.0.0.1", "--port", str(op_port)],
         clean_env(kube, REMOTEGPU_OPERATOR_INTERVAL="0.5", REMOTEGPU_OPERATOR_LEASE_SECONDS="3",
                   POD_NAME="operator-test", POD_NAMESPACE=namespace),
-        tmp_path / "operator.log",
+        tmp_path / "operator.log", name="operator",
     )  # fmt: skip
     try:
         kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(tiny_imagemodel(namespace)))
@@ -315,12 +269,11 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
 
         # The worker process behind the pod: loads the tiny model and runs the job.
         worker = procs(
-            "worker",
             [*remotegpu, "worker", "--model", MODEL, "--gateway-url", gateway_url, "--host", "127.0.0.1",
              "--port", str(wk_port), "--data-dir", str(tiny_data_dir)],
             clean_env(kube, REMOTEGPU_DEVICE="cpu", REMOTEGPU_WORKER_ID="tiny-random-flux1-worker-0",
                       REMOTEGPU_TORCH_THREADS="1"),
-            tmp_path / "worker.log",
+            tmp_path / "worker.log", name="worker",
         )  # fmt: skip
         status = wait_for(
             lambda: worker.alive()

@@ -521,6 +521,13 @@ def test_preset_min_above_max_is_refused(tmp_path: Path):
 # ---- secrets, database, storage ----------------------------------------------------------
 
 
+def generated_secrets(hook: dict) -> list[str]:
+    """The NAME=KEY pairs the secrets hook is told to generate."""
+    (container,) = hook["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["remotegpu"] and container["args"][:2] == ["chart-hook", "secrets"]
+    return [a.removeprefix("--secret=") for a in container["args"] if a.startswith("--secret=")]
+
+
 def test_generated_secrets_come_from_a_hook_so_renders_are_identical():
     """Argo CD and Flux render with `helm template` (no `lookup`): nothing random is rendered.
     The secrets nobody gave are the hook's to generate (run for real in test_install.py)."""
@@ -530,11 +537,7 @@ def test_generated_secrets_come_from_a_hook_so_renders_are_identical():
     assert not find(objs, "Secret")
     hook = one(objs, "Job", "remotegpu-secrets")
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
-    env = {e["name"]: e["value"] for e in hook["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env["SECRETS"]) == [
-        {"name": "remotegpu-worker-token", "key": "token"},
-        {"name": "remotegpu-postgresql", "key": "password"},
-    ]
+    assert generated_secrets(hook) == ["remotegpu-worker-token=token", "remotegpu-postgresql=password"]
     # It may create Secrets and patch only those two; it reads none.
     rules = one(objs, "Role", "remotegpu-secrets")["rules"]
     assert rules == [
@@ -585,11 +588,7 @@ def test_given_secrets_need_no_hook(tmp_path: Path):
     # A given password is rendered (the same every time); only the token is left to generate.
     objs = render({"postgresql": {"auth": {"password": "pw-1"}}}, tmp_path)
     assert secret_value(one(objs, "Secret", "remotegpu-postgresql"), "password") == "pw-1"
-    env = {
-        e["name"]: e["value"]
-        for e in one(objs, "Job", "remotegpu-secrets")["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
-    assert json.loads(env["SECRETS"]) == [{"name": "remotegpu-worker-token", "key": "token"}]
+    assert generated_secrets(one(objs, "Job", "remotegpu-secrets")) == ["remotegpu-worker-token=token"]
 
 
 def test_given_worker_token_and_external_database(tmp_path: Path):
@@ -902,14 +901,14 @@ def test_uninstall_hook_deletes_the_presets_first(tmp_path: Path):
     job = one(hook, "Job")
     weights = {o["kind"]: int(o["metadata"]["annotations"]["helm.sh/hook-weight"]) for o in hook}
     assert all(weights[k] < weights["Job"] for k in ("ServiceAccount", "Role", "RoleBinding"))
-    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["SELECTOR"] == "app.kubernetes.io/instance=remotegpu,app.kubernetes.io/component=imagemodel"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:2] == ["chart-hook", "uninstall"]
+    (selector,) = [a.removeprefix("--selector=") for a in container["args"] if a.startswith("--selector=")]
+    assert selector == "app.kubernetes.io/instance=remotegpu,app.kubernetes.io/component=imagemodel"
     # the selector matches exactly the presets
     presets = find(objs, "ImageModel")
     for p in presets:
-        assert all(
-            p["metadata"]["labels"][k] == v for k, v in (kv.split("=") for kv in env["SELECTOR"].split(","))
-        )
+        assert all(p["metadata"]["labels"][k] == v for k, v in (kv.split("=") for kv in selector.split(",")))
     assert one(hook, "Role")["rules"] == [
         {"apiGroups": ["remotegpu.ai"], "resources": ["imagemodels"], "verbs": ["list", "delete"]}
     ]

@@ -28,13 +28,14 @@ from tests.chart.helm import (
     alert_exprs,
     alert_rules,
     dashboard_exprs,
+    dashboards,
     find,
     metric_names,
     prometheus_bin,
     promtool_bin,
     render,
 )
-from tests.chart.test_prometheus import Prometheus, http_ok
+from tests.chart.test_prometheus import Prometheus, grafana_to_promql, http_ok
 from tests.e2e.system import RELEASE, System
 from tests.waiting import wait_for
 
@@ -110,6 +111,46 @@ def monitor_jobs(monitor: dict, sd: dict) -> list[dict]:
     ]  # fmt: skip
 
 
+def cost_panels(namespace: str) -> dict[str, list[str]]:
+    """The GPU cost dashboard's panels but the DCGM exporter's (it needs real GPUs), their
+    queries as Grafana sends them for a 15-minute time range."""
+    return {
+        p["title"]: [
+            grafana_to_promql(t["expr"].replace("$__range_s", "900").replace("$__range", "15m"), namespace)
+            for t in p["targets"]
+        ]
+        for p in dashboards()["gpu-cost.json"]["panels"]
+        if p.get("targets") and not any("DCGM_" in t["expr"] for t in p["targets"])
+    }
+
+
+def check_cost_dashboard(system: System, prom: Prometheus, model: str) -> None:
+    """Every cost panel has data from what Prometheus scraped from the running system; a
+    job's run shows as 1 busy GPU while it runs, then as busy GPU-seconds within the
+    allocated ones."""
+    panels = cost_panels(system.namespace)
+    by_model = lambda expr: {s["metric"].get("model"): float(s["value"][1]) for s in prom.query(expr)}  # noqa: E731
+    job = system.submit(model, seed=31, steps=50, size={"width": 1024, "height": 1024})
+    wait_for(lambda: system.job(job)["status"] == "running", 240, "the job to run")
+    wait_for(lambda: by_model(panels["GPUs busy"][0]).get(None) == 1, 60, "1 busy GPU while the job runs")
+    empty = lambda: [t for t, exprs in panels.items() if not any(prom.query(e) for e in exprs)]  # noqa: E731
+    try:
+        wait_for(lambda: not empty(), 60, "data in every cost panel")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; no data in: {empty()}") from None
+    assert system.wait_job(job, timeout=300)["status"] == "succeeded"
+    allocated_expr, busy_expr = panels["GPU-seconds allocated vs busy per model (time range)"]
+    busy = wait_for(
+        lambda: by_model(busy_expr).get(model, 0) > 0 and by_model(busy_expr), 60, "busy GPU-seconds"
+    )
+    allocated = by_model(allocated_expr)
+    assert 0 < busy[model] <= allocated[model], (busy, allocated)
+    (share,) = prom.query(panels["Busy share of allocated GPU-seconds"][0])
+    assert 0 < float(share["value"][1]) <= 1, share
+    print(f"GPU cost on the real scrape (15 min): {model} allocated {allocated[model]:.0f} GPU-s, "
+          f"busy {busy[model]:.1f} GPU-s, busy share {float(share['value'][1]):.3f}")  # fmt: skip
+
+
 def test_prometheus_discovers_the_real_pods_and_scrapes_every_metric_used(system: System, tmp_path: Path):
     kubeconfig = yaml.safe_load(system.kube.kubeconfig.read_text())
     cluster, user = kubeconfig["clusters"][0]["cluster"], kubeconfig["users"][0]["user"]
@@ -178,6 +219,7 @@ def test_prometheus_discovers_the_real_pods_and_scrapes_every_metric_used(system
         assert workers and {s["metric"].get("remotegpu_ai_imagemodel") for s in workers} <= imagemodels, (
             workers
         )
+        check_cost_dashboard(system, prom, model)
         # The system is shared with the next tests: leave the model asleep, as it was found.
         wait_for(lambda: system.state(model) == "sleeping", 180, "the model to go back to sleeping")
     finally:

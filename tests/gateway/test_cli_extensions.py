@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from remotegpu_base.protocol import Progress
 
 from tests.gateway.conftest import SCHNELL, RunningGateway, png_bytes
@@ -123,3 +124,21 @@ def test_keys_webhook_secret_creates_and_rotates(gateway: RunningGateway) -> Non
         [REMOTEGPU, "keys", "webhook-secret", "nobody", *db], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 1 and "no key nobody" in missing.stdout
+
+
+def test_the_progress_bar_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """What `remotegpu generate` draws on a terminal from the stream's events: one line,
+    rewritten, with the queue position and expected start, then the steps' bar."""
+    from remotegpu.client import _Status
+
+    display = _Status()
+    display.tty = True
+    display.show({"status": "queued", "wait_ms": 0, "run_ms": 0, "queue_position": 2}, 0.5)
+    display.queue({"queue_position": 1, "estimated_start_at": None}, 1.0)
+    display.show({"status": "running", "wait_ms": 1200, "run_ms": 0}, 1.2)
+    display.progress(2, 4, 2.0)
+    display.done()
+    frames = capsys.readouterr().err.split("\r")
+    assert "position 2" in frames[1] and "position 1" in frames[2]
+    assert frames[-1].startswith("running") and "[##########..........] 2/4 steps" in frames[-1]
+    assert frames[-1].endswith("\n")

@@ -11,6 +11,8 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
+import schemathesis
 from remotegpu_base.protocol import Progress
 
 from tests.gateway.conftest import DEV, SCHNELL, Clock, RunningGateway, auth, png_bytes
@@ -160,15 +162,36 @@ def test_prefer_wait_answers_200_with_the_final_status(gateway: RunningGateway, 
     body = r.json()
     assert body["status"] == "succeeded" and body["job_id"] == done[0]
     assert body["result_url"] and gateway.http.get(body["result_url"]).status_code == 200
+    # The 200 is in the OpenAPI: the answer matches the schema documented for it.
+    spec = schemathesis.openapi.from_url(gateway.url + "/openapi.json")
+    spec["/v1/inference/image"]["POST"].validate_response(r)
 
 
 def test_prefer_wait_times_out_into_the_usual_202(gateway: RunningGateway, key: str) -> None:
     r = submit(gateway, key, {"prompt": "a cat", "model": SCHNELL}, Prefer="wait=1")
     assert r.status_code == 202 and set(r.json()) == {"job_id", "job_type", "result_url"}
     assert r.headers["Preference-Applied"] == "wait=1"
-    # Above 60 s it is capped; a non-number is ignored (no wait, no Preference-Applied).
+    # A non-number is ignored (no wait, no Preference-Applied).
     r = submit(gateway, key, {"prompt": "b", "model": SCHNELL}, Prefer="respond-async, wait=abc")
     assert r.status_code == 202 and "Preference-Applied" not in r.headers
+    # Above 60 s the wait is capped at 60 (a worker ends this one before that).
+    worker = threading.Thread(target=lambda: [_run_next(gateway, SCHNELL) for _ in range(3)])
+    worker.start()
+    r = submit(gateway, key, {"prompt": "c", "model": SCHNELL}, Prefer="wait=600")
+    worker.join()
+    assert r.status_code == 200 and r.headers["Preference-Applied"] == "wait=60"
+
+
+def test_the_openapi_documents_the_submit_extensions(gateway: RunningGateway) -> None:
+    submit = gateway.http.get("/openapi.json").json()["paths"]["/v1/inference/image"]["post"]
+    assert {"idempotency-key", "prefer"} <= {p["name"].lower() for p in submit["parameters"]}
+    answers = submit["responses"]
+    assert answers["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/EnqueueResponse")
+    assert answers["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobStatusResponse")
+    extension_headers = {"Idempotent-Replayed", "Preference-Applied", "RateLimit-Policy", "RateLimit"}
+    assert extension_headers <= set(answers["200"]["headers"]) and extension_headers <= set(
+        answers["202"]["headers"]
+    )
 
 
 # ---- 4. deadlines -------------------------------------------------------------------------
@@ -232,6 +255,11 @@ def test_low_priority_goes_after_normal_and_is_not_demand(gateway: RunningGatewa
     assert gateway.job(key, normal).json()["status"] == "warming"
     q = gateway.worker().queue().models[SCHNELL]
     assert (q.warming, q.queued, q.low_priority, q.depth) == (1, 0, 1, 1)
+    # Nor is its work: the operator prices the waiting work of the normal job alone.
+    entry = gateway.gw.catalog.get(SCHNELL)
+    assert entry is not None
+    one_job = entry.spec.parameters.default_step_megapixels()
+    assert q.queued_step_megapixels == pytest.approx(one_job)
     metrics = gateway.http.get("/metrics").text
     assert 'remotegpu_queue_low_priority{model="' + SCHNELL + '"} 1.0' in metrics
 

@@ -35,6 +35,7 @@ from remotegpu_base.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, Wo
 
 from cluster.localcluster import free_port
 from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.processes import stop
 from tests.waiting import wait_for
 
 TOKEN = "test-worker-token"
@@ -182,15 +183,9 @@ class OperatorProc:
         return self.metric("remotegpu_operator_leader") == 1.0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        code = stop(self.proc, sig, timeout)
         self._logf.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture(scope="session")
@@ -381,12 +376,12 @@ class GatewayProc:
         except httpx.HTTPError:
             return False
 
-    def submit(self, model: str, n: int = 1) -> list[str]:
+    def submit(self, model: str, n: int = 1, **options: Any) -> list[str]:
         ids = []
         for _ in range(n):
             r = self.http.post(
                 "/v1/inference/image",
-                json={"model": model, "prompt": "a red fox"},
+                json={"model": model, "prompt": "a red fox", **options},
                 headers={"Authorization": f"Bearer {self.key}"},
             )
             assert r.status_code == 202, r.text

@@ -47,7 +47,7 @@ def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, oper
         lambda: (
             (o := get(kube, namespace, "imagemodel", "m1")) and (o.get("status") or {}).get("state") and o
         ),
-        30,
+        90,
         "status",
     )
     assert im["status"]["state"] == "sleeping"
@@ -69,6 +69,30 @@ def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, oper
     assert "sleeping" in table and "test/sleepy" in table
 
 
+def test_a_low_priority_job_never_wakes_a_sleeping_model(kube, namespace, operators: Operators, gateway):
+    """Low-priority jobs run only on capacity that is already up: the operator sees one waiting
+    (status.queue.lowPriority) and keeps the model asleep; a normal job then wakes it."""
+    im = imagemodel("m-low", "test/low", worker={"image": "example.invalid/worker:test", "gpu": {"count": 1}})
+    gw = gateway(im)
+    operators.start(gateway_url=gw.url)
+    apply(kube, namespace, im)
+    wait_for(lambda: state_of(kube, namespace, "m-low") == "sleeping", 90, "sleeping")
+    gw.submit("test/low", priority="low")
+    seen = wait_for(
+        lambda: (
+            (q := get(kube, namespace, "imagemodel", "m-low")["status"].get("queue") or {}).get("lowPriority")
+            == 1
+            and q
+        ),
+        90,
+        "the operator to see the low-priority job",
+    )
+    assert seen["queued"] == 0 and seen["warming"] == 0
+    assert replicas_of(kube, namespace, "m-low") == 0 and state_of(kube, namespace, "m-low") == "sleeping"
+    gw.submit("test/low")
+    wait_for(lambda: replicas_of(kube, namespace, "m-low") == 1, 90, "a normal job wakes it")
+
+
 def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     kube, namespace, operators: Operators, gateway
 ):
@@ -86,14 +110,14 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     gw = gateway(im)
     op = operators.start(gateway_url=gw.url)
     apply(kube, namespace, im)
-    wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 90, "sleeping")
     t0 = time.monotonic()
     (job,) = gw.submit("test/wake")
-    wait_for(lambda: replicas_of(kube, namespace, "m2") == 1, 30, "replicas 1", every=0.02)
+    wait_for(lambda: replicas_of(kube, namespace, "m2") == 1, 90, "replicas 1", every=0.02)
     reacted = time.monotonic() - t0
     # Driven by the queue's change, not a periodic resync (30 s or more); a margin for load.
     assert reacted < 15, f"scale-up took {reacted:.2f}s"
-    wait_for(lambda: state_of(kube, namespace, "m2") == "starting", 30, "starting")
+    wait_for(lambda: state_of(kube, namespace, "m2") == "starting", 90, "starting")
     im = get(kube, namespace, "imagemodel", "m2")
     assert im["status"]["queue"]["warming"] == 1 and im["status"]["queueDepth"] == 1
     assert condition(im, "Ready")["reason"] == "WorkersStarting"
@@ -121,7 +145,7 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
             and len(t.json()["phases"]) == 4
             and t.json()
         ),
-        20,
+        90,
         "the pod's phases in the job's timeline",
     )
     assert timeline["waited_for_capacity"] is True and timeline["worker_id"] == pod
@@ -130,7 +154,7 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     ]  # fmt: skip
     wait_for(
         lambda: (get(kube, namespace, "imagemodel", "m2")["status"].get("queue") or {}).get("running") == 1,
-        10,
+        90,
         "running 1 in status",
     )
     time.sleep(1)
@@ -139,9 +163,9 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     assert gw.depth("test/wake") == 0
     time.sleep(1.5)
     assert replicas_of(kube, namespace, "m2") == 1, "scaled down inside the idle window"
-    wait_for(lambda: replicas_of(kube, namespace, "m2") == 0, 15, "replicas 0")
+    wait_for(lambda: replicas_of(kube, namespace, "m2") == 0, 90, "replicas 0")
     assert time.monotonic() - idle_from >= 3
-    wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 10, "sleeping again")
+    wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 90, "sleeping again")
     reasons = [e["reason"] for e in events(kube, namespace, "m2")]
     assert "ScaledUp" in reasons and "ScaledToZero" in reasons
     assert (op.metric("remotegpu_operator_scale_decisions_total", imagemodel="m2", direction="up") or 0) >= 1
@@ -150,7 +174,7 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
 def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, namespace, operators: Operators):
     operators.start()
     apply(kube, namespace, imagemodel("m3", "test/roll"))
-    wait_for(lambda: state_of(kube, namespace, "m3") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m3") == "sleeping", 90, "sleeping")
     d0 = get(kube, namespace, "deployment", "m3-worker")
     h0 = d0["metadata"]["annotations"]["remotegpu.ai/template-hash"]
     # A scaling-only change must not restart workers.
@@ -185,7 +209,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
             and d["metadata"]["annotations"]["remotegpu.ai/template-hash"] != h0
             and d
         ),
-        20,
+        90,
         "new template",
     )
     assert d2["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/worker:v2"
@@ -195,7 +219,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
             and o["status"].get("observedGeneration") == o["metadata"]["generation"]
             and o
         ),
-        20,
+        90,
         "observed",
     )
     assert im["metadata"]["generation"] >= 3
@@ -205,7 +229,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
 def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operators: Operators):
     operators.start()
     apply(kube, namespace, imagemodel("m4", "test/delete", replicas=1))
-    wait_for(lambda: state_of(kube, namespace, "m4") == "ready", 30, "ready (pinned 1)")
+    wait_for(lambda: state_of(kube, namespace, "m4") == "ready", 90, "ready (pinned 1)")
     assert len(kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"]) == 1
     kube.kubectl("delete", "imagemodel", "m4", "-n", namespace, "--timeout=30s")
     # The garbage collector (kube-controller-manager) follows the owner reference. It picks up
@@ -214,7 +238,7 @@ def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operato
     wait_for(lambda: get(kube, namespace, "deployment", "m4-worker") is None, 90, "deployment gone")
     wait_for(
         lambda: not kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"],
-        30,
+        90,
         "pods gone",
     )
 
@@ -232,7 +256,7 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
     gw = gateway(im)
     op = operators.start(gateway_url=gw.url)
     apply(kube, namespace, im)
-    wait_for(lambda: state_of(kube, namespace, "m5") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m5") == "sleeping", 90, "sleeping")
     gw.submit("test/huge", 4)
     im = wait_for(
         lambda: (
@@ -240,7 +264,7 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
             and condition(o, "CapacityAvailable").get("status") == "False"
             and o
         ),
-        30,
+        90,
         "capacity condition",
     )
     cap = condition(im, "CapacityAvailable")
@@ -270,9 +294,9 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
     gw = gateway(im)
     op = operators.start("op-a", gateway_url=gw.url)
     apply(kube, namespace, im)
-    wait_for(lambda: state_of(kube, namespace, "m6") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m6") == "sleeping", 90, "sleeping")
     gw.submit("test/restart", 3)
-    wait_for(lambda: (replicas_of(kube, namespace, "m6") or 0) >= 1, 10, "first step", every=0.02)
+    wait_for(lambda: (replicas_of(kube, namespace, "m6") or 0) >= 1, 90, "first step", every=0.02)
     op.stop(signal.SIGKILL)  # no Lease release, no cleanup
     # Mid-scale: fewer replicas than the queue needs. op-a steps up every 0.5 s, so on a
     # loaded machine it may have reached 3 before the kill; set the partial state instead
@@ -280,8 +304,8 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
     kube.kubectl("scale", "deployment/m6-worker", "-n", namespace, "--replicas=1")
     assert replicas_of(kube, namespace, "m6") == 1
     operators.start("op-b", gateway_url=gw.url)
-    wait_for(lambda: replicas_of(kube, namespace, "m6") == 3, 30, "converged to 3")
-    wait_for(lambda: state_of(kube, namespace, "m6") == "ready", 20, "ready")
+    wait_for(lambda: replicas_of(kube, namespace, "m6") == 3, 90, "converged to 3")
+    wait_for(lambda: state_of(kube, namespace, "m6") == "ready", 90, "ready")
     deps = kube.get_json("deployments", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m6")["items"]
     assert len(deps) == 1
     rss = kube.get_json("replicasets", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m6")["items"]
@@ -292,7 +316,7 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
     op_c = operators.start("op-c", gateway_url=gw.url)
     wait_for(
         lambda: op_c.metric("remotegpu_operator_desired_replicas", imagemodel="m6") == 3.0,
-        30,
+        90,
         "op-c reconciled m6",
     )
     time.sleep(2)
@@ -311,10 +335,10 @@ def test_two_operators_do_not_fight(kube, namespace, operators: Operators, gatew
     lease = kube.get_json("lease", "remotegpu-operator", "-n", namespace)
     assert lease["spec"]["holderIdentity"] == leader.identity
     apply(kube, namespace, im)
-    wait_for(lambda: state_of(kube, namespace, "m7") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m7") == "sleeping", 90, "sleeping")
     gen0 = get(kube, namespace, "deployment", "m7-worker")["metadata"]["generation"]
     gw.submit("test/pair")
-    wait_for(lambda: replicas_of(kube, namespace, "m7") == 1, 10, "replicas 1")
+    wait_for(lambda: replicas_of(kube, namespace, "m7") == 1, 90, "replicas 1")
     time.sleep(3)
     d = get(kube, namespace, "deployment", "m7-worker")
     assert d["spec"]["replicas"] == 1 and d["metadata"]["generation"] == gen0 + 1, (
@@ -322,13 +346,13 @@ def test_two_operators_do_not_fight(kube, namespace, operators: Operators, gatew
     )
     # The leader goes away; the standby takes over (released Lease: at once) and acts on the queue.
     leader.stop()
-    wait_for(standby.is_leader, 15, "standby takes over")
+    wait_for(standby.is_leader, 90, "standby takes over")
     assert (
         kube.get_json("lease", "remotegpu-operator", "-n", namespace)["spec"]["holderIdentity"]
         == standby.identity
     )
     gw.submit("test/pair")
-    wait_for(lambda: replicas_of(kube, namespace, "m7") == 2, 15, "replicas 2 by the new leader")
+    wait_for(lambda: replicas_of(kube, namespace, "m7") == 2, 90, "replicas 2 by the new leader")
 
 
 def test_scale_down_takes_idle_pods_and_spares_busy_ones(
@@ -336,10 +360,10 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
 ):
     operators.start()
     apply(kube, namespace, imagemodel("m8", "test/busy", scaling={"maxReplicas": 2, "idleSeconds": 2}))
-    wait_for(lambda: state_of(kube, namespace, "m8") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m8") == "sleeping", 90, "sleeping")
     queue.set("test/busy", warming=2)
     wait_for(
-        lambda: get(kube, namespace, "imagemodel", "m8")["status"].get("readyReplicas") == 2, 30, "2 ready"
+        lambda: get(kube, namespace, "imagemodel", "m8")["status"].get("readyReplicas") == 2, 90, "2 ready"
     )
     names = sorted(
         p["metadata"]["name"]
@@ -354,9 +378,9 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
             "controller.kubernetes.io/pod-deletion-cost"
         )
 
-    wait_for(lambda: cost(busy) == "1000", 10, "busy pod marked")
+    wait_for(lambda: cost(busy) == "1000", 90, "busy pod marked")
     assert cost(names[0]) in (None, "0")
-    wait_for(lambda: replicas_of(kube, namespace, "m8") == 1, 20, "scale down to the busy one")
+    wait_for(lambda: replicas_of(kube, namespace, "m8") == 1, 90, "scale down to the busy one")
     wait_for(
         lambda: (
             [
@@ -365,7 +389,7 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
             ]
             == [busy]
         ),
-        30,
+        90,
         "idle pod removed",
     )
     time.sleep(3)
@@ -384,28 +408,28 @@ def test_the_scale_subresource_answers_in_every_mode_and_kubectl_scale_sets_the_
 ):
     operators.start()
     apply(kube, namespace, imagemodel("m9", "test/pin", scaling={"scaleDownLimit": 2}))
-    wait_for(lambda: state_of(kube, namespace, "m9") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m9") == "sleeping", 90, "sleeping")
     # An autoscaled model (no spec.replicas) answers GET .../scale, as an HPA or KEDA needs.
     scale = scale_of(kube, namespace, "m9")
     assert scale["spec"].get("replicas", 0) == 0 and scale["status"]["replicas"] == 0  # 0 is omitted
     assert scale["status"]["selector"] == "app.kubernetes.io/name=remotegpu-worker,remotegpu.ai/imagemodel=m9"
     kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=2")
-    wait_for(lambda: replicas_of(kube, namespace, "m9") == 2, 10, "kept warm: 2")
+    wait_for(lambda: replicas_of(kube, namespace, "m9") == 2, 90, "kept warm: 2")
     wait_for(
-        lambda: get(kube, namespace, "imagemodel", "m9")["status"].get("readyReplicas") == 2, 20, "2 ready"
+        lambda: get(kube, namespace, "imagemodel", "m9")["status"].get("readyReplicas") == 2, 90, "2 ready"
     )
     scale = scale_of(kube, namespace, "m9")
     assert scale["spec"]["replicas"] == 2 and scale["status"]["replicas"] == 2
     # Scaling to 0 hands the count back to the queue (empty: to zero after the idle window).
     kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=0")
-    wait_for(lambda: replicas_of(kube, namespace, "m9") == 0, 20, "back to the autoscaler")
+    wait_for(lambda: replicas_of(kube, namespace, "m9") == 0, 90, "back to the autoscaler")
     # Fixed mode: the scale subresource sets the count, whatever maxReplicas says.
     kube.kubectl(
         "patch", "imagemodel", "m9", "-n", namespace, "--type=merge",
         "-p", '{"spec":{"scaling":{"mode":"Fixed","maxReplicas":1}}}',
     )  # fmt: skip
     kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=3")
-    wait_for(lambda: replicas_of(kube, namespace, "m9") == 3, 20, "fixed at 3")
+    wait_for(lambda: replicas_of(kube, namespace, "m9") == 3, 90, "fixed at 3")
     assert scale_of(kube, namespace, "m9")["spec"]["replicas"] == 3
     im = get(kube, namespace, "imagemodel", "m9")
     assert condition(im, "ScalingActive")["reason"] == "Fixed"
@@ -414,7 +438,7 @@ def test_the_scale_subresource_answers_in_every_mode_and_kubectl_scale_sets_the_
 def test_a_pin_above_max_replicas_is_capped(kube, namespace, operators: Operators):
     operators.start()
     apply(kube, namespace, imagemodel("m13", "test/cap", replicas=5, scaling={"maxReplicas": 2}))
-    wait_for(lambda: replicas_of(kube, namespace, "m13") == 2, 30, "capped at 2")
+    wait_for(lambda: replicas_of(kube, namespace, "m13") == 2, 90, "capped at 2")
     time.sleep(2)
     assert replicas_of(kube, namespace, "m13") == 2
     im = get(kube, namespace, "imagemodel", "m13")
@@ -426,7 +450,7 @@ def test_external_mode_leaves_the_replicas_to_an_hpa_and_still_reports(
 ):
     operators.start()
     apply(kube, namespace, imagemodel("m14", "test/external", scaling={"mode": "External", "maxReplicas": 4}))
-    wait_for(lambda: get(kube, namespace, "deployment", "m14-worker") is not None, 30, "Deployment")
+    wait_for(lambda: get(kube, namespace, "deployment", "m14-worker") is not None, 90, "Deployment")
     queue.set("test/external", queued=3)
     # Jobs wait, but in External mode the operator does not scale: the HPA does.
     time.sleep(3)
@@ -439,7 +463,7 @@ def test_external_mode_leaves_the_replicas_to_an_hpa_and_still_reports(
             and (o.get("status") or {}).get("readyReplicas") == 2
             and o
         ),
-        30,
+        90,
         "2 ready reported",
     )
     assert im["status"]["state"] == "ready" and im["status"]["desiredReplicas"] == 2
@@ -459,7 +483,7 @@ def test_a_resource_quota_refusal_is_reported_not_starting_forever(
     kube.kubectl("create", "quota", "no-gpus", "-n", namespace, "--hard=requests.nvidia.com/gpu=0")
     operators.start()
     apply(kube, namespace, imagemodel("m15", "test/quota"))
-    wait_for(lambda: state_of(kube, namespace, "m15") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m15") == "sleeping", 90, "sleeping")
     queue.set("test/quota", warming=1)
     im = wait_for(
         lambda: (
@@ -481,17 +505,17 @@ def test_a_resource_quota_refusal_is_reported_not_starting_forever(
 def test_two_imagemodels_for_one_model_are_detected(kube, namespace, operators: Operators, queue: QueueStub):
     operators.start()
     apply(kube, namespace, imagemodel("m16a", "test/dup"))
-    wait_for(lambda: state_of(kube, namespace, "m16a") == "sleeping", 30, "first sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m16a") == "sleeping", 90, "first sleeping")
     apply(kube, namespace, imagemodel("m16b", "test/dup"))
     queue.set("test/dup", warming=1)
-    wait_for(lambda: replicas_of(kube, namespace, "m16a") == 1, 20, "the first one scales")
+    wait_for(lambda: replicas_of(kube, namespace, "m16a") == 1, 90, "the first one scales")
     im = wait_for(
         lambda: (
             (o := get(kube, namespace, "imagemodel", "m16b"))
             and condition(o, "ScalingActive").get("reason") == "DuplicateModel"
             and o
         ),
-        30,
+        90,
         "DuplicateModel",
     )
     assert condition(im, "ScalingActive")["status"] == "False"
@@ -502,7 +526,7 @@ def test_two_imagemodels_for_one_model_are_detected(kube, namespace, operators: 
 def test_an_imagemodel_is_deleted_without_the_operator(kube, namespace, operators: Operators):
     op = operators.start()
     apply(kube, namespace, imagemodel("m17", "test/orphan"))
-    wait_for(lambda: state_of(kube, namespace, "m17") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m17") == "sleeping", 90, "sleeping")
     assert not get(kube, namespace, "imagemodel", "m17")["metadata"].get("finalizers")
     op.stop()
     # No finalizer waits for an operator that is gone (uninstall, namespace deletion).
@@ -585,7 +609,7 @@ def test_a_foreign_deployment_is_not_taken_over_and_the_failure_is_an_event(
     apply(kube, namespace, imagemodel("m10", "test/foreign"))
     ev = wait_for(
         lambda: next((e for e in events(kube, namespace, "m10") if e["reason"] == "ReconcileFailed"), None),
-        30,
+        90,
         "a ReconcileFailed event",
     )
     assert ev["type"] == "Warning" and "not managed by the RemoteGPU operator" in ev["message"]
@@ -599,9 +623,9 @@ def test_an_unreachable_gateway_holds_replicas_and_says_so(kube, namespace, oper
     gw = gateway(im)
     operators.start(gateway_url=gw.url, REMOTEGPU_OPERATOR_QUEUE_WAIT_SECONDS="1")
     apply(kube, namespace, im)
-    wait_for(lambda: state_of(kube, namespace, "m11") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m11") == "sleeping", 90, "sleeping")
     gw.submit("test/gone")
-    wait_for(lambda: replicas_of(kube, namespace, "m11") == 1, 10, "replicas 1")
+    wait_for(lambda: replicas_of(kube, namespace, "m11") == 1, 90, "replicas 1")
     gw.stop()
     im_now = wait_for(
         lambda: (
@@ -609,7 +633,7 @@ def test_an_unreachable_gateway_holds_replicas_and_says_so(kube, namespace, oper
             and condition(o, "QueueObserved").get("status") == "False"
             and o
         ),
-        20,
+        90,
         "QueueObserved=False",
     )
     assert condition(im_now, "QueueObserved")["reason"] == "GatewayUnreachable"
@@ -626,18 +650,18 @@ def test_a_deleted_deployment_is_recreated_with_the_replicas_the_queue_needs(
     gw = gateway(im)
     operators.start(gateway_url=gw.url)
     apply(kube, namespace, im)
-    wait_for(lambda: state_of(kube, namespace, "m12") == "sleeping", 30, "sleeping")
+    wait_for(lambda: state_of(kube, namespace, "m12") == "sleeping", 90, "sleeping")
     gw.submit("test/recreate")
-    wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 10, "replicas 1")
+    wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 90, "replicas 1")
     uid = get(kube, namespace, "deployment", "m12-worker")["metadata"]["uid"]
     kube.kubectl("delete", "deployment", "m12-worker", "-n", namespace, "--wait=false")
     new = wait_for(
         lambda: (d := get(kube, namespace, "deployment", "m12-worker")) and d["metadata"]["uid"] != uid and d,
-        20,
+        90,
         "a new Deployment",
     )
     assert new["metadata"]["ownerReferences"][0]["name"] == "m12"
-    wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 10, "replicas 1 again")
+    wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 90, "replicas 1 again")
     assert len(kube.get_json("deployments", "-n", namespace)["items"]) == 1
 
 
@@ -671,11 +695,11 @@ def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
         apply(kube, namespace, low)
         apply(kube, namespace, high)
         queue.set("test/low", warming=1)
-        wait_for(lambda: state_of(kube, namespace, "low") == "ready", 30, "low ready")
+        wait_for(lambda: state_of(kube, namespace, "low") == "ready", 90, "low ready")
         queue.set("test/low")  # low's job is done; its worker idles (a 1 h idle window)
         queue.set("test/high", warming=2)
-        wait_for(lambda: replicas_of(kube, namespace, "low") == 0, 30, "low's idle worker reclaimed")
-        wait_for(lambda: state_of(kube, namespace, "high") == "ready", 30, "high runs on the freed GPU")
+        wait_for(lambda: replicas_of(kube, namespace, "low") == 0, 90, "low's idle worker reclaimed")
+        wait_for(lambda: state_of(kube, namespace, "high") == "ready", 90, "high runs on the freed GPU")
         reclaimed = [e for e in events(kube, namespace, "low") if e["reason"] == "Reclaimed"]
         assert reclaimed and "released for high" in reclaimed[0]["message"]
         # Never the other way round: low's jobs wait, high's worker is not taken.
@@ -689,7 +713,7 @@ def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
                 and condition(o, "CapacityAvailable").get("status") == "False"
                 and o
             ),
-            30,
+            90,
             "low waits for a GPU",
         )
         assert "held by models high" in condition(im, "CapacityAvailable")["message"]
@@ -732,7 +756,7 @@ def test_worker_pods_carry_the_models_resources_placement_and_security(kube, nam
         apply(kube, namespace, imagemodel("res", "test/resources", worker=worker, scaling={"minReplicas": 1}))
         pods = wait_for(
             lambda: kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=res")["items"],
-            30,
+            90,
             "a worker pod",
         )
         pod = pods[0]
@@ -759,12 +783,12 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
         "prewarm": True,
     }
     apply(kube, namespace, imagemodel("cached", "test/cached", cache=cache, scaling={"minReplicas": 1}))
-    dep = wait_for(lambda: get(kube, namespace, "deployment", "cached-worker"), 30, "the Deployment")
+    dep = wait_for(lambda: get(kube, namespace, "deployment", "cached-worker"), 90, "the Deployment")
     pod = dep["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["initContainers"]] == ["fetch-weights"]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/weights")
     assert mount["readOnly"] is True and mount["subPath"] == f"{namespace}/cached/weights"
-    ds = wait_for(lambda: get(kube, namespace, "daemonset", "cached-cache"), 30, "the pre-warm DaemonSet")
+    ds = wait_for(lambda: get(kube, namespace, "daemonset", "cached-cache"), 90, "the pre-warm DaemonSet")
     assert ds["metadata"]["ownerReferences"][0]["name"] == "cached"
     # the cache status lists the nodes the fetch pods went to (KWOK reports no fetch result)
     im = wait_for(
@@ -773,7 +797,7 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
             and ((o.get("status") or {}).get("cache") or {}).get("path")
             and o
         ),
-        30,
+        90,
         "status.cache",
     )
     assert im["status"]["cache"]["path"] == f"{namespace}/cached"
@@ -788,13 +812,13 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
             n["node"] == "gpu-node-0"
             for n in get(kube, namespace, "imagemodel", "cached")["status"]["cache"]["nodes"]
         ),
-        10,
+        90,
         "the node kept in the status",
     )
     kube.kubectl("delete", "imagemodel", "cached", "-n", namespace)
     jobs = wait_for(
         lambda: kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=cached")["items"],
-        30,
+        90,
         "the clean-up Job",
     )
     # one per node that had the cache: the pre-warm pods went to the GPU nodes only

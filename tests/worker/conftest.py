@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +19,7 @@ from remotegpu_base.catalog import ImageModel
 from remotegpu_base.protocol import WorkerAPIClient
 
 from cluster.localcluster import free_port
+from tests.fixtures.processes import Proc
 
 WORKER_TOKEN = "worker-test-token"
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +61,7 @@ def engines(tiny_data_dir: Path, tiny_catalog: dict[str, ImageModel]) -> Iterato
 class RunningGateway:
     """The real gateway (`create_app(settings)`) under uvicorn in a thread, on SQLite."""
 
-    def __init__(self, data_dir: Path, models: list[ImageModel], lease_ttl: float = 30.0):
+    def __init__(self, data_dir: Path, models: list[ImageModel], lease_ttl: float = 30.0, **settings: Any):
         from remotegpu_gateway.app import create_app
         from remotegpu_gateway.settings import Settings
 
@@ -77,6 +76,7 @@ class RunningGateway:
             lease_ttl_seconds=lease_ttl,
             reaper_interval_seconds=0.2,
             poll_interval_seconds=0.2,
+            **settings,
         )
         self.app = create_app(settings)
         self.gw = self.app.state.gateway
@@ -137,10 +137,10 @@ def gateway_factory(
 ) -> Iterator[Callable[..., RunningGateway]]:
     started: list[RunningGateway] = []
 
-    def make(lease_ttl: float = 30.0) -> RunningGateway:
+    def make(lease_ttl: float = 30.0, **settings: Any) -> RunningGateway:
         d = tmp_path / f"gw{len(started)}"
         d.mkdir()
-        g = RunningGateway(d, list(tiny_catalog.values()), lease_ttl=lease_ttl)
+        g = RunningGateway(d, list(tiny_catalog.values()), lease_ttl=lease_ttl, **settings)
         started.append(g)
         return g
 
@@ -152,51 +152,6 @@ def gateway_factory(
 @pytest.fixture
 def gateway(gateway_factory: Callable[..., RunningGateway]) -> RunningGateway:
     return gateway_factory()
-
-
-class Proc:
-    """A subprocess started by a test; stopped by its pid (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.p = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO))
-        self.pid = self.p.pid
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, sig: int) -> None:
-        if self.p.poll() is None:
-            os.kill(self.pid, sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.p.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.p.wait(timeout=10)
-        self._log.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[..., Proc]]:
-    started: list[Proc] = []
-
-    def start(args: list[str], env: dict[str, str], log_path: Path) -> Proc:
-        p = Proc(args, env, log_path)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
 
 
 def base_env(**extra: str) -> dict[str, str]:

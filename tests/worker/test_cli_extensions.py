@@ -10,8 +10,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from tests.fixtures.processes import Proc
 from tests.fixtures.tiny_models import copy_tiny_models
-from tests.worker.conftest import REMOTEGPU, Proc, base_env, free_port, wait_http
+from tests.worker.conftest import REMOTEGPU, base_env, free_port, wait_http
 
 TINY = "remotegpu/tiny-random-flux1"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.worker.conftest import REMOTEGPU, Proc, base_env, free_port, png_size, wait_http
+from tests.fixtures.processes import Proc
+from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_size, wait_http
 
 
 def models(url: str) -> dict[str, dict]:

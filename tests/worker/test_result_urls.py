@@ -9,9 +9,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.fixtures.processes import Proc
 from tests.fixtures.tiny_models import copy_tiny_models
 from tests.waiting import wait_for
-from tests.worker.conftest import REMOTEGPU, Proc, base_env, free_port, png_size, wait_http
+from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_size, wait_http
 
 TINY = "remotegpu/tiny-random-flux1"
 

@@ -66,14 +66,14 @@ async def upgrade_crd(api: kube.Api, crd: dict[str, Any]) -> None:
     """Replaces the CRD's spec with `crd`'s, keeping the labels and annotations others put on it."""
     name = crd["metadata"]["name"]
     # By name: the hook's role may get and update this one CRD, not list them.
-    at = {"version": "apiextensions.k8s.io/v1", "url": f"customresourcedefinitions/{name}"}
-    async with api.call_api("GET", **at) as r:
+    version, url = "apiextensions.k8s.io/v1", f"customresourcedefinitions/{name}"
+    async with api.call_api("GET", version=version, url=url) as r:
         current = r.json()["metadata"]
     for field in ("labels", "annotations"):
         crd["metadata"][field] = {**current.get(field, {}), **crd["metadata"].get(field, {})}
     crd["metadata"]["resourceVersion"] = current["resourceVersion"]
     # A replace (PUT), not a merge patch: fields the new CRD drops must go.
-    async with api.call_api("PUT", **at, content=json.dumps(crd)):
+    async with api.call_api("PUT", version=version, url=url, content=json.dumps(crd)):
         pass
     print(f"updated CustomResourceDefinition {name}")
 

@@ -296,7 +296,7 @@ def import_into(address: str, built: Built, ctr: str = "ctr") -> None:
     if built.ref not in have:
         with built.archive.open("rb") as f:
             subprocess.run([*base, "images", "import", "-"], stdin=f, check=True, capture_output=True)
-        drop_layer_blobs(base, built.ref)
+    drop_layer_blobs(base, built.ref)  # also those an earlier import kept
     # Older builds of the image go (the node keeps its images across runs: disk).
     repository = built.ref.rsplit(":", 1)[0]
     old = [ref for ref in have if ref.rsplit(":", 1)[0] == repository and ref != built.ref]
@@ -329,7 +329,12 @@ def drop_layer_blobs(base: list[str], ref: str) -> None:
     `discard_unpacked_layers` does for pulled images: the kubelet runs containers from the
     unpacked snapshots, so the blobs would only double the node's disk (the worker's
     dependency layer is 5 GB; `ctr images check` calls the image incomplete from then on)."""
-    layers = layer_digests(base, ref)
+    stored = set(
+        subprocess.run(
+            [*base, "content", "ls", "-q"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    layers = [digest for digest in layer_digests(base, ref) if digest in stored]
     if layers:
         subprocess.run([*base, "content", "rm", *layers], capture_output=True, check=True)
 

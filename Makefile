@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # `make test` runs test files in parallel: most of the suite waits on real processes
 # (servers, clusters, workers), so more workers than cores pays. Each worker starts
-# its own cluster and PostgreSQL when it first needs one; a file's tests stay together.
+# its own cluster and PostgreSQL when it first needs one; a file's tests stay together,
+# and the longest files go first (tests/durations.json; `--store-durations` refreshes it).
 # The tests marked real_nodes run in one more session beside them: the real nodes'
 # bridges and nftables tables exist once per host.
 TEST_WORKERS ?= 2
@@ -85,7 +86,7 @@ test: ## run every test (starts and stops its own cluster, PostgreSQL, Prometheu
 	  echo "==> the real-node tests run in a session of their own beside the others (log: build/test-real-nodes.log)"; \
 	  $(PHASE) "tests (real nodes)" $(BIN)/pytest -m real_nodes $(PYTEST_ARGS) > build/test-real-nodes.log 2>&1 & real=$$!; \
 	  $(PHASE) "tests (parallel, $(TEST_WORKERS) workers)" \
-	    $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -m "not real_nodes" $(PYTEST_ARGS); rest=$$?; \
+	    $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not real_nodes" $(PYTEST_ARGS); rest=$$?; \
 	  wait $$real; real_rc=$$?; \
 	  [ $$rest = 5 ] && rest=0; [ $$real_rc = 5 ] && real_rc=0; \
 	  echo "==> the real-node tests (build/test-real-nodes.log):"; tail -n 60 build/test-real-nodes.log; \

@@ -31,7 +31,14 @@ def test_the_longest_files_go_first_and_a_files_tests_keep_their_order(
     items = [Item(n) for n in ["a.py::t1", "a.py::t2", "b.py::t2", "b.py::t1", "c.py::t", "new.py::t"]]
     conftest.longest_files_first(items)  # type: ignore[arg-type]
     # A file not measured yet counts as a slow one: it does not start last.
-    assert [i.nodeid for i in items] == ["b.py::t2", "b.py::t1", "new.py::t", "c.py::t", "a.py::t1", "a.py::t2"]
+    assert [i.nodeid for i in items] == [
+        "b.py::t2",
+        "b.py::t1",
+        "new.py::t",
+        "c.py::t",
+        "a.py::t1",
+        "a.py::t2",
+    ]
 
 
 def test_store_durations_sums_each_file_and_keeps_the_files_it_did_not_run(

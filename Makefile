@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # and the longest files go first (tests/durations.json; `--store-durations` refreshes it).
 # The tests marked real_nodes run in one more session beside them: the real nodes'
 # bridges and nftables tables exist once per host.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
 

@@ -15,13 +15,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 # The dependencies first, in their own layer (a code change does not reinstall them),
-# at the versions the lock pins (it also pins the worker extra, unused here). The pip
-# cache is a build cache mount: downloads are reused across builds, never in the image.
+# at the versions the lock pins (it also pins the worker extra, unused here), installed
+# by uv (the version `make install` uses; it is not left in the image). Its cache is a
+# build cache mount: downloads are reused across builds, never in the image.
+# UV_CACHE_DIR may name another cache the build mounts: `make images` mounts the
+# host's, so the wheels `make install` fetched are not fetched again.
+ARG UV_VERSION=0.13.9
+ARG UV_CACHE_DIR=/root/.cache/uv
 COPY requirements.lock pyproject.toml ./
-RUN --mount=type=cache,target=/root/.cache/pip \
+RUN --mount=type=cache,target=/root/.cache/uv \
     python3 -m venv /opt/remotegpu \
+    && python3 -m venv /tmp/uv \
+    && /tmp/uv/bin/pip install --quiet "uv==$UV_VERSION" \
     && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies']))" > requirements.in \
-    && pip install --constraint requirements.lock -r requirements.in
+    && UV_LINK_MODE=copy /tmp/uv/bin/uv pip install --native-tls --python /opt/remotegpu/bin/python \
+         --constraint requirements.lock -r requirements.in \
+    && rm -rf /tmp/uv
 COPY base ./base
 COPY remotegpu ./remotegpu
 COPY gateway ./gateway

@@ -11,10 +11,11 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # `make test` runs test files in parallel: most of the suite waits on real processes
 # (servers, clusters, workers), so more workers than cores pays. Each worker starts
-# its own cluster and PostgreSQL when it first needs one; a file's tests stay together.
+# its own cluster and PostgreSQL when it first needs one; a file's tests stay together,
+# and the longest files go first (tests/durations.json; `--store-durations` refreshes it).
 # The tests marked real_nodes run in one more session beside them: the real nodes'
 # bridges and nftables tables exist once per host.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
 
@@ -69,13 +70,27 @@ images: install system-deps ## build the images with buildah (only when their in
 run: install ## start the service (embedded default) on http://127.0.0.1:8000
 	$(BIN)/remotegpu serve
 
-test: install system-deps cluster-bin ## run every test (starts and stops its own cluster, PostgreSQL, Prometheus; builds the images)
-	@mkdir -p build; echo "==> the real-node tests run in a session of their own beside the others (log: build/test-real-nodes.log)"
-	@$(BIN)/pytest -m real_nodes $(PYTEST_ARGS) > build/test-real-nodes.log 2>&1 & real=$$!; \
-	  $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile -m "not real_nodes" $(PYTEST_ARGS); rest=$$?; \
+# Phases, each timed (tests/phase.sh), so one log gives a cold run's budget. The Go
+# binaries need nothing but Go, so they compile (CPU) while the Python install, the
+# Debian packages and the images download and copy (network, disk); the images reuse
+# the install's uv cache (cluster/images.py). The test sessions start once both are in.
+PHASE := tests/phase.sh
+
+test: ## run every test (starts and stops its own cluster, PostgreSQL, Prometheus; builds the binaries and images first)
+	@mkdir -p build; started=$$SECONDS; \
+	  $(PHASE) cluster-bin $(MAKE) --no-print-directory cluster-bin & bins=$$!; \
+	  $(PHASE) install $(MAKE) --no-print-directory install \
+	    && $(PHASE) system-deps $(MAKE) --no-print-directory system-deps \
+	    && $(PHASE) images $(MAKE) --no-print-directory images; built=$$?; \
+	  wait $$bins && [ $$built = 0 ] || exit 1; \
+	  echo "==> the real-node tests run in a session of their own beside the others (log: build/test-real-nodes.log)"; \
+	  $(PHASE) "tests (real nodes)" $(BIN)/pytest -m real_nodes $(PYTEST_ARGS) > build/test-real-nodes.log 2>&1 & real=$$!; \
+	  $(PHASE) "tests (parallel, $(TEST_WORKERS) workers)" \
+	    $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not real_nodes" $(PYTEST_ARGS); rest=$$?; \
 	  wait $$real; real_rc=$$?; \
 	  [ $$rest = 5 ] && rest=0; [ $$real_rc = 5 ] && real_rc=0; \
 	  echo "==> the real-node tests (build/test-real-nodes.log):"; tail -n 60 build/test-real-nodes.log; \
+	  took=$$((SECONDS - started)); echo "==> make test: $$((took / 60))m$$(printf %02d $$((took % 60)))s in all"; \
 	  exit $$(( rest || real_rc ))
 
 test-fast: install ## unit tests only (no cluster, no PostgreSQL)

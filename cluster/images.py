@@ -10,8 +10,9 @@ chroot-isolated on the host network, and writes docker-archive tarballs that
 containerd (`ctr images import`) and Docker (`docker load`) both read.
 
 Everything lives outside the repository, in ~/.cache/remotegpu/images: buildah's
-storage, its cache mounts (the pip download cache), the Debian base and the
-archives. An image is rebuilt only when its inputs change: its tag is a hash of
+storage, its cache mounts, the Debian base and the archives. The dependency layers
+install from the host's own uv cache, mounted into the build: what `make install`
+downloaded (PyTorch, the CUDA wheels: GBs) is copied, not fetched a second time. An image is rebuilt only when its inputs change: its tag is a hash of
 its Dockerfile, the files its COPY lines name, the build arguments and the base
 image's ID, and a finished archive of that tag is the stamp.
 
@@ -52,6 +53,21 @@ BASE_PACKAGES = ["python3", "python3-venv", "ca-certificates", "passwd"]
 # A TLS-intercepting proxy's CA (this machine has one): the host's trust store and pip
 # configuration are mounted into the RUN steps, never copied into the image.
 HOST_TRUST = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pip.conf"]
+# Where the host's uv cache is mounted in the RUN steps (the Dockerfiles' UV_CACHE_DIR).
+UV_CACHE_MOUNT = "/var/cache/remotegpu-uv"
+
+
+def host_uv_cache() -> Path | None:
+    """The uv cache `make install` fills (uv's own answer: UV_CACHE_DIR, XDG_CACHE_HOME...)."""
+    uv = REPO / ".venv" / "bin" / "uv"
+    if not uv.exists():
+        return None
+    out = subprocess.run([str(uv), "cache", "dir"], capture_output=True, text=True)
+    path = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+    if path is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @dataclass(frozen=True)
@@ -173,6 +189,15 @@ def input_hash(image: Image, base_ref: str, base_id: str) -> str:
     return h.hexdigest()[:16]
 
 
+def uv_cache_args(image: Image) -> list[str]:
+    """The host's uv cache as UV_CACHE_DIR, for a Dockerfile that installs with uv; read
+    and written by the build (uv locks it: a concurrent `uv pip sync` on the host is safe)."""
+    cache = host_uv_cache()
+    if cache is None or "ARG UV_CACHE_DIR" not in (REPO / image.dockerfile).read_text():
+        return []
+    return ["--volume", f"{cache}:{UV_CACHE_MOUNT}", "--build-arg", f"UV_CACHE_DIR={UV_CACHE_MOUNT}"]
+
+
 @dataclass
 class Built:
     image: Image
@@ -206,6 +231,7 @@ def build(image: Image, base: str | None = None) -> Built:
         "--build-arg",
         f"BASE_IMAGE={base_ref}",
         *[arg for path in HOST_TRUST if Path(path).is_file() for arg in ("--volume", f"{path}:{path}:ro")],
+        *uv_cache_args(image),
         "-f",
         str(REPO / image.dockerfile),
         "-t",
@@ -261,29 +287,56 @@ def release_storage() -> None:
 
 
 def import_into(address: str, built: Built, ctr: str = "ctr") -> None:
-    """Imports an archive into a containerd's Kubernetes namespace, unless already there."""
+    """Imports an archive into a containerd's Kubernetes namespace, unless already there;
+    the node keeps the unpacked image only (see drop_layer_blobs)."""
+    base = [ctr, "--address", address, "--namespace", "k8s.io"]
     have = subprocess.run(
-        [ctr, "--address", address, "--namespace", "k8s.io", "images", "list", "-q"],
-        capture_output=True,
-        text=True,
-        check=True,
+        [*base, "images", "list", "-q"], capture_output=True, text=True, check=True
     ).stdout.split()
     if built.ref not in have:
         with built.archive.open("rb") as f:
-            subprocess.run(
-                [ctr, "--address", address, "--namespace", "k8s.io", "images", "import", "-"],
-                stdin=f,
-                check=True,
-                capture_output=True,
-            )
+            subprocess.run([*base, "images", "import", "-"], stdin=f, check=True, capture_output=True)
+    drop_layer_blobs(base, built.ref)  # also those an earlier import kept
     # Older builds of the image go (the node keeps its images across runs: disk).
     repository = built.ref.rsplit(":", 1)[0]
     old = [ref for ref in have if ref.rsplit(":", 1)[0] == repository and ref != built.ref]
     if old:
+        subprocess.run([*base, "images", "remove", *old], capture_output=True)
+
+
+def layer_digests(base: list[str], ref: str) -> list[str]:
+    """The layer blobs of an image in a containerd (its manifest's, for this platform)."""
+
+    def blob(digest: str) -> dict:
+        out = subprocess.run([*base, "content", "get", digest], capture_output=True, check=True)
+        return json.loads(out.stdout)
+
+    [target] = [
+        line.split()[2]
+        for line in subprocess.run(
+            [*base, "images", "list"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[1:]
+        if line.split()[0] == ref
+    ]
+    manifest = blob(target)
+    if "manifests" in manifest:  # an index: the one manifest an import of one platform writes
+        manifest = blob(manifest["manifests"][0]["digest"])
+    return [layer["digest"] for layer in manifest.get("layers", [])]
+
+
+def drop_layer_blobs(base: list[str], ref: str) -> None:
+    """Deletes an imported image's layer blobs once unpacked, as the CRI plugin's
+    `discard_unpacked_layers` does for pulled images: the kubelet runs containers from the
+    unpacked snapshots, so the blobs would only double the node's disk (the worker's
+    dependency layer is 5 GB; `ctr images check` calls the image incomplete from then on)."""
+    stored = set(
         subprocess.run(
-            [ctr, "--address", address, "--namespace", "k8s.io", "images", "remove", *old],
-            capture_output=True,
-        )
+            [*base, "content", "ls", "-q"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    layers = [digest for digest in layer_digests(base, ref) if digest in stored]
+    if layers:
+        subprocess.run([*base, "content", "rm", *layers], capture_output=True, check=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,3 +49,12 @@ def test_image_python_is_the_one_the_lock_was_compiled_for(dockerfile: str):
     assert base.group(1) == locked.group(1)
     # The base is the ARG (the tests pass a local Debian bookworm one: its Python is 3.11 too).
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.MULTILINE)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "inference-worker/Dockerfile"])
+def test_image_installs_with_the_uv_of_make_install(dockerfile: str):
+    """The images install the lock with the uv `make install` uses, whose cache
+    `make images` mounts (cluster/images.py): another version may read it differently."""
+    makefile = re.search(r"^UV_VERSION := (\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    image = re.search(r"^ARG UV_VERSION=(\S+)$", (REPO / dockerfile).read_text(), re.MULTILINE)
+    assert makefile and image and image.group(1) == makefile.group(1)

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from cluster import images
 from tests.fixtures.cluster import Kube, RealNodes
 from tests.waiting import wait_for
 
@@ -163,6 +164,28 @@ def test_a_pod_asking_for_more_gpus_than_a_real_node_has_stays_pending(
         "the scheduler's verdict",
     )
     assert "Insufficient nvidia.com/gpu" in json.dumps(unschedulable), unschedulable
+
+
+def test_a_node_keeps_each_image_once_unpacked_without_its_layer_blobs(
+    kube: Kube, real_nodes: RealNodes, namespace: str
+):
+    """The worker's dependency layer is 5 GB: kept as a blob beside its unpacked snapshot,
+    it would take 11 GB of each node's disk. The import drops the blobs, and containers
+    of the image still start (from the snapshot)."""
+    assert kube.cluster is not None
+    for node in kube.cluster.real_nodes().nodes:
+        ctr = ["ctr", "--address", str(node.socket), "--namespace", "k8s.io"]
+        blobs = set(
+            subprocess.run(
+                [*ctr, "content", "ls", "-q"], capture_output=True, text=True, check=True
+            ).stdout.split()
+        )
+        for built in real_nodes.images.values():
+            layers = images.layer_digests(ctr, built.ref)
+            assert layers and not blobs & set(layers), f"{node.name} keeps layer blobs of {built.ref}"
+    node = list(real_nodes.addresses)[0]
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(web_pod(real_nodes, "web", node)))
+    wait_for(lambda: ready(kube, namespace, "web"), 120, "pod web Ready")
 
 
 def _get(url: str) -> httpx.Response | None:

@@ -448,3 +448,21 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     out = kube.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
     return out["items"]
+
+
+# The pod-ready delay KWOK applies to a pod carrying it (the stages the cluster loads).
+KWOK_DELAY = "pod-ready.stage.kwok.x-k8s.io/delay"
+
+
+def dep_name(name: str) -> str:
+    return f"{name}-worker"
+
+
+def replicas_of(kube: Kube, ns: str, name: str) -> int | None:
+    d = get(kube, ns, "deployment", dep_name(name))
+    return None if d is None else d["spec"]["replicas"]
+
+
+def state_of(kube: Kube, ns: str, name: str) -> str | None:
+    im = get(kube, ns, "imagemodel", name)
+    return ((im or {}).get("status") or {}).get("state")

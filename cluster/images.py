@@ -297,11 +297,26 @@ def import_into(address: str, built: Built, ctr: str = "ctr") -> None:
         with built.archive.open("rb") as f:
             subprocess.run([*base, "images", "import", "-"], stdin=f, check=True, capture_output=True)
     drop_layer_blobs(base, built.ref)  # also those an earlier import kept
-    # Older builds of the image go (the node keeps its images across runs: disk).
-    repository = built.ref.rsplit(":", 1)[0]
-    old = [ref for ref in have if ref.rsplit(":", 1)[0] == repository and ref != built.ref]
-    if old:
-        subprocess.run([*base, "images", "remove", *old], capture_output=True)
+    remove_superseded(base, built.ref)
+
+
+def image_targets(base: list[str]) -> dict[str, str]:
+    """Every image reference of a containerd namespace and the digest it points at."""
+    rows = subprocess.run([*base, "images", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0]: line.split()[2] for line in rows.splitlines()[1:] if line.strip()}
+
+
+def remove_superseded(base: list[str], ref: str) -> None:
+    """Older builds of the image go (the node keeps its images across runs: disk), with the
+    `sha256:<image id>` references the CRI plugin adds beside each name: left behind, those
+    keep every old build's snapshots (6 GB a worker image) for good."""
+    repository = ref.rsplit(":", 1)[0]
+    targets = image_targets(base)
+    old = [r for r in targets if r.rsplit(":", 1)[0] == repository and r != ref]
+    named = {t for r, t in targets.items() if not r.startswith("sha256:") and r not in old}
+    orphans = [r for r, t in targets.items() if r.startswith("sha256:") and t not in named]
+    if old or orphans:
+        subprocess.run([*base, "images", "remove", "--sync", *old, *orphans], capture_output=True, check=True)
 
 
 def layer_digests(base: list[str], ref: str) -> list[str]:

@@ -170,8 +170,8 @@ def test_a_node_keeps_each_image_once_unpacked_without_its_layer_blobs(
     kube: Kube, real_nodes: RealNodes, namespace: str
 ):
     """The worker's dependency layer is 5 GB: kept as a blob beside its unpacked snapshot,
-    it would take 11 GB of each node's disk. The import drops the blobs, and containers
-    of the image still start (from the snapshot)."""
+    it would take 11 GB of each node's disk, and every older build kept would add 6 GB. The
+    import drops the blobs and the older builds, and containers still start (from the snapshot)."""
     assert kube.cluster is not None
     for node in kube.cluster.real_nodes().nodes:
         ctr = ["ctr", "--address", str(node.socket), "--namespace", "k8s.io"]
@@ -183,6 +183,13 @@ def test_a_node_keeps_each_image_once_unpacked_without_its_layer_blobs(
         for built in real_nodes.images.values():
             layers = images.layer_digests(ctr, built.ref)
             assert layers and not blobs & set(layers), f"{node.name} keeps layer blobs of {built.ref}"
+        # No older build stays behind, by name or by the CRI plugin's `sha256:<id>` reference.
+        targets = images.image_targets(ctr)
+        for built in real_nodes.images.values():
+            repository = built.ref.rsplit(":", 1)[0]
+            assert [r for r in targets if r.rsplit(":", 1)[0] == repository] == [built.ref], targets
+        named = {t for r, t in targets.items() if not r.startswith("sha256:")}
+        assert all(t in named for r, t in targets.items() if r.startswith("sha256:")), targets
     node = list(real_nodes.addresses)[0]
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(web_pod(real_nodes, "web", node)))
     wait_for(lambda: ready(kube, namespace, "web"), 120, "pod web Ready")

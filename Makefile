@@ -10,12 +10,12 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # `make test` runs test files in parallel: most of the suite waits on real processes
-# (servers, clusters, workers), so more workers than cores pays. Each worker starts
+# (servers, clusters, workers), so more workers than cores pays, but a third one starved the real-node session beside them (measured: 23 min against 16). Each worker starts
 # its own cluster and PostgreSQL when it first needs one; a file's tests stay together,
 # and the longest files go first (tests/durations.json; `--store-durations` refreshes it).
 # The tests marked real_nodes run in one more session beside them: the real nodes'
 # bridges and nftables tables exist once per host.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 

@@ -405,7 +405,9 @@ def test_worker_pods_carry_the_models_resources_placement_and_security(kube, nam
 def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_model(
     kube, namespace, operators: Operators
 ):
-    operators.start()
+    # A missed DELETED event (a watch re-established under load lists only what exists) is
+    # the sweep's to catch: every 10 s here, not 60.
+    operators.start(REMOTEGPU_OPERATOR_CACHE_SWEEP_SECONDS="10")
     cache = {
         "source": {"huggingFace": {"repo": "org/model", "revision": "0" * 40}},
         "nodeLocal": {"path": "/var/lib/remotegpu/models"},
@@ -444,10 +446,16 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
         90,
         "the node kept in the status",
     )
+    # Recorded in the cache index first: the sweep's fallback, should the deletion go unseen.
+    wait_for(
+        lambda: (e := index_entry(kube, namespace, "cached")) and len(e["nodes"]) == 2,
+        90,
+        "the cache index entry",
+    )
     kube.kubectl("delete", "imagemodel", "cached", "-n", namespace)
     jobs = wait_for(
         lambda: kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=cached")["items"],
-        90,
+        240,
         "the clean-up Job",
     )
     # one per node that had the cache: the pre-warm pods went to the GPU nodes only

@@ -138,9 +138,8 @@ async def collect_garbage(api: Api, body: dict[str, Any], others: list[dict[str,
     except kube.ERRORS:
         index = {}  # the periodic sweep tries again from the index
     nodes = [n.get("node") for n in ((body.get("status") or {}).get("cache") or {}).get("nodes") or []]
-    for _, indexed_spec, indexed_nodes in (
-        modelcache.orphans({name: index[name]}, set()) if name in index else []
-    ):
+    if name in index:
+        indexed_spec, indexed_nodes = modelcache.read_entry(index[name])
         nodes += indexed_nodes
         if spec is None or spec.cache is None:
             spec = indexed_spec

@@ -391,18 +391,17 @@ def index_configmap(namespace: str, data: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def read_entry(text: str) -> tuple[ImageModelSpec | None, list[str]]:
+    """An index entry's spec and nodes; (None, []) for an entry that no longer parses."""
+    try:
+        entry = json.loads(text)
+        spec = ImageModelSpec.model_validate(entry.get("spec") or {})
+    except ValueError:
+        return None, []
+    return spec, [str(n) for n in entry.get("nodes") or []]
+
+
 def orphans(index: dict[str, str], live: set[str]) -> list[tuple[str, ImageModelSpec | None, list[str]]]:
     """The index's caches that no ImageModel owns: (name, spec, nodes), for gc_jobs. An
     entry that no longer parses is an orphan with nothing to clean (it is dropped)."""
-    out: list[tuple[str, ImageModelSpec | None, list[str]]] = []
-    for name, text in sorted(index.items()):
-        if name in live:
-            continue
-        try:
-            entry = json.loads(text)
-            spec = ImageModelSpec.model_validate(entry.get("spec") or {})
-        except ValueError:
-            out.append((name, None, []))
-            continue
-        out.append((name, spec, [str(n) for n in entry.get("nodes") or []]))
-    return out
+    return [(name, *read_entry(text)) for name, text in sorted(index.items()) if name not in live]

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from kr8s.asyncio.objects import Secret
+from kr8s.asyncio.objects import CustomResourceDefinition, Secret
 from remotegpu_base import kube
 
 # Helm deletes what a release rendered; these were not rendered, and must outlive upgrades
@@ -66,15 +66,15 @@ async def upgrade_crd(api: kube.Api, crd: dict[str, Any]) -> None:
     """Replaces the CRD's spec with `crd`'s, keeping the labels and annotations others put on it."""
     name = crd["metadata"]["name"]
     # By name: the hook's role may get and update this one CRD, not list them.
-    version, url = "apiextensions.k8s.io/v1", f"customresourcedefinitions/{name}"
-    async with api.call_api("GET", version=version, url=url) as r:
-        current = r.json()["metadata"]
+    current = await kube.get(api, CustomResourceDefinition, None, name)
+    if current is None:
+        raise SystemExit(f"CustomResourceDefinition {name} is not installed: `kubectl apply -f crds/` first")
+    meta = current["metadata"]
     for field in ("labels", "annotations"):
-        crd["metadata"][field] = {**current.get(field, {}), **crd["metadata"].get(field, {})}
-    crd["metadata"]["resourceVersion"] = current["resourceVersion"]
+        crd["metadata"][field] = {**meta.get(field, {}), **crd["metadata"].get(field, {})}
+    crd["metadata"]["resourceVersion"] = meta["resourceVersion"]
     # A replace (PUT), not a merge patch: fields the new CRD drops must go.
-    async with api.call_api("PUT", version=version, url=url, content=json.dumps(crd)):
-        pass
+    await kube.replace(api, CustomResourceDefinition, crd)
     print(f"updated CustomResourceDefinition {name}")
 
 

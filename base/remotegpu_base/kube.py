@@ -64,8 +64,8 @@ def status_of(e: Exception) -> int | None:
     return response.status_code if response is not None else None
 
 
-async def get(api: Api, kind: type[APIObject], namespace: str, name: str) -> dict[str, Any] | None:
-    """The object, or None when it does not exist."""
+async def get(api: Api, kind: type[APIObject], namespace: str | None, name: str) -> dict[str, Any] | None:
+    """The object, or None when it does not exist (namespace None: a cluster-scoped kind)."""
     obj = kind(name, namespace=namespace, api=api)
     try:
         await obj.refresh()
@@ -122,7 +122,7 @@ async def replace(api: Api, kind: type[APIObject], body: dict[str, Any]) -> dict
     async with api.call_api(
         "PUT",
         version=kind.version,
-        namespace=meta["namespace"],
+        namespace=meta.get("namespace"),
         url=f"{kind.endpoint}/{meta['name']}",
         content=json.dumps(body),
     ) as r:

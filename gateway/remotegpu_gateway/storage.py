@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from remotegpu_base import s3
+
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,400}$")
 
 
@@ -110,23 +112,9 @@ class S3Storage:
         prefix: str = "",
         timeout_seconds: float = 10.0,
     ):
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self._client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url or None,
-            region_name=region or "us-east-1",
-            config=Config(
-                connect_timeout=timeout_seconds,
-                read_timeout=timeout_seconds,
-                retries={"max_attempts": 2, "mode": "standard"},
-                # Path-style URLs work with every S3-compatible server (no bucket DNS names).
-                s3={"addressing_style": "path"},
-            ),
-        )
+        self._client = s3.client(endpoint_url, region, timeout_seconds=timeout_seconds, attempts=2)
 
     def _key(self, key: str) -> str:
         if not _KEY.match(key) or ".." in key.split("/"):

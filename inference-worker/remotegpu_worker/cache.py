@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remotegpu_base import s3
+
 log = logging.getLogger("remotegpu_worker.cache")
 
 MANIFEST = ".remotegpu-cache.json"
@@ -196,20 +198,7 @@ def _download(dest: Path, source: Source) -> None:
 
 
 def _s3_client(loc: S3Location) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=loc.endpoint or None,
-        region_name=loc.region or "us-east-1",
-        config=Config(
-            connect_timeout=10,
-            read_timeout=60,
-            retries={"max_attempts": 5, "mode": "standard"},
-            s3={"addressing_style": "path"},  # works with every S3-compatible server
-        ),
-    )
+    return s3.client(loc.endpoint, loc.region, timeout_seconds=10, read_timeout_seconds=60, attempts=5)
 
 
 def _s3_hint(e: Exception, loc: S3Location) -> str:

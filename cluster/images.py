@@ -12,7 +12,8 @@ containerd (`ctr images import`) and Docker (`docker load`) both read.
 Everything lives outside the repository, in ~/.cache/remotegpu/images: buildah's
 storage, its cache mounts, the Debian base and the archives. The dependency layers
 install from the host's own uv cache, mounted into the build: what `make install`
-downloaded (PyTorch, the CUDA wheels: GBs) is copied, not fetched a second time. An image is rebuilt only when its inputs change: its tag is a hash of
+downloaded (PyTorch, the CUDA wheels: GBs) is copied, not fetched a second time. An
+image is rebuilt only when its inputs change: its tag is a hash of
 its Dockerfile, the files its COPY lines name, the build arguments and the base
 image's ID, and a finished archive of that tag is the stamp.
 
@@ -290,10 +291,7 @@ def import_into(address: str, built: Built, ctr: str = "ctr") -> None:
     """Imports an archive into a containerd's Kubernetes namespace, unless already there;
     the node keeps the unpacked image only (see drop_layer_blobs)."""
     base = [ctr, "--address", address, "--namespace", "k8s.io"]
-    have = subprocess.run(
-        [*base, "images", "list", "-q"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    if built.ref not in have:
+    if built.ref not in image_targets(base):
         with built.archive.open("rb") as f:
             subprocess.run([*base, "images", "import", "-"], stdin=f, check=True, capture_output=True)
     drop_layer_blobs(base, built.ref)  # also those an earlier import kept
@@ -326,14 +324,7 @@ def layer_digests(base: list[str], ref: str) -> list[str]:
         out = subprocess.run([*base, "content", "get", digest], capture_output=True, check=True)
         return json.loads(out.stdout)
 
-    [target] = [
-        line.split()[2]
-        for line in subprocess.run(
-            [*base, "images", "list"], capture_output=True, text=True, check=True
-        ).stdout.splitlines()[1:]
-        if line.split()[0] == ref
-    ]
-    manifest = blob(target)
+    manifest = blob(image_targets(base)[ref])
     if "manifests" in manifest:  # an index: the one manifest an import of one platform writes
         manifest = blob(manifest["manifests"][0]["digest"])
     return [layer["digest"] for layer in manifest.get("layers", [])]

@@ -445,6 +445,19 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return {}
 
 
+def wait_condition(kube: Kube, ns: str, name: str, type_: str, what: str, **want: str) -> dict[str, Any]:
+    """The ImageModel once its condition `type_` has the wanted fields (status="False", reason=...)."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: (
+            (o := get(kube, ns, "imagemodel", name))
+            and all(condition(o, type_).get(k) == v for k, v in want.items())
+            and o
+        ),
+        90,
+        what,
+    )
+
+
 def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     out = kube.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
     return out["items"]

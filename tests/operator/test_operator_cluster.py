@@ -22,6 +22,7 @@ from tests.operator.conftest import (
     get,
     replicas_of,
     state_of,
+    wait_condition,
 )
 from tests.operator.resources import imagemodel
 from tests.waiting import wait_for
@@ -248,15 +249,7 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
     apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m5") == "sleeping", 90, "sleeping")
     gw.submit("test/huge", 4)
-    im = wait_for(
-        lambda: (
-            (o := get(kube, namespace, "imagemodel", "m5"))
-            and condition(o, "CapacityAvailable").get("status") == "False"
-            and o
-        ),
-        90,
-        "capacity condition",
-    )
+    im = wait_condition(kube, namespace, "m5", "CapacityAvailable", "capacity condition", status="False")
     cap = condition(im, "CapacityAvailable")
     assert cap["reason"] == "InsufficientGPU", cap
     assert "Insufficient nvidia.com/gpu" in cap["message"]

@@ -18,6 +18,7 @@ from tests.operator.conftest import (
     get,
     replicas_of,
     state_of,
+    wait_condition,
 )
 from tests.operator.resources import imagemodel
 from tests.waiting import wait_for
@@ -114,15 +115,7 @@ def test_a_resource_quota_refusal_is_reported_not_starting_forever(
     apply(kube, namespace, imagemodel("m15", "test/quota"))
     wait_for(lambda: state_of(kube, namespace, "m15") == "sleeping", 90, "sleeping")
     queue.set("test/quota", warming=1)
-    im = wait_for(
-        lambda: (
-            (o := get(kube, namespace, "imagemodel", "m15"))
-            and condition(o, "CapacityAvailable").get("reason") == "QuotaExceeded"
-            and o
-        ),
-        60,
-        "QuotaExceeded",
-    )
+    im = wait_condition(kube, namespace, "m15", "CapacityAvailable", "QuotaExceeded", reason="QuotaExceeded")
     cap = condition(im, "CapacityAvailable")
     assert cap["status"] == "False" and "exceeded quota" in cap["message"]
     assert condition(im, "Ready")["reason"] == "NoCapacity"
@@ -138,15 +131,7 @@ def test_two_imagemodels_for_one_model_are_detected(kube, namespace, operators: 
     apply(kube, namespace, imagemodel("m16b", "test/dup"))
     queue.set("test/dup", warming=1)
     wait_for(lambda: replicas_of(kube, namespace, "m16a") == 1, 90, "the first one scales")
-    im = wait_for(
-        lambda: (
-            (o := get(kube, namespace, "imagemodel", "m16b"))
-            and condition(o, "ScalingActive").get("reason") == "DuplicateModel"
-            and o
-        ),
-        90,
-        "DuplicateModel",
-    )
+    im = wait_condition(kube, namespace, "m16b", "ScalingActive", "DuplicateModel", reason="DuplicateModel")
     assert condition(im, "ScalingActive")["status"] == "False"
     assert "m16a" in condition(im, "ScalingActive")["message"]
     assert replicas_of(kube, namespace, "m16b") == 0
@@ -256,15 +241,7 @@ def test_an_unreachable_gateway_holds_replicas_and_says_so(kube, namespace, oper
     gw.submit("test/gone")
     wait_for(lambda: replicas_of(kube, namespace, "m11") == 1, 90, "replicas 1")
     gw.stop()
-    im_now = wait_for(
-        lambda: (
-            (o := get(kube, namespace, "imagemodel", "m11"))
-            and condition(o, "QueueObserved").get("status") == "False"
-            and o
-        ),
-        90,
-        "QueueObserved=False",
-    )
+    im_now = wait_condition(kube, namespace, "m11", "QueueObserved", "QueueObserved=False", status="False")
     assert condition(im_now, "QueueObserved")["reason"] == "GatewayUnreachable"
     assert "queueDepth" not in im_now["status"]
     time.sleep(3)  # three idle windows: an unknown queue must not scale the model away
@@ -336,14 +313,8 @@ def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
         queue.set("test/low", warming=1)
         time.sleep(3)
         assert replicas_of(kube, namespace, "high") >= 1 and state_of(kube, namespace, "high") == "ready"
-        im = wait_for(
-            lambda: (
-                (o := get(kube, namespace, "imagemodel", "low"))
-                and condition(o, "CapacityAvailable").get("status") == "False"
-                and o
-            ),
-            90,
-            "low waits for a GPU",
+        im = wait_condition(
+            kube, namespace, "low", "CapacityAvailable", "low waits for a GPU", status="False"
         )
         assert "held by models high" in condition(im, "CapacityAvailable")["message"]
     finally:

@@ -136,7 +136,7 @@ def main() -> int:
         kubeconfig = cluster.up(ClusterConfig(pod_ready_delay_ms=0))
         kube = Kube(kubeconfig=kubeconfig, bins=cluster.bins)
         kube.kubectl("apply", "-f", str(REPO / "crds/imagemodels.yaml"))
-        kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai")
+        kube.wait_established("imagemodels.remotegpu.ai")
         kube.kubectl("create", "namespace", NS)
         # The same gateway and operator processes as the operator's cluster tests, with the
         # operator's production timings (the tests shorten them).

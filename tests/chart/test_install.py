@@ -80,7 +80,7 @@ def monitoring_crds(kube: Kube) -> Iterator[None]:
         if kube.kubectl("get", "crd", name, check=False).returncode != 0:
             kube.kubectl("create", "-f", "-", input=json.dumps(minimal_crd(kind, plural)))
             created.append(name)
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+        kube.wait_established(name)
     yield
     for name in created:
         kube.kubectl("delete", "crd", name, "--wait=false", check=False)

@@ -182,7 +182,7 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
     tmp_path: Path,
 ):
     kube.kubectl("apply", "-f", str(CRD))
-    kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
+    kube.wait_established("imagemodels.remotegpu.ai")
     gw_port, op_port, wk_port, prom_port = free_port(), free_port(), free_port(), free_port()
     gateway_url = f"http://127.0.0.1:{gw_port}"
 

@@ -108,7 +108,7 @@ def test_asking_for_more_gpus_than_exist_stays_pending_with_an_event(kube: Kube,
 
 def test_crd_registers_and_validates_imagemodels(kube: Kube, namespace: str):
     kube.kubectl("apply", "-f", str(REPO / "crds"))
-    kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
+    kube.wait_established("imagemodels.remotegpu.ai")
     # Every entry of the bundled catalog is a valid ImageModel for the API server.
     catalog = (REPO / "base" / "remotegpu_base" / "models.yaml").read_text()
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=catalog)

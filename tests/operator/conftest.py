@@ -191,7 +191,7 @@ class OperatorProc:
 @pytest.fixture(scope="session")
 def crd(kube: Kube) -> None:
     kube.kubectl("apply", "-f", str(CRD))
-    kube.kubectl("wait", "--for=condition=Established", "crd/imagemodels.remotegpu.ai", "--timeout=60s")
+    kube.wait_established("imagemodels.remotegpu.ai")
     # The operator's rules, as written (ClusterRoles; bound per test namespace below).
     kube.kubectl("apply", "-f", str(RBAC))
 

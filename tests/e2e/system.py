@@ -87,7 +87,7 @@ class LogCollector:
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(0.5):
             self.sync()
 
     def sync(self) -> None:
@@ -193,7 +193,6 @@ class System:
                 lambda: (j := self.job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
                 timeout,
                 f"job {job_id} to finish",
-                every=0.3,
             )
         except AssertionError as e:
             raise AssertionError(f"{e}\nlast state: {self.job(job_id)}\n{self.logs()}") from None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +15,7 @@ import schemathesis
 from remotegpu_base.protocol import Progress
 
 from tests.gateway.conftest import DEV, SCHNELL, Clock, RunningGateway, auth, png_bytes
+from tests.waiting import wait_for
 
 
 def ts(s: str) -> float:
@@ -195,13 +195,6 @@ def test_the_openapi_documents_the_submit_extensions(gateway: RunningGateway) ->
 
 
 # ---- 4. deadlines -------------------------------------------------------------------------
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_deadline_cancels_a_waiting_and_a_running_job(

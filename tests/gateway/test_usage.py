@@ -168,8 +168,11 @@ def test_usage_matches_the_jobs_run(
 
 
 def test_a_job_ended_without_its_replica_metering_it_is_metered_by_the_sweep(
-    gateway: RunningGateway, clock: Clock
+    start_gateway: Callable[..., RunningGateway], clock: Clock
 ) -> None:
+    # The background reaper waits an hour: only the test's own sweep meters (the reaper's first
+    # round, late on a loaded machine, would otherwise meter the job before the first check).
+    gateway = start_gateway(reaper_interval_seconds=3600)
     key, token = gateway.gw.store.create_key("k", ["inference"])
     job_id = gateway.submit(token, {"model": SCHNELL, "prompt": "x"}).json()["job_id"]
     store = gateway.gw.store

@@ -5,11 +5,25 @@ from __future__ import annotations
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from remotegpu_gateway.settings import Settings
 
-from tests.gateway.conftest import DEV, KLEIN, KONTEXT, SCHNELL, TINY, RunningGateway, auth, b64, png_bytes
+from tests.fixtures.postgres import create_database, drop_database
+from tests.gateway.conftest import (
+    DEV,
+    KLEIN,
+    KONTEXT,
+    SCHNELL,
+    TINY,
+    WORKER_TOKEN,
+    RunningGateway,
+    auth,
+    b64,
+    png_bytes,
+)
 
 TINY_KONTEXT = "remotegpu/tiny-random-flux1-kontext"
 
@@ -31,6 +45,30 @@ def check_error(r: Any, status: int, field: str) -> dict[str, Any]:
     assert err["message"]
     assert any(e["field"] == field for e in err["errors"])
     return err  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def refusing(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
+    """One gateway per database for the tests whose every request is refused: a refusal stores
+    nothing (checked when the module is done), so they need no fresh gateway each."""
+    folder = tmp_path_factory.mktemp("refusing")
+    server = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    url = create_database(server) if server else f"sqlite:///{folder / 'gateway.db'}"
+    g = RunningGateway(Settings(database_url=url, data_dir=folder / "data", worker_token=WORKER_TOKEN))
+    try:
+        yield g
+        assert g.gw.store.queue_counts() == {}, "a refused request left a job behind"
+    finally:
+        g.stop()
+        if server:
+            drop_database(server, url)
+
+
+@pytest.fixture(scope="module")
+def refusing_key(refusing: RunningGateway) -> str:
+    return refusing.key()
 
 
 CASES_422: list[tuple[str, dict[str, Any], str]] = [
@@ -72,14 +110,16 @@ CASES_422: list[tuple[str, dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize("body,field", [c[1:] for c in CASES_422], ids=[c[0] for c in CASES_422])
-def test_422(gateway: RunningGateway, key: str, body: dict[str, Any], field: str) -> None:
-    check_error(gateway.submit(key, body), 422, field)
+def test_422(refusing: RunningGateway, refusing_key: str, body: dict[str, Any], field: str) -> None:
+    check_error(refusing.submit(refusing_key, body), 422, field)
 
 
-def test_422_malformed_json_and_non_objects(gateway: RunningGateway, key: str) -> None:
+def test_422_malformed_json_and_non_objects(refusing: RunningGateway, refusing_key: str) -> None:
     for raw in (b"{", b"[1, 2]", b'"prompt"', b"", b'{"prompt": NaN, "model": "x"}'):
-        r = gateway.http.post(
-            "/v1/inference/image", content=raw, headers={**auth(key), "Content-Type": "application/json"}
+        r = refusing.http.post(
+            "/v1/inference/image",
+            content=raw,
+            headers={**auth(refusing_key), "Content-Type": "application/json"},
         )
         check_error(r, 422, "body")
 
@@ -123,8 +163,8 @@ CASES_400: list[tuple[str, dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize("body,field", [c[1:] for c in CASES_400], ids=[c[0] for c in CASES_400])
-def test_400(gateway: RunningGateway, key: str, body: dict[str, Any], field: str) -> None:
-    check_error(gateway.submit(key, body), 400, field)
+def test_400(refusing: RunningGateway, refusing_key: str, body: dict[str, Any], field: str) -> None:
+    check_error(refusing.submit(refusing_key, body), 400, field)
 
 
 def test_limits_are_inclusive(gateway: RunningGateway, key: str) -> None:
@@ -176,22 +216,23 @@ BAD_IMAGES: list[tuple[str, str, int]] = [
 
 
 @pytest.mark.parametrize("image,status", [c[1:] for c in BAD_IMAGES], ids=[c[0] for c in BAD_IMAGES])
-def test_input_image_rules(gateway: RunningGateway, key: str, image: str, status: int) -> None:
-    r = gateway.submit(key, {"prompt": "a", "model": KONTEXT, "input_images_base64": [image]})
+def test_input_image_rules(refusing: RunningGateway, refusing_key: str, image: str, status: int) -> None:
+    r = refusing.submit(refusing_key, {"prompt": "a", "model": KONTEXT, "input_images_base64": [image]})
     check_error(r, status, "input_images_base64[0]")
 
 
-def test_second_image_is_named(gateway: RunningGateway, key: str) -> None:
-    r = gateway.submit(
-        key,
+def test_second_image_is_named(refusing: RunningGateway, refusing_key: str) -> None:
+    r = refusing.submit(
+        refusing_key,
         {"prompt": "a", "model": KLEIN, "input_images_base64": [b64(png_bytes()), b64(png_bytes(333, 333))]},
     )
     check_error(r, 422, "input_images_base64[1]")
 
 
-def test_image_preset_not_allowed_by_model(gateway: RunningGateway, key: str) -> None:
-    r = gateway.submit(
-        key, {"prompt": "a", "model": TINY_KONTEXT, "input_images_base64": [b64(png_bytes(2048, 2048))]}
+def test_image_preset_not_allowed_by_model(refusing: RunningGateway, refusing_key: str) -> None:
+    r = refusing.submit(
+        refusing_key,
+        {"prompt": "a", "model": TINY_KONTEXT, "input_images_base64": [b64(png_bytes(2048, 2048))]},
     )
     check_error(r, 422, "input_images_base64[0]")
 
@@ -292,8 +333,8 @@ def test_unavailable_model_is_503_with_reason(gateway: RunningGateway, key: str)
     assert gateway.submit(key, {"prompt": "a", "model": DEV}).status_code == 202
 
 
-def test_auth_comes_before_validation(gateway: RunningGateway) -> None:
-    r = gateway.http.post("/v1/inference/image", json={"prompt": 1})
+def test_auth_comes_before_validation(refusing: RunningGateway) -> None:
+    r = refusing.http.post("/v1/inference/image", json={"prompt": 1})
     check_error(r, 401, "Authorization")
 
 

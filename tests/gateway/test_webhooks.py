@@ -15,6 +15,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.gateway.conftest import SCHNELL, Clock, RunningGateway, auth, png_bytes
+from tests.waiting import wait_for
 
 LOOPBACK = ["127.0.0.0/8"]
 
@@ -56,14 +57,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    end = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.05)
-    return value
 
 
 def key_with_secret(g: RunningGateway) -> tuple[str, str, str]:

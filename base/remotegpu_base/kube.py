@@ -65,13 +65,20 @@ def status_of(e: Exception) -> int | None:
 
 
 async def get(api: Api, kind: type[APIObject], namespace: str | None, name: str) -> dict[str, Any] | None:
-    """The object, or None when it does not exist (namespace None: a cluster-scoped kind)."""
-    obj = kind(name, namespace=namespace, api=api)
+    """The object, or None when it does not exist (namespace None: a cluster-scoped kind).
+
+    Straight from the answer's JSON: kr8s's objects convert every answer to a Box and back,
+    which was most of an idle operator's CPU (it reads each model's Deployment every tick).
+    """
     try:
-        await obj.refresh()
-    except kr8s.NotFoundError:
-        return None
-    return obj.raw.to_dict()
+        async with api.call_api(
+            "GET", version=kind.version, namespace=namespace, url=f"{kind.endpoint}/{name}"
+        ) as r:
+            return r.json()  # type: ignore[no-any-return]
+    except kr8s.ServerError as e:
+        if status_of(e) == 404:
+            return None
+        raise
 
 
 async def list_of(api: Api, kind: type[APIObject], namespace: str | None, **params: Any) -> dict[str, Any]:
@@ -156,4 +163,19 @@ async def patch(
     subresource: str | None = None,
 ) -> None:
     """A JSON merge patch (raises kr8s.NotFoundError when the object is gone)."""
-    await kind(name, namespace=namespace, api=api).patch(body, subresource=subresource)
+    url = f"{kind.endpoint}/{name}" + (f"/{subresource}" if subresource else "")
+    headers = {"Content-Type": "application/merge-patch+json"}
+    try:
+        async with api.call_api(
+            "PATCH",
+            version=kind.version,
+            namespace=namespace,
+            url=url,
+            content=json.dumps(body),
+            headers=headers,
+        ):
+            pass
+    except kr8s.ServerError as e:
+        if status_of(e) == 404:
+            raise kr8s.NotFoundError(f"{kind.kind} {namespace}/{name} does not exist") from e
+        raise

@@ -200,3 +200,67 @@ def _get(url: str) -> httpx.Response | None:
         return httpx.get(url, timeout=5)
     except httpx.HTTPError:
         return None
+
+
+# Prints how many of the modules it imported (argv) have no bytecode in the image.
+UNCOMPILED = """
+import importlib, os, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+missing = sorted(n for n, m in list(sys.modules.items())
+                 if (getattr(m, "__cached__", None) or "").startswith("/opt/remotegpu/")
+                 and not os.path.exists(m.__cached__))
+print(len(missing), " ".join(missing[:20]))
+"""
+
+
+@pytest.mark.parametrize(
+    "image,modules",
+    [
+        (
+            "worker",
+            ["remotegpu.cli", "remotegpu_worker.main", "remotegpu_worker.engine", "diffusers", "torch"],
+        ),
+        ("remotegpu", ["remotegpu.cli", "remotegpu_gateway.app", "remotegpu_operator.handlers"]),
+    ],
+)
+def test_a_container_start_compiles_no_python(
+    kube: Kube, real_nodes: RealNodes, namespace: str, image: str, modules: list[str]
+):
+    """The images run with PYTHONDONTWRITEBYTECODE and a fresh writable layer per container:
+    bytecode not shipped is compiled again at every start (about 10 CPU-seconds for the
+    worker's stack, on every scale-from-zero). Every module the processes import has it."""
+    repository, tag = real_nodes.ref(image)
+    node = list(real_nodes.addresses)[0]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "imports"},
+        "spec": {
+            "nodeSelector": {**real_nodes.node_selector, "kubernetes.io/hostname": node},
+            "tolerations": real_nodes.tolerations,
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "imports",
+                    "image": f"{repository}:{tag}",
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["python3", "-c", UNCOMPILED, *modules],
+                }
+            ],
+        },
+    }
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
+    phase = wait_for(
+        lambda: (
+            (p := kube.get_json("pod", "imports", "-n", namespace)["status"].get("phase"))
+            in ("Succeeded", "Failed")
+            and p
+        ),
+        300,
+        "the import pod to finish",
+    )
+    out = kube.kubectl("logs", "-n", namespace, "imports").stdout
+    assert phase == "Succeeded", out
+    count, _, names = out.strip().partition(" ")
+    assert count == "0", f"{count} imported modules have no bytecode in the {image} image: {names}"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    from tests.fixtures.processes import Proc
 
 # Without a fixed `every`, polls start fast and back off to this: a check often spawns kubectl
 # (~0.1 CPU-second each), and on a 2-core machine a tight loop of them starves the system under test.
@@ -33,3 +38,33 @@ def wait_for(
         time.sleep(min(interval, left))
         if every is None:
             interval = min(interval * 1.5, LONGEST_POLL)
+
+
+def wait_http(url: str, timeout: float, proc: Proc | None = None, status: int = 200) -> None:
+    """Until `url` answers `status`; fails at once, with its log, when `proc` exits first.
+
+    One client for every try: each new httpx client builds an SSL context (~30 ms of CPU),
+    which a poll loop of `httpx.get` paid several times a second.
+    """
+    last = ""
+
+    def answered() -> bool:
+        nonlocal last
+        if proc is not None and proc.p.poll() is not None:
+            raise AssertionError(f"process exited ({proc.p.returncode}):\n{proc.log()[-3000:]}")
+        try:
+            r = client.get(url)
+        except httpx.HTTPError as e:
+            last = str(e) or type(e).__name__
+            return False
+        last = f"{r.status_code} {r.text[:200]}"
+        return r.status_code == status
+
+    with httpx.Client(timeout=2) as client:
+        try:
+            wait_for(answered, timeout, f"{url} to answer {status}")
+        except AssertionError as e:
+            if str(e).startswith("process exited"):
+                raise
+            log = proc.log()[-3000:] if proc else ""
+            raise AssertionError(f"{url} not {status} after {timeout}s (last: {last})\n{log}") from None

@@ -207,9 +207,9 @@ UNCOMPILED = """
 import importlib, os, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
-missing = sorted(n for n, m in list(sys.modules.items())
-                 if (getattr(m, "__cached__", None) or "").startswith("/opt/remotegpu/")
-                 and not os.path.exists(m.__cached__))
+cached = {n: getattr(m, "__cached__", None) for n, m in list(sys.modules.items())}
+missing = sorted(n for n, c in cached.items()
+                 if isinstance(c, str) and c.startswith("/opt/remotegpu/") and not os.path.exists(c))
 print(len(missing), " ".join(missing[:20]))
 """
 

@@ -11,6 +11,8 @@ the cluster would through a load balancer.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import subprocess
 import threading
@@ -152,18 +154,25 @@ class System:
 
     def _answers(self) -> bool:
         try:
-            return httpx.get(f"{self.gateway_url}/readyz", timeout=5).status_code == 200
+            return self._client.get("/readyz", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
 
-    def http(self) -> httpx.Client:
-        # Retries the connection while the Service has no ready endpoint (a gateway restarting).
+    @functools.cached_property
+    def _client(self) -> httpx.Client:
+        # Retries the connection while the Service has no ready endpoint (a gateway restarting),
+        # and opens one per request (none kept alive across a gateway restart). One client, not
+        # one per call: each new client builds an SSL context, and the tests poll.
         return httpx.Client(
             base_url=self.gateway_url,
             headers={"Authorization": f"Bearer {self.api_key}"},
             timeout=30,
-            transport=httpx.HTTPTransport(retries=5),
+            transport=httpx.HTTPTransport(retries=5, limits=httpx.Limits(max_keepalive_connections=0)),
         )
+
+    def http(self) -> contextlib.AbstractContextManager[httpx.Client]:
+        """`with system.http() as http:` the shared client (left open)."""
+        return contextlib.nullcontext(self._client)
 
     def models(self) -> dict[str, dict]:
         with self.http() as http:

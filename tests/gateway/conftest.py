@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,8 +71,11 @@ class RunningGateway:
         self.http.close()
         self.gw.notifier.close()  # as GatewayServer does on SIGTERM: long-polls and streams end
         self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "gateway thread did not stop"
+        self.thread.join(timeout=60)
+        if self.thread.is_alive():
+            frame = sys._current_frames().get(self.thread.ident or 0)
+            stack = "".join(traceback.format_stack(frame)) if frame else "(no frame)"
+            raise AssertionError(f"gateway thread did not stop within 60 s; it is at:\n{stack}")
 
     # helpers
     def key(self, name: str = "test", scopes: list[str] | None = None) -> str:

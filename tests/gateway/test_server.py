@@ -56,16 +56,17 @@ def start_gateway(
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url, data, env
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"gateway did not start:\n{proc.communicate()[0]}")
-        time.sleep(0.1)
+    with httpx.Client(timeout=1) as client:  # one SSL context, not one per try
+        while True:
+            try:
+                if client.get(f"{url}/healthz").status_code == 200:
+                    return proc, url, data, env
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"gateway did not start:\n{proc.communicate()[0]}")
+            time.sleep(0.1)
 
 
 def test_gateway_command(tmp_path: Path, database_url: str) -> None:

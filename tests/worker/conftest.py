@@ -19,7 +19,6 @@ from remotegpu_base.catalog import ImageModel
 from remotegpu_base.protocol import WorkerAPIClient
 
 from cluster.localcluster import free_port
-from tests.fixtures.processes import Proc
 
 WORKER_TOKEN = "worker-test-token"
 REPO = Path(__file__).resolve().parents[2]
@@ -159,22 +158,3 @@ def base_env(**extra: str) -> dict[str, str]:
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
-
-
-def wait_http(url: str, timeout: float, proc: Proc | None = None, status: int = 200) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.p.poll() is not None:
-            raise AssertionError(f"process exited ({proc.p.returncode}):\n{proc.log()[-3000:]}")
-        try:
-            r = httpx.get(url, timeout=2)
-            if r.status_code == status:
-                return
-            last = f"{r.status_code} {r.text[:200]}"
-        except httpx.HTTPError as e:
-            last = str(e)
-        time.sleep(0.2)
-    raise AssertionError(
-        f"{url} not {status} after {timeout}s (last: {last})\n{proc.log()[-3000:] if proc else ''}"
-    )

@@ -12,7 +12,8 @@ from PIL import Image
 
 from tests.fixtures.processes import Proc
 from tests.fixtures.tiny_models import copy_tiny_models
-from tests.worker.conftest import REMOTEGPU, base_env, free_port, wait_http
+from tests.waiting import wait_http
+from tests.worker.conftest import REMOTEGPU, base_env, free_port
 
 TINY = "remotegpu/tiny-random-flux1"
 

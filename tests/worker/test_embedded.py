@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 
 from tests.fixtures.processes import Proc
-from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_size, wait_http
+from tests.waiting import wait_http
+from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_size
 
 
 def models(url: str) -> dict[str, dict]:

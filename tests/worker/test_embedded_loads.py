@@ -16,8 +16,8 @@ from remotegpu_base.catalog import ImageModel, load_models_file
 
 from tests.fixtures.processes import Proc
 from tests.fixtures.tiny_models import copy_tiny_models
-from tests.waiting import wait_for
-from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_b64, png_size, wait_http
+from tests.waiting import wait_for, wait_http
+from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_b64, png_size
 
 BROKEN = "remotegpu/broken-weights"
 TERMINAL = {"succeeded", "failed", "cancelled"}

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.processes import Proc
 from tests.fixtures.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
 from tests.waiting import wait_for
-from tests.worker.conftest import Proc, RunningGateway, png_size
+from tests.worker.conftest import RunningGateway, png_size
 from tests.worker.test_loop import TINY
 from tests.worker.test_worker_process import start_worker
 

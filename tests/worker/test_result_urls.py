@@ -11,8 +11,8 @@ import httpx
 
 from tests.fixtures.processes import Proc
 from tests.fixtures.tiny_models import copy_tiny_models
-from tests.waiting import wait_for
-from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_size, wait_http
+from tests.waiting import wait_for, wait_http
+from tests.worker.conftest import REMOTEGPU, base_env, free_port, png_size
 
 TINY = "remotegpu/tiny-random-flux1"
 

@@ -10,16 +10,9 @@ from typing import Any
 
 import httpx
 
-from tests.worker.conftest import (
-    REMOTEGPU,
-    WORKER_TOKEN,
-    Proc,
-    RunningGateway,
-    base_env,
-    free_port,
-    png_size,
-    wait_http,
-)
+from tests.fixtures.processes import Proc
+from tests.waiting import wait_http
+from tests.worker.conftest import REMOTEGPU, WORKER_TOKEN, RunningGateway, base_env, free_port, png_size
 from tests.worker.test_loop import TINY, LoopThread, wait_running
 
 

@@ -5,7 +5,6 @@ store is back). On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import uuid
@@ -129,8 +128,7 @@ def test_an_outage_of_the_store_loses_nothing(
         assert gw.job(key, job).json()["status"] == "succeeded"
         assert [k for k in store.keys(bucket, prefix) if k.startswith(f"{prefix}/results/{job}/")]
     finally:
-        store.stop()
-        shutil.rmtree(store.dir, ignore_errors=True)
+        store.discard()
 
 
 @pytest.mark.parametrize(

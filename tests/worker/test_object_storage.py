@@ -3,7 +3,6 @@ real process, the gateway on S3Storage, SeaweedFS really stopped and started aga
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -61,5 +60,4 @@ def test_a_result_upload_during_a_store_outage_is_retried_and_the_job_succeeds_o
         assert png_size(gw.result(job_id)) == (512, 512)
         assert f"job {job_id}: the result upload failed (HTTP 500" in worker.log()
     finally:
-        store.stop()
-        shutil.rmtree(store.dir, ignore_errors=True)
+        store.discard()

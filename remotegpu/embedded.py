@@ -339,9 +339,7 @@ def serve(args: argparse.Namespace) -> int:
 
             threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()
 
-    server = Server(
-        uvicorn_config(app, settings, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    )
+    server = Server(uvicorn_config(app, settings, host=host, port=port, log_level="warning"))
 
     def announce() -> None:
         while not server.started:

@@ -101,5 +101,6 @@ def uvicorn_config(app: Any, settings: Settings, *, host: str, port: int, **opti
         port=port,
         http=guarded_protocol(settings),
         timeout_keep_alive=settings.keep_alive_timeout_seconds,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
         **options,
     )

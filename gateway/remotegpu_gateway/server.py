@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
         f"gateway listening on {config.http_url(args.host, args.port)} (result URLs based on {base})",
         flush=True,
     )
-    server_config = uvicorn_config(
-        app, settings, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10
-    )
+    server_config = uvicorn_config(app, settings, host=args.host, port=args.port, log_level="warning")
     GatewayServer(server_config, app.state.gateway.notifier).run()
     return 0
 

@@ -52,6 +52,11 @@ class Settings:
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 120.0
     keep_alive_timeout_seconds: int = 10
+    # On SIGTERM, requests in flight get this long to finish before they are cancelled and the
+    # gateway shuts down anyway (closing its database and webhook sender): well within the
+    # pod's 30 s grace, after the chart's 5 s preStop pause. A request stalled mid-body would
+    # otherwise hold the gateway up until its body timeout, or until the kubelet's SIGKILL.
+    shutdown_timeout_seconds: int = 10
     # Request bodies read at once (each up to max_body_bytes in memory); others wait their turn.
     max_concurrent_bodies: int = 8
     # Browser origins allowed to call the API (CORS); empty: CORS is off.
@@ -150,6 +155,7 @@ HTTP_ENV = {
     "header_timeout_seconds": ("REMOTEGPU_HEADER_TIMEOUT_SECONDS", float),
     "body_timeout_seconds": ("REMOTEGPU_BODY_TIMEOUT_SECONDS", float),
     "keep_alive_timeout_seconds": ("REMOTEGPU_KEEP_ALIVE_TIMEOUT_SECONDS", int),
+    "shutdown_timeout_seconds": ("REMOTEGPU_SHUTDOWN_TIMEOUT_SECONDS", int),
     "max_concurrent_bodies": ("REMOTEGPU_MAX_CONCURRENT_BODIES", int),
 }
 CORS_ENV = "REMOTEGPU_CORS_ORIGINS"

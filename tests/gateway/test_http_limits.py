@@ -243,3 +243,33 @@ def test_bodies_are_read_a_bounded_number_at_a_time(start_gateway: Callable[...,
     assert first.startswith("HTTP/1.1 408 "), first
     assert answers == [202]
     wait_for(lambda: _bodies(g) == {"reading": 0, "waiting": 0}, timeout=30, what="the slots to be free")
+
+
+def test_a_stalled_request_does_not_hold_up_a_shutdown(gateway_process: Any, tmp_path: Path) -> None:
+    """SIGTERM while a client is stalled mid-body: the gateway gives the request
+    REMOTEGPU_SHUTDOWN_TIMEOUT_SECONDS, not its 120 s body timeout (or the kubelet's SIGKILL),
+    then cancels it and stops cleanly (its own shutdown runs: "gateway stopped")."""
+    from remotegpu_gateway.store import Store
+
+    proc, url = gateway_process(REMOTEGPU_SHUTDOWN_TIMEOUT_SECONDS="2")
+    store = Store(f"sqlite:///{tmp_path}/gw0.db")
+    key = store.create_key("k", ["inference"])[1]
+    store.close()
+    port = int(url.rsplit(":", 1)[1])
+
+    def bodies_read() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        found = re.search(r'^remotegpu_http_request_bodies\{state="reading"\} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(_request_head(port, key, 1000) + b'{"prompt": ')
+        wait_for(lambda: bodies_read() == 1, 30, "the gateway to read the stalled body")
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=110)[0]
+        took = time.monotonic() - stopped
+    # uvicorn re-raises the SIGTERM once shut down: the exit status is the signal's.
+    assert proc.returncode in (0, -signal.SIGTERM), output[-3000:]
+    assert "timeout graceful shutdown exceeded" in output and "gateway stopped" in output, output[-3000:]
+    assert took < 60, f"the stalled request held the shutdown up for {took:.0f} s"

@@ -11,7 +11,6 @@ the cluster would through a load balancer.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import subprocess
@@ -154,15 +153,15 @@ class System:
 
     def _answers(self) -> bool:
         try:
-            return self._client.get("/readyz", timeout=5).status_code == 200
+            return self.http.get("/readyz", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
 
     @functools.cached_property
-    def _client(self) -> httpx.Client:
-        # Retries the connection while the Service has no ready endpoint (a gateway restarting),
-        # and opens one per request (none kept alive across a gateway restart). One client, not
-        # one per call: each new client builds an SSL context, and the tests poll.
+    def http(self) -> httpx.Client:
+        """The API client with the test's key. It retries the connection while the Service has no
+        ready endpoint (a gateway restarting) and opens one per request (none kept alive across
+        a gateway restart); one for every call, as each new client builds an SSL context."""
         return httpx.Client(
             base_url=self.gateway_url,
             headers={"Authorization": f"Bearer {self.api_key}"},
@@ -170,30 +169,23 @@ class System:
             transport=httpx.HTTPTransport(retries=5, limits=httpx.Limits(max_keepalive_connections=0)),
         )
 
-    def http(self) -> contextlib.AbstractContextManager[httpx.Client]:
-        """`with system.http() as http:` the shared client (left open)."""
-        return contextlib.nullcontext(self._client)
-
     def models(self) -> dict[str, dict]:
-        with self.http() as http:
-            r = http.get("/v1/inference/models", timeout=10)
-            r.raise_for_status()
-            return {m["model"]: m for m in r.json()["image"]}
+        r = self.http.get("/v1/inference/models", timeout=10)
+        r.raise_for_status()
+        return {m["model"]: m for m in r.json()["image"]}
 
     def state(self, model: str) -> str:
         return self.models()[model]["runtime"]["state"]
 
     def submit(self, model: str, **fields) -> str:
-        with self.http() as http:
-            r = http.post("/v1/inference/image", json={"model": model, "prompt": "a lighthouse", **fields})
-            assert r.status_code in (200, 201, 202), r.text
-            return r.json()["job_id"]
+        r = self.http.post("/v1/inference/image", json={"model": model, "prompt": "a lighthouse", **fields})
+        assert r.status_code in (200, 201, 202), r.text
+        return r.json()["job_id"]
 
     def job(self, job_id: str) -> dict:
-        with self.http() as http:
-            r = http.get(f"/v1/inference/jobs/{job_id}")
-            r.raise_for_status()
-            return r.json()
+        r = self.http.get(f"/v1/inference/jobs/{job_id}")
+        r.raise_for_status()
+        return r.json()
 
     def wait_job(self, job_id: str, timeout: float = 180.0) -> dict:
         """The finished job; on timeout, fails with its last state and every pod's log."""
@@ -462,7 +454,6 @@ def hub_counts(system: System) -> dict:
 
 
 def timeline(system: System, job_id: str) -> dict:
-    with system.http() as http:
-        r = http.get(f"/v1/inference/jobs/{job_id}/timeline")
-        r.raise_for_status()
-        return r.json()
+    r = system.http.get(f"/v1/inference/jobs/{job_id}/timeline")
+    r.raise_for_status()
+    return r.json()

@@ -87,13 +87,13 @@ class SteadyLoad:
         self._thread.start()
 
     def _run(self) -> None:
-        with self.system.http() as http:
-            n = 0
-            while not self._stop.is_set():
-                n += 1
-                self.submitted += 1
-                self._submit(http, n)
-                self._stop.wait(SUBMIT_EVERY)
+        http = self.system.http
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            self.submitted += 1
+            self._submit(http, n)
+            self._stop.wait(SUBMIT_EVERY)
 
     def _submit(self, http: httpx.Client, n: int) -> None:
         body = {"model": self.model, "prompt": f"steady load {n}", "steps": 2, "seed": n}

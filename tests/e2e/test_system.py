@@ -132,8 +132,7 @@ def test_a_gateway_rollout_restart_under_load_loses_no_job_in_any_state(system: 
     wait_for(lambda: system.job(running)["status"] == "running", 240, "a running job")
     waiting = [system.submit(model, seed=13 + i) for i in range(2)]
     cancelled = system.submit(model, seed=20)
-    with system.http() as http:
-        assert http.post(f"/v1/inference/jobs/{cancelled}/cancel").status_code == 200
+    assert system.http.post(f"/v1/inference/jobs/{cancelled}/cancel").status_code == 200
     before = {j: system.job(j)["status"] for j in [done, running, *waiting, cancelled]}
     assert before[cancelled] == "cancelled" and before[done] == "succeeded"
 

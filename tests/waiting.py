@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 FIRST_POLL, LONGEST_POLL = 0.05, 1.0
 
 
+class WaitTimeout(AssertionError):
+    """What wait_for raises when its time is up (an AssertionError, so a test fails with it)."""
+
+
 def wait_for(
     cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition", every: float | None = None
 ) -> Any:
@@ -34,7 +38,7 @@ def wait_for(
             return last
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
         time.sleep(min(interval, left))
         if every is None:
             interval = min(interval * 1.5, LONGEST_POLL)
@@ -63,8 +67,6 @@ def wait_http(url: str, timeout: float, proc: Proc | None = None, status: int = 
     with httpx.Client(timeout=2) as client:
         try:
             wait_for(answered, timeout, f"{url} to answer {status}")
-        except AssertionError as e:
-            if str(e).startswith("process exited"):
-                raise
+        except WaitTimeout:
             log = proc.log()[-3000:] if proc else ""
             raise AssertionError(f"{url} not {status} after {timeout}s (last: {last})\n{log}") from None

@@ -1,7 +1,8 @@
 """Input and result images in an S3-compatible bucket (SeaweedFS, really running): the
 round trip, retention deleting the objects, and an outage of the store (a submit answers
 500 with nothing queued; a worker's upload fails with 500, and its retry succeeds once the
-store is back). On SQLite and PostgreSQL."""
+store is back; the outage is the store cut off the network, tests/fixtures/outage.py). On
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from remotegpu_base.protocol import WorkerAPIClient
 
+from tests.fixtures.outage import Outage
 from tests.fixtures.seaweedfs import SeaweedFS
 from tests.gateway.conftest import KONTEXT, WORKER_TOKEN, RunningGateway, auth, b64, png_bytes
 from tests.waiting import wait_for
@@ -23,12 +25,10 @@ from tests.waiting import wait_for
 def start_s3_gateway(
     start_gateway: Callable[..., RunningGateway], s3_env: SeaweedFS
 ) -> Callable[..., RunningGateway]:
-    def start(server: SeaweedFS | None = None, **overrides: object) -> RunningGateway:
-        server = server or s3_env
+    def start(**overrides: object) -> RunningGateway:
         prefix = f"imaging-{uuid.uuid4().hex[:8]}"  # one bucket, a prefix per test
-        return start_gateway(
-            s3_bucket=server.bucket(), s3_endpoint_url=server.endpoint, s3_prefix=prefix, **overrides
-        )
+        settings = {"s3_bucket": s3_env.bucket(), "s3_endpoint_url": s3_env.endpoint, "s3_prefix": prefix}
+        return start_gateway(**{**settings, **overrides})
 
     return start
 
@@ -96,9 +96,9 @@ def test_retention_deletes_the_objects(
 def test_an_outage_of_the_store_loses_nothing(
     start_s3_gateway: Callable[..., RunningGateway], s3_env: SeaweedFS
 ) -> None:
-    store = SeaweedFS().start()
+    outage = Outage(s3_env.endpoint)  # the store, as the gateway reaches it
     try:
-        gw = start_s3_gateway(store, lease_ttl_seconds=600)  # stopping and starting the store takes a while
+        gw = start_s3_gateway(s3_endpoint_url=outage.url)
         bucket, prefix = gw.gw.settings.s3_bucket, gw.gw.settings.s3_prefix
         assert bucket
         key = gw.key()
@@ -108,7 +108,7 @@ def test_an_outage_of_the_store_loses_nothing(
             lease = w.lease(KONTEXT, "w1", wait_seconds=5)
             assert lease is not None
 
-            store.stop()
+            outage.cut()
             # A submit whose input image cannot be stored: 500, and no job exists.
             refused = edit(gw, key)
             assert refused.status_code == 500, refused.text
@@ -121,14 +121,14 @@ def test_an_outage_of_the_store_loses_nothing(
             assert failed.value.response.status_code == 500
             assert gw.job(key, job).json()["status"] == "running"
 
-            store.start()  # the store is back: the same upload succeeds
+            outage.restore()  # the store is back: the same upload succeeds
             w.complete(job, lease.lease_token, png_bytes())
         finally:
             w.close()
         assert gw.job(key, job).json()["status"] == "succeeded"
-        assert [k for k in store.keys(bucket, prefix) if k.startswith(f"{prefix}/results/{job}/")]
+        assert [k for k in s3_env.keys(bucket, prefix) if k.startswith(f"{prefix}/results/{job}/")]
     finally:
-        store.discard()
+        outage.close()
 
 
 @pytest.mark.parametrize(

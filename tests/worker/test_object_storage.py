@@ -1,5 +1,6 @@
 """A worker's result upload during an outage of the object store: `remotegpu worker` as a
-real process, the gateway on S3Storage, SeaweedFS really stopped and started again."""
+real process, the gateway on S3Storage, SeaweedFS cut off from the gateway and back again
+(tests/fixtures/outage.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
+from tests.fixtures.outage import Outage
 from tests.fixtures.processes import Proc
-from tests.fixtures.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from tests.fixtures.seaweedfs import SeaweedFS
 from tests.waiting import wait_for
 from tests.worker.conftest import RunningGateway, png_size
 from tests.worker.test_loop import TINY
@@ -33,31 +33,29 @@ def test_a_result_upload_during_a_store_outage_is_retried_and_the_job_succeeds_o
     gateway_factory: Callable[..., RunningGateway],
     tiny_data_dir: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    s3_env: SeaweedFS,
 ) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)  # the gateway's, as boto3 reads them
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    store = SeaweedFS().start()  # its own: this test stops it
+    outage = Outage(s3_env.endpoint)  # the store, as the gateway reaches it
     try:
-        bucket, prefix = store.bucket(), f"worker-{uuid.uuid4().hex[:8]}"
-        gw = gateway_factory(s3_bucket=bucket, s3_endpoint_url=store.endpoint, s3_prefix=prefix)
-        # Uploads sent again for 10 minutes (default 1): a margin for SeaweedFS restarting on a busy machine.
+        bucket, prefix = s3_env.bucket(), f"worker-{uuid.uuid4().hex[:8]}"
+        gw = gateway_factory(s3_bucket=bucket, s3_endpoint_url=outage.url, s3_prefix=prefix)
+        # Uploads sent again for 10 minutes (default 1): a margin for a busy machine.
         worker, _ = start_worker(
             procs, gw, tiny_data_dir, tmp_path / "worker.log", REMOTEGPU_UPLOAD_RETRY_SECONDS="600"
         )
 
-        store.stop()  # the outage: a text-only job needs the store only for its result
+        outage.cut()  # a text-only job needs the store only for its result
         job_id = gw.submit(TINY, "through an outage", steps=4, seed=9)
         wait_for(lambda: failed_uploads(gw) >= 2, 120, "the worker's upload to fail and be sent again")
         assert gw.job(job_id)["status"] == "running"  # the worker still holds the lease
 
-        store.start()  # within the worker's retry window: the next attempt lands
+        outage.restore()  # within the worker's retry window: the next attempt lands
         job = gw.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=120)
         assert job["status"] == "succeeded", (job, worker.log()[-3000:])
         assert gw.gw.store.get_job(job_id, None).attempt == 1  # rendered once, never re-queued
-        results = [k for k in store.keys(bucket, prefix) if "/results/" in k]
+        results = [k for k in s3_env.keys(bucket, prefix) if "/results/" in k]
         assert len(results) == 1 and f"/results/{job_id}/" in results[0], results
         assert png_size(gw.result(job_id)) == (512, 512)
         assert f"job {job_id}: the result upload failed (HTTP 500" in worker.log()
     finally:
-        store.discard()
+        outage.close()

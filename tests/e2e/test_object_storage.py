@@ -11,7 +11,6 @@ and nothing routed outside the cluster's own bridges. The release is this module
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections import Counter
@@ -38,8 +37,7 @@ def store(real_nodes: RealNodes) -> Iterator[SeaweedFS]:
         server.bucket()
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(server.dir, ignore_errors=True)
+        server.discard()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import asyncio
 import copy
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -701,6 +702,18 @@ async def _tick_safely(key: tuple[str, str]) -> None:
             _event(body, "ReconcileFailed", message, warning=True)
 
 
+def due_now(
+    models: Collection[tuple[str, str]], woken: set[tuple[str, str]], due_all: bool
+) -> list[tuple[str, str]]:
+    """The models to tick now: every one when the interval is up, else the woken ones that
+    still exist. Empties `woken`: a wake for a model forgotten since (a queue change that
+    raced its deletion) means nothing, and left in it would keep the loop from ever waiting
+    (a busy loop that never yields: the whole operator stops)."""
+    keys = list(models) if due_all else [k for k in woken if k in models]
+    woken.clear()
+    return keys
+
+
 async def autoscale_forever() -> None:
     """Ticks every model each `interval`, and a woken model at once."""
     global _wake_all
@@ -709,10 +722,9 @@ async def autoscale_forever() -> None:
     last_all = 0.0
     while True:
         due_all = time.monotonic() - last_all >= c.interval
-        keys = list(c.models) if due_all else [k for k in list(_woken) if k in c.models]
+        keys = due_now(c.models, _woken, due_all)
         if due_all:
             last_all = time.monotonic()
-        _woken.difference_update(keys)
         _wake_all.clear()
         await asyncio.gather(*(_tick_safely(k) for k in keys))
         wait = max(0.0, c.interval - (time.monotonic() - last_all))

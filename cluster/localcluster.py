@@ -477,14 +477,18 @@ class Cluster:
             if not hasattr(self, "bins"):
                 self.bins = Path(json.loads((self.state_dir / "cluster.json").read_text())["bin"])
             self.real_nodes().teardown(lambda names: stopped.extend(self._stop(names)))
-        stopped += self._stop(["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"])
+        # Killed, not stopped: their state goes with the state dir just below, and a SIGTERMed
+        # kube-apiserver drains for 20 s and more (etcd waits for it).
+        control_plane = ["kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+        stopped += self._stop(control_plane, grace=0.0)
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir, ignore_errors=True)
         if stopped and not quiet:
             log(f"stopped {', '.join(stopped)}")
 
-    def _stop(self, order: list[str]) -> list[str]:
-        """SIGTERM to each named process group (by pid file), SIGKILL after 15 s; returns the names."""
+    def _stop(self, order: list[str], grace: float = 15.0) -> list[str]:
+        """SIGTERM to each named process group (by pid file), SIGKILL after `grace` seconds (at
+        once for 0); returns the names."""
         pids = {}
         for name in order:
             pidf = self.pid_dir / f"{name}.pid"
@@ -492,10 +496,10 @@ class Cluster:
                 pids[name] = int(pidf.read_text())
         for pid in pids.values():
             try:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(pid, signal.SIGTERM if grace else signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + (grace or 10)  # killed: only the wait for the exit
         for pid in pids.values():
             while time.monotonic() < deadline:
                 if _exited(pid):

@@ -10,6 +10,7 @@ import pytest
 from remotegpu_base.catalog import ImageModel
 from remotegpu_worker.metrics import WorkerMetrics
 
+from remotegpu import embedded
 from remotegpu.embedded import Supervisor
 from tests.worker.conftest import WORKER_TOKEN, RunningGateway, png_size
 
@@ -45,6 +46,7 @@ def test_load_on_first_job_serve_then_sleep(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("REMOTEGPU_IDLE_SECONDS", "2")
+    monkeypatch.setattr(embedded, "LOAD_BACKOFF_SECONDS", 0.2)  # 2 s, then 4 s, for each broken job
     broken = tiny_catalog["flux2"].model_copy(deep=True)
     broken.name = "broken"
     broken.spec.model = BROKEN

@@ -94,41 +94,37 @@ def test_retention_deletes_the_objects(
 
 
 def test_an_outage_of_the_store_loses_nothing(
-    start_s3_gateway: Callable[..., RunningGateway], s3_env: SeaweedFS
+    start_s3_gateway: Callable[..., RunningGateway], s3_env: SeaweedFS, s3_outage: Outage
 ) -> None:
-    outage = Outage(s3_env.endpoint)  # the store, as the gateway reaches it
+    gw = start_s3_gateway(s3_endpoint_url=s3_outage.url)
+    bucket, prefix = gw.gw.settings.s3_bucket, gw.gw.settings.s3_prefix
+    assert bucket
+    key = gw.key()
+    job = edit(gw, key).json()["job_id"]
+    w: WorkerAPIClient = gw.worker()
     try:
-        gw = start_s3_gateway(s3_endpoint_url=outage.url)
-        bucket, prefix = gw.gw.settings.s3_bucket, gw.gw.settings.s3_prefix
-        assert bucket
-        key = gw.key()
-        job = edit(gw, key).json()["job_id"]
-        w: WorkerAPIClient = gw.worker()
-        try:
-            lease = w.lease(KONTEXT, "w1", wait_seconds=5)
-            assert lease is not None
+        lease = w.lease(KONTEXT, "w1", wait_seconds=5)
+        assert lease is not None
 
-            outage.cut()
-            # A submit whose input image cannot be stored: 500, and no job exists.
-            refused = edit(gw, key)
-            assert refused.status_code == 500, refused.text
-            assert "could not store" in refused.json()["error"]["message"]
-            counts = gw.gw.store.queue_counts()[KONTEXT]
-            assert (counts.pending, counts.running) == (0, 1), counts  # only the leased job
-            # The worker's upload fails with a 500 (the worker retries those); the job keeps running.
-            with pytest.raises(httpx.HTTPStatusError) as failed:
-                w.complete(job, lease.lease_token, png_bytes())
-            assert failed.value.response.status_code == 500
-            assert gw.job(key, job).json()["status"] == "running"
-
-            outage.restore()  # the store is back: the same upload succeeds
+        s3_outage.cut()
+        # A submit whose input image cannot be stored: 500, and no job exists.
+        refused = edit(gw, key)
+        assert refused.status_code == 500, refused.text
+        assert "could not store" in refused.json()["error"]["message"]
+        counts = gw.gw.store.queue_counts()[KONTEXT]
+        assert (counts.pending, counts.running) == (0, 1), counts  # only the leased job
+        # The worker's upload fails with a 500 (the worker retries those); the job keeps running.
+        with pytest.raises(httpx.HTTPStatusError) as failed:
             w.complete(job, lease.lease_token, png_bytes())
-        finally:
-            w.close()
-        assert gw.job(key, job).json()["status"] == "succeeded"
-        assert [k for k in s3_env.keys(bucket, prefix) if k.startswith(f"{prefix}/results/{job}/")]
+        assert failed.value.response.status_code == 500
+        assert gw.job(key, job).json()["status"] == "running"
+
+        s3_outage.restore()  # the store is back: the same upload succeeds
+        w.complete(job, lease.lease_token, png_bytes())
     finally:
-        outage.close()
+        w.close()
+    assert gw.job(key, job).json()["status"] == "succeeded"
+    assert [k for k in s3_env.keys(bucket, prefix) if k.startswith(f"{prefix}/results/{job}/")]
 
 
 @pytest.mark.parametrize(

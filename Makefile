@@ -10,12 +10,20 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # `make test` runs test files in parallel: most of the suite waits on real processes
-# (servers, clusters, workers), so more workers than cores pays, but a third one starved the real-node session beside them (measured: 23 min against 16). Each worker starts
-# its own cluster and PostgreSQL when it first needs one; a file's tests stay together,
-# and the longest files go first (tests/durations.json; `--store-durations` refreshes it).
-# The tests marked real_nodes run in one more session beside them: the real nodes'
-# bridges and nftables tables exist once per host.
+# (servers, clusters, workers), so more workers than cores pays, but a third one starved
+# the real-node session beside them (measured: 23 min against 16). A file's tests stay
+# together, and the longest files go first (tests/durations.json; `--store-durations`
+# refreshes it). The tests marked real_nodes run in one more session beside them: the
+# real nodes' bridges and nftables tables exist once per host. Every session uses one
+# cluster that `make test` starts first (each test has its own namespace; the real-node
+# session adds the real nodes to it): one control plane instead of one per session
+# (each about 40 CPU-seconds a run); each worker starts its own PostgreSQL.
 TEST_WORKERS ?= 2
+# Python writes its bytecode caches (git-ignored __pycache__ folders) even where the
+# environment asks it not to: without them every process of a run compiles again what it
+# imports (each pytest process 5 CPU-seconds more, mostly rewriting the test modules'
+# asserts; each gateway process half a second).
+unexport PYTHONDONTWRITEBYTECODE
 
 .DEFAULT_GOAL := help
 
@@ -75,6 +83,8 @@ run: install ## start the service (embedded default) on http://127.0.0.1:8000
 # Debian packages and the images download and copy (network, disk); the images reuse
 # the install's uv cache (cluster/images.py). The test sessions start once both are in.
 PHASE := tests/phase.sh
+# The sessions' shared cluster (its state; `make cluster`'s is .cluster).
+TEST_CLUSTER := $(CURDIR)/build/test-cluster
 
 test: ## run every test (starts and stops its own cluster, PostgreSQL, Prometheus; builds the binaries and images first)
 	@mkdir -p build; started=$$SECONDS; \
@@ -83,6 +93,9 @@ test: ## run every test (starts and stops its own cluster, PostgreSQL, Prometheu
 	    && $(PHASE) system-deps $(MAKE) --no-print-directory system-deps \
 	    && $(PHASE) images $(MAKE) --no-print-directory images; built=$$?; \
 	  wait $$bins && [ $$built = 0 ] || exit 1; \
+	  export REMOTEGPU_CLUSTER_DIR=$(TEST_CLUSTER) KUBECONFIG=$(TEST_CLUSTER)/kubeconfig; \
+	  $(BIN)/python -m cluster.localcluster down; trap '$(BIN)/python -m cluster.localcluster down' EXIT; \
+	  $(PHASE) cluster $(BIN)/python -m cluster.localcluster up --real-nodes 0 --gpu-nodes 4 || exit 1; \
 	  echo "==> the real-node tests run in a session of their own beside the others (log: build/test-real-nodes.log)"; \
 	  $(PHASE) "tests (real nodes)" $(BIN)/pytest -m real_nodes $(PYTEST_ARGS) > build/test-real-nodes.log 2>&1 & real=$$!; \
 	  $(PHASE) "tests (parallel, $(TEST_WORKERS) workers)" \

@@ -62,7 +62,7 @@ def cold_start(system: System, model: str) -> dict[str, float]:
             )  # when seen (each check is a kubectl or HTTP call)
         if "scale decision" in marks and "pod scheduled" not in marks:
             dep = system.imagemodel(MODEL_NAME)["status"].get("deployment")
-            pods = system.kube.get_json("pods", "-n", system.namespace)["items"]
+            pods = system.kube.get_json("pods", namespace=system.namespace)["items"]
             if any(p["metadata"]["name"].startswith(dep or "?") and p["spec"].get("nodeName") for p in pods):
                 marks["pod scheduled"] = (
                     time.monotonic() - t0

@@ -77,7 +77,7 @@ def monitoring_crds(kube: Kube) -> Iterator[None]:
     created = []
     for kind, plural in MONITORING_KINDS.items():
         name = f"{plural}.monitoring.coreos.com"
-        if kube.kubectl("get", "crd", name, check=False).returncode != 0:
+        if kube.find("crd", name) is None:
             kube.kubectl("create", "-f", "-", input=json.dumps(minimal_crd(kind, plural)))
             created.append(name)
         kube.wait_established(name)
@@ -110,7 +110,7 @@ def is_ready(pod: dict) -> bool:
 
 
 def secret(kube: Kube, namespace: str, name: str, key: str) -> str:
-    obj = kube.get_json("secret", name, "-n", namespace)
+    obj = kube.get_json("secret", name, namespace=namespace)
     return base64.b64decode(obj["data"][key]).decode()
 
 
@@ -153,7 +153,7 @@ def sa_kubeconfig(kube: Kube, namespace: str, sa: str, out: Path) -> Path:
 def run_operator_as_release(kube: Kube, namespace: str, tmp: Path) -> subprocess.Popen:
     """The real operator process with the installed Deployment's settings, logged in as its
     ServiceAccount (KWOK runs no containers, so the pod itself does nothing)."""
-    deploy = kube.get_json("deployment", f"{PREFIX}-operator", "-n", namespace)
+    deploy = kube.get_json("deployment", f"{PREFIX}-operator", namespace=namespace)
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     env = {
         k: v
@@ -259,39 +259,41 @@ def test_install_upgrade_uninstall(
         assert not can_i(kube, namespace, f"{PREFIX}-secrets", "get", "secrets")  # its RBAC is gone again
         gw_env = {
             e["name"]: e
-            for e in kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)["spec"]["template"][
-                "spec"
-            ]["containers"][0]["env"]
+            for e in kube.get_json("deployment", f"{PREFIX}-gateway", namespace=namespace)["spec"][
+                "template"
+            ]["spec"]["containers"][0]["env"]
         }
         assert gw_env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": password, "key": "password"}
 
         # PodDisruptionBudgets and NetworkPolicies pass the API server's validation.
-        assert sorted(p["metadata"]["name"] for p in kube.get_json("pdb", "-n", namespace)["items"]) == [
+        assert sorted(p["metadata"]["name"] for p in kube.get_json("pdb", namespace=namespace)["items"]) == [
             f"{PREFIX}-{c}" for c in ("gateway", "operator", "workers")
         ]
         assert sorted(
-            p["metadata"]["name"] for p in kube.get_json("networkpolicies", "-n", namespace)["items"]
+            p["metadata"]["name"] for p in kube.get_json("networkpolicies", namespace=namespace)["items"]
         ) == [f"{PREFIX}-{c}" for c in ("postgresql", "workers")]
 
         # Every workload is up and every pod (KWOK) Ready; the claims are bound.
         for name in (f"{PREFIX}-gateway", f"{PREFIX}-operator"):
-            d = kube.get_json("deployment", name, "-n", namespace)
+            d = kube.get_json("deployment", name, namespace=namespace)
             assert d["status"].get("readyReplicas") == d["spec"]["replicas"] == 1, name
-        sts = kube.get_json("statefulset", f"{PREFIX}-postgresql", "-n", namespace)
+        sts = kube.get_json("statefulset", f"{PREFIX}-postgresql", namespace=namespace)
         assert sts["status"].get("readyReplicas") == 1
-        pods = kube.get_json("pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
+        pods = kube.get_json("pods", namespace=namespace, selector=f"app.kubernetes.io/instance={RELEASE}")[
+            "items"
+        ]
         components = sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods)
         assert components == ["gateway", "operator", "postgresql"]
         assert all(is_ready(p) for p in pods), [p["metadata"]["name"] for p in pods if not is_ready(p)]
-        for pvc in kube.get_json("pvc", "-n", namespace)["items"]:
+        for pvc in kube.get_json("pvc", namespace=namespace)["items"]:
             assert pvc["status"]["phase"] == "Bound", pvc["metadata"]["name"]
-        assert len(kube.get_json("pvc", "-n", namespace)["items"]) == 2
+        assert len(kube.get_json("pvc", namespace=namespace)["items"]) == 2
 
         # The presets passed the CRD's validation (CEL rules included) and read back as the catalog.
         catalog = {
             m.name: m.spec.model_dump(mode="json") for m in load_models_file(CHART / "files" / "models.yaml")
         }
-        stored = kube.get_json("imagemodels", "-n", namespace)["items"]
+        stored = kube.get_json("imagemodels", namespace=namespace)["items"]
         assert sorted(m["metadata"]["name"] for m in stored) == sorted(PRESETS)
         for m in stored:
             assert (
@@ -305,8 +307,8 @@ def test_install_upgrade_uninstall(
             ("prometheusrules", 1),
             ("ingresses", 1),
         ):
-            assert len(kube.get_json(kind, "-n", namespace)["items"]) == count, kind
-        dashboards = kube.get_json("configmaps", "-n", namespace, "-l", "grafana_dashboard=1")["items"]
+            assert len(kube.get_json(kind, namespace=namespace)["items"]) == count, kind
+        dashboards = kube.get_json("configmaps", namespace=namespace, selector="grafana_dashboard=1")["items"]
         assert len(dashboards) == 3
 
         # Least privilege, as the API server sees it.
@@ -335,10 +337,10 @@ def test_install_upgrade_uninstall(
         kube.helm(
             "upgrade", RELEASE, str(CHART), "-n", namespace, "-f", str(vfile), "--wait", "--timeout", "180s"
         )
-        gw = kube.get_json("deployment", f"{PREFIX}-gateway", "-n", namespace)
+        gw = kube.get_json("deployment", f"{PREFIX}-gateway", namespace=namespace)
         assert gw["spec"]["strategy"]["type"] == "RollingUpdate"
         assert gw["spec"]["replicas"] == gw["status"].get("readyReplicas") == 2
-        assert [c["metadata"]["name"] for c in kube.get_json("pvc", "-n", namespace)["items"]] == [
+        assert [c["metadata"]["name"] for c in kube.get_json("pvc", namespace=namespace)["items"]] == [
             f"data-{PREFIX}-postgresql-0"
         ]
         ran = run_hook(kube, namespace, "secrets", tmp_path)
@@ -347,9 +349,11 @@ def test_install_upgrade_uninstall(
         assert {
             n: secret(kube, namespace, n, k) for n, k in ((token, "token"), (password, "password"))
         } == generated
-        names = sorted(m["metadata"]["name"] for m in kube.get_json("imagemodels", "-n", namespace)["items"])
+        names = sorted(
+            m["metadata"]["name"] for m in kube.get_json("imagemodels", namespace=namespace)["items"]
+        )
         assert names == sorted(set(PRESETS) - {"flux-1-dev"})
-        flux2 = kube.get_json("imagemodel", "flux-2-dev", "-n", namespace)["spec"]
+        flux2 = kube.get_json("imagemodel", "flux-2-dev", namespace=namespace)["spec"]
         assert flux2["scaling"]["maxReplicas"] == 4 and flux2["worker"]["gpu"]["count"] == 2
 
         # The operator (as its ServiceAccount) takes the presets over: worker Deployments, status
@@ -360,7 +364,7 @@ def test_install_upgrade_uninstall(
 
             def reconciled() -> bool:
                 assert operator.poll() is None, (tmp_path / "operator.log").read_text()[-4000:]
-                items = kube.get_json("imagemodels", "-n", namespace)["items"]
+                items = kube.get_json("imagemodels", namespace=namespace)["items"]
                 return len(items) == len(models) and all(
                     not m["metadata"].get("finalizers") and (m.get("status") or {}).get("state") == "sleeping"
                     for m in items
@@ -368,7 +372,7 @@ def test_install_upgrade_uninstall(
 
             wait_for(reconciled, 90, "the operator to reconcile the presets", every=0.5)
             workers = kube.get_json(
-                "deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker"
+                "deployments", namespace=namespace, selector="app.kubernetes.io/name=remotegpu-worker"
             )
             assert sorted(d["metadata"]["name"] for d in workers["items"]) == [f"{m}-worker" for m in models]
 
@@ -377,9 +381,9 @@ def test_install_upgrade_uninstall(
             ran = run_hook(kube, namespace, "uninstall", tmp_path, ["--timeout-seconds=60"])
             assert ran.returncode == 0, ran.stdout + ran.stderr
             assert f"deleted {len(models)} ImageModel(s)" in ran.stdout
-            assert not kube.get_json("imagemodels", "-n", namespace)["items"]
+            assert not kube.get_json("imagemodels", namespace=namespace)["items"]
             wait_for(
-                lambda: not kube.get_json("deployments", "-n", namespace, "-l", "app.kubernetes.io/name=remotegpu-worker")["items"],
+                lambda: not kube.get_json("deployments", namespace=namespace, selector="app.kubernetes.io/name=remotegpu-worker")["items"],
                 60, "the worker Deployments to be collected", every=0.5,
             )  # fmt: skip
         finally:
@@ -389,10 +393,10 @@ def test_install_upgrade_uninstall(
 
     # Nothing of the release is left, the database's claim included (whenDeleted: Delete).
     wait_for(lambda: not leftovers(kube, namespace), 120, "the release's objects to go", every=1)
-    wait_for(lambda: not kube.get_json("pvc", "-n", namespace)["items"], 60, "the claims to go", every=1)
+    wait_for(lambda: not kube.get_json("pvc", namespace=namespace)["items"], 60, "the claims to go", every=1)
     assert kube.helm("status", RELEASE, "-n", namespace, check=False).returncode != 0
     # The generated secrets stay (helm.sh/resource-policy: keep): a retained database needs its password.
-    kept = kube.get_json("secrets", "-n", namespace, "-l", f"remotegpu.ai/release={RELEASE}")["items"]
+    kept = kube.get_json("secrets", namespace=namespace, selector=f"remotegpu.ai/release={RELEASE}")["items"]
     assert sorted(k["metadata"]["name"] for k in kept) == sorted(
         [f"{PREFIX}-worker-token", f"{PREFIX}-postgresql"]
     )
@@ -437,7 +441,10 @@ def test_helm_upgrade_upgrades_the_crd(kube: Kube, namespace: str, tmp_path: Pat
         out = kube.kubectl("create", "-f", "-", input=json.dumps(model), check=False)
         if out.returncode:
             return out.stderr
-        return f"priority {kube.get_json(crd_name, name, '-n', namespace)['spec']['scaling']['priority']}"
+        # kubectl, not Kube.get_json: kr8s (0.20) resolves a group-qualified kind that its
+        # discovery cache predates without the group, which is the real CRD's here.
+        got = json.loads(kube.kubectl("get", crd_name, name, "-n", namespace, "-o", "json").stdout)
+        return f"priority {got['spec']['scaling']['priority']}"
 
     unknown = 'unknown field "spec.scaling.priority"'
 

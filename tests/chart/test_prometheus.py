@@ -47,7 +47,6 @@ pytestmark = pytest.mark.cluster
 
 TOKEN = "prometheus-test-worker-token"
 MODEL = "remotegpu/tiny-random-flux1"
-CRD = REPO / "crds" / "imagemodels.yaml"
 
 
 def http_json(url: str, data: dict | None = None, headers: dict | None = None, timeout: float = 10) -> Any:
@@ -175,14 +174,13 @@ def grafana_to_promql(expr: str, namespace: str) -> str:
 
 def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
     kube: Kube,
+    crd: None,
     namespace: str,
     tiny_data_dir: Path,
     procs: Callable[..., Proc],
     dcgm: DcgmExporter,
     tmp_path: Path,
 ):
-    kube.kubectl("apply", "-f", str(CRD))
-    kube.wait_established("imagemodels.remotegpu.ai")
     gw_port, op_port, wk_port, prom_port = free_port(), free_port(), free_port(), free_port()
     gateway_url = f"http://127.0.0.1:{gw_port}"
 
@@ -262,7 +260,7 @@ def test_prometheus_scrapes_every_metric_the_dashboards_and_alerts_use(
             f"{gateway_url}/v1/inference/image", {"model": MODEL, "prompt": "a fox", "steps": 2}, auth
         )
         wait_for(
-            lambda: (kube.get_json("imagemodel", "tiny-random-flux1", "-n", namespace).get("status") or {}).get("state")
+            lambda: (kube.get_json("imagemodel", "tiny-random-flux1", namespace=namespace).get("status") or {}).get("state")
             == "ready",
             60, "the operator to scale up and report ready",
         )  # fmt: skip

@@ -43,7 +43,7 @@ def gpu_deployment(name: str, gpus: int, annotations: dict | None = None) -> str
 
 
 def pods(kube: Kube, namespace: str, app: str) -> list[dict]:
-    return kube.get_json("pods", "-n", namespace, "-l", f"app={app}")["items"]
+    return kube.get_json("pods", namespace=namespace, selector=f"app={app}")["items"]
 
 
 def is_ready(pod: dict) -> bool:
@@ -96,23 +96,21 @@ def test_asking_for_more_gpus_than_exist_stays_pending_with_an_event(kube: Kube,
 
     def scheduling_event():
         events = kube.get_json(
-            "events", "-n", namespace, "--field-selector", f"involvedObject.name={pod['metadata']['name']}"
+            "events", namespace=namespace, fields=f"involvedObject.name={pod['metadata']['name']}"
         )["items"]
         return next((e for e in events if e["reason"] == "FailedScheduling"), None)
 
     event = wait_for(scheduling_event, what="a FailedScheduling event")
     assert "nvidia.com/gpu" in event["message"]
-    pod = kube.get_json("pod", "-n", namespace, pod["metadata"]["name"])
+    pod = kube.get_json("pod", pod["metadata"]["name"], namespace=namespace)
     assert pod["status"]["phase"] == "Pending" and not pod["spec"].get("nodeName")
 
 
-def test_crd_registers_and_validates_imagemodels(kube: Kube, namespace: str):
-    kube.kubectl("apply", "-f", str(REPO / "crds"))
-    kube.wait_established("imagemodels.remotegpu.ai")
+def test_crd_registers_and_validates_imagemodels(kube: Kube, crd: None, namespace: str):
     # Every entry of the bundled catalog is a valid ImageModel for the API server.
     catalog = (REPO / "base" / "remotegpu_base" / "models.yaml").read_text()
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=catalog)
-    listed = kube.get_json("imagemodels", "-n", namespace)["items"]
+    listed = kube.get_json("imagemodels", namespace=namespace)["items"]
     assert len(listed) == len([d for d in yaml.safe_load_all(catalog) if d])
     # Defaults from the schema are applied by the API server.
     one = next(m for m in listed if m["metadata"]["name"] == "flux-1-schnell")

@@ -51,7 +51,7 @@ def web_pod(real: RealNodes, name: str, node: str, gpus: int = 0) -> dict:
 
 
 def ready(kube: Kube, namespace: str, name: str) -> bool:
-    pod = kube.get_json("pod", name, "-n", namespace)
+    pod = kube.get_json("pod", name, namespace=namespace)
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
@@ -88,7 +88,7 @@ def test_pods_on_two_nodes_reach_each_other_by_service_dns_name(
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
     for name in ("web", "client"):
         wait_for(lambda name=name: ready(kube, namespace, name), 120, f"pod {name} Ready")
-    pod = kube.get_json("pod", "web", "-n", namespace)
+    pod = kube.get_json("pod", "web", namespace=namespace)
     assert pod["spec"]["nodeName"] == node_a  # where its fake GPU is
     # From the pod on the other node, through CoreDNS and kube-proxy's ClusterIP.
     fetch = (
@@ -96,7 +96,7 @@ def test_pods_on_two_nodes_reach_each_other_by_service_dns_name(
         f"print(socket.gethostbyname('web.{namespace}.svc.cluster.local')); "
         "print(urllib.request.urlopen('http://web/', timeout=10).status)"
     )
-    cluster_ip = kube.get_json("service", "web", "-n", namespace)["spec"]["clusterIP"]
+    cluster_ip = kube.get_json("service", "web", namespace=namespace)["spec"]["clusterIP"]
     out = wait_for(
         lambda: (
             (
@@ -157,7 +157,7 @@ def test_a_pod_asking_for_more_gpus_than_a_real_node_has_stays_pending(
     unschedulable = wait_for(
         lambda: [
             c
-            for c in kube.get_json("pod", "greedy", "-n", namespace)["status"].get("conditions", [])
+            for c in kube.get_json("pod", "greedy", namespace=namespace)["status"].get("conditions", [])
             if c["type"] == "PodScheduled" and c["status"] == "False"
         ],
         60,
@@ -253,7 +253,7 @@ def test_a_container_start_compiles_no_python(
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(pod))
     phase = wait_for(
         lambda: (
-            (p := kube.get_json("pod", "imports", "-n", namespace)["status"].get("phase"))
+            (p := kube.get_json("pod", "imports", namespace=namespace)["status"].get("phase"))
             in ("Succeeded", "Failed")
             and p
         ),

@@ -136,7 +136,7 @@ class System:
     collector: LogCollector
 
     def pod_list(self, prefix: str = "") -> list[Pod]:
-        items = self.kube.get_json("pods", "-n", self.namespace)["items"]
+        items = self.kube.get_json("pods", namespace=self.namespace)["items"]
         return [Pod.of(p) for p in items if p["metadata"]["name"].startswith(prefix)]
 
     def pods(self, prefix: str) -> list[str]:
@@ -199,14 +199,13 @@ class System:
             raise AssertionError(f"{e}\nlast state: {self.job(job_id)}\n{self.logs()}") from None
 
     def imagemodel(self, name: str) -> dict:
-        return self.kube.get_json("imagemodel", name, "-n", self.namespace)
+        return self.kube.get_json("imagemodel", name, namespace=self.namespace)
 
     def deployment(self, name: str) -> dict | None:
         dep = self.imagemodel(name).get("status", {}).get("deployment")
         if not dep:
             return None
-        out = self.kube.kubectl("get", "deployment", dep, "-n", self.namespace, "-o", "json", check=False)
-        return json.loads(out.stdout) if out.returncode == 0 else None
+        return self.kube.find("deployment", dep, self.namespace)
 
     def deployment_replicas(self, name: str) -> int:
         dep = self.deployment(name)
@@ -344,7 +343,7 @@ def deploy(kube: Kube, real: RealNodes, tiny_models_dir: Path, work: Path) -> It
         )  # fmt: skip
         docs, ids = tiny_imagemodels(tiny_models_dir, real)
         kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
-        port = kube.get_json("service", GATEWAY, "-n", namespace)["spec"]["ports"][0]["nodePort"]
+        port = kube.get_json("service", GATEWAY, namespace=namespace)["spec"]["ports"][0]["nodePort"]
         # An API key, made where the database is reachable: in the gateway's pod.
         keys = kube.kubectl(
             "exec", "-n", namespace, f"deploy/{GATEWAY}", "-c", "gateway", "--",

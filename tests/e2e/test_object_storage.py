@@ -49,7 +49,7 @@ def fresh(
 
 
 def gateway_deployment(system: System) -> dict:
-    return system.kube.get_json("deployment", GATEWAY, "-n", system.namespace)
+    return system.kube.get_json("deployment", GATEWAY, namespace=system.namespace)
 
 
 def upgrade_to_object_storage(system: System, store: SeaweedFS) -> None:

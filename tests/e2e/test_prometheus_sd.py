@@ -214,7 +214,7 @@ def test_prometheus_discovers_the_real_pods_and_scrapes_every_metric_used(system
         workers = prom.query(f'up{{job="{jobs[2]["job_name"]}", namespace="{system.namespace}"}}[15m]')
         imagemodels = {
             m["metadata"]["name"]
-            for m in system.kube.get_json("imagemodels", "-n", system.namespace)["items"]
+            for m in system.kube.get_json("imagemodels", namespace=system.namespace)["items"]
         }
         assert workers and {s["metric"].get("remotegpu_ai_imagemodel") for s in workers} <= imagemodels, (
             workers

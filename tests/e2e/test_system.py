@@ -160,7 +160,7 @@ def test_an_operator_restart_mid_scale_converges_without_duplicates(system: Syst
     [old] = system.pods(OPERATOR)
     system.kube.kubectl("delete", "pod", "-n", system.namespace, old, "--wait=false")
     assert system.wait_job(job, timeout=300)["status"] == "succeeded", system.logs()
-    deployments = system.kube.get_json("deployments", "-n", system.namespace)["items"]
+    deployments = system.kube.get_json("deployments", namespace=system.namespace)["items"]
     owned = [
         d for d in deployments if any(o["name"] == name for o in d["metadata"].get("ownerReferences", []))
     ]

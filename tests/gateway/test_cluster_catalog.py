@@ -21,19 +21,11 @@ from remotegpu_gateway.registry import RuntimeRegistry
 from remotegpu_gateway.settings import Settings
 
 from cluster.localcluster import free_port
-from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.cluster import Kube
 from tests.gateway.conftest import WORKER_TOKEN, RunningGateway
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
-
-CRD = REPO / "crds" / "imagemodels.yaml"
-
-
-@pytest.fixture
-def crd(kube: Kube) -> None:
-    kube.kubectl("apply", "-f", str(CRD))
-    kube.kubectl("wait", "--for=condition=established", "--timeout=60s", f"crd/{PLURAL}.{API_GROUP}")
 
 
 def apply(kube: Kube, namespace: str, resource: dict[str, Any]) -> None:
@@ -154,7 +146,7 @@ def test_invalid_resources_are_skipped(crd: None, kube: Kube, kubeconfig: Path, 
     # object as the server returns it, break its spec, and parse it.
     with watching(watcher):
         assert catalog.ids() == [good.spec.model]
-    objs = kube.get_json(f"{PLURAL}.{API_GROUP}", "-n", namespace)
+    objs = kube.get_json(f"{PLURAL}.{API_GROUP}", namespace=namespace)
     assert len(objs["items"]) == 1
     bad = dict(objs["items"][0])
     bad["spec"] = {**bad["spec"], "parameters": {"prompt": {"maxLength": 10}}}

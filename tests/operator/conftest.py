@@ -40,7 +40,6 @@ from tests.waiting import wait_for
 
 TOKEN = "test-worker-token"
 RBAC = REPO / "operator" / "rbac.yaml"
-CRD = REPO / "crds" / "imagemodels.yaml"
 
 
 class QueueStub:
@@ -189,11 +188,20 @@ class OperatorProc:
 
 
 @pytest.fixture(scope="session")
-def crd(kube: Kube) -> None:
-    kube.kubectl("apply", "-f", str(CRD))
-    kube.wait_established("imagemodels.remotegpu.ai")
-    # The operator's rules, as written (ClusterRoles; bound per test namespace below).
-    kube.kubectl("apply", "-f", str(RBAC))
+def gpu_nodes(kube: Kube) -> list[str]:
+    """The KWOK GPU nodes, by name: where untainted GPU pods (the pre-warm DaemonSet's) go."""
+    nodes = kube.get_json("nodes")["items"]
+    return sorted(
+        n["metadata"]["name"]
+        for n in nodes
+        if "nvidia.com/gpu" in n["status"].get("allocatable", {}) and not n["spec"].get("taints")
+    )
+
+
+@pytest.fixture(scope="session")
+def rbac(kube: Kube) -> None:
+    """The operator's rules, as written (ClusterRoles; bound per test namespace below)."""
+    kube.apply_cluster_wide(RBAC)
 
 
 def operator_kubeconfig(kube: Kube, namespace: str, out: Path) -> Path:
@@ -289,7 +297,13 @@ class Operators:
 
 @pytest.fixture
 def operators(
-    kube: Kube, crd: None, namespace: str, tmp_path: Path, queue: QueueStub, request: pytest.FixtureRequest
+    kube: Kube,
+    crd: None,
+    rbac: None,
+    namespace: str,
+    tmp_path: Path,
+    queue: QueueStub,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Operators]:
     ops = Operators(kube, namespace, tmp_path, queue.url)
     yield ops
@@ -434,8 +448,7 @@ def apply(kube: Kube, namespace: str, obj: dict[str, Any]) -> None:
 
 
 def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    out = kube.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
+    return kube.find(kind, name, namespace)
 
 
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
@@ -459,8 +472,7 @@ def wait_condition(kube: Kube, ns: str, name: str, type_: str, what: str, **want
 
 
 def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
-    out = kube.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
-    return out["items"]
+    return kube.get_json("events", namespace=namespace, fields=f"involvedObject.name={name}")["items"]
 
 
 # The pod-ready delay KWOK applies to a pod carrying it (the stages the cluster loads).

@@ -105,7 +105,7 @@ def test_a_hung_renewal_cannot_outlive_the_renew_deadline(kube: Kube, namespace:
     # A standby may take the Lease over `lease_seconds` after the last renewal: the old
     # leader must have stopped by then (it stops at the 3 s deadline; 5 s of slack).
     assert stopped_after < lease_seconds, f"stopped {stopped_after:.1f}s after the last renewal"
-    lease = kube.get_json("lease", "remotegpu-operator", "-n", namespace)
+    lease = kube.get_json("lease", "remotegpu-operator", namespace=namespace)
     assert lease["spec"]["holderIdentity"] == "me"  # it held the real Lease until cut off
 
 

@@ -121,9 +121,9 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     assert op.metric("remotegpu_operator_model_state", imagemodel="m2", state="ready") == 1.0
     # The pod (as its worker would) leases the job, runs it, completes it; after the
     # idle window (3 s) the model sleeps again.
-    pod = kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m2")["items"][0]["metadata"][
-        "name"
-    ]
+    pod = kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/imagemodel=m2")["items"][0][
+        "metadata"
+    ]["name"]
     lease = gw.lease("test/wake", pod)
     # The operator told the gateway the pod's phases: the job's timeline shows them.
     timeline = wait_for(
@@ -221,14 +221,18 @@ def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operato
     operators.start()
     apply(kube, namespace, imagemodel("m4", "test/delete", replicas=1))
     wait_for(lambda: state_of(kube, namespace, "m4") == "ready", 90, "ready (pinned 1)")
-    assert len(kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"]) == 1
+    assert (
+        len(kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/imagemodel=m4")["items"]) == 1
+    )
     kube.kubectl("delete", "imagemodel", "m4", "-n", namespace, "--timeout=30s")
     # The garbage collector (kube-controller-manager) follows the owner reference. It picks up
     # a new CRD's kind on its discovery resync (every 30 s), so on a fresh cluster this can
     # take that long.
     wait_for(lambda: get(kube, namespace, "deployment", "m4-worker") is None, 90, "deployment gone")
     wait_for(
-        lambda: not kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m4")["items"],
+        lambda: (
+            not kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/imagemodel=m4")["items"]
+        ),
         90,
         "pods gone",
     )
@@ -289,9 +293,9 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
     operators.start("op-b", gateway_url=gw.url)
     wait_for(lambda: replicas_of(kube, namespace, "m6") == 3, 90, "converged to 3")
     wait_for(lambda: state_of(kube, namespace, "m6") == "ready", 90, "ready")
-    deps = kube.get_json("deployments", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m6")["items"]
+    deps = kube.get_json("deployments", namespace=namespace, selector="remotegpu.ai/imagemodel=m6")["items"]
     assert len(deps) == 1
-    rss = kube.get_json("replicasets", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m6")["items"]
+    rss = kube.get_json("replicasets", namespace=namespace, selector="remotegpu.ai/imagemodel=m6")["items"]
     assert len(rss) == 1, "the pod template changed across the restart"
     # A restart changes nothing that is already right.
     before = get(kube, namespace, "deployment", "m6-worker")["metadata"]["resourceVersion"]
@@ -315,7 +319,7 @@ def test_two_operators_do_not_fight(kube, namespace, operators: Operators, gatew
     standby = b if leader is a else a
     time.sleep(1)
     assert not standby.is_leader()
-    lease = kube.get_json("lease", "remotegpu-operator", "-n", namespace)
+    lease = kube.get_json("lease", "remotegpu-operator", namespace=namespace)
     assert lease["spec"]["holderIdentity"] == leader.identity
     apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m7") == "sleeping", 90, "sleeping")
@@ -331,7 +335,7 @@ def test_two_operators_do_not_fight(kube, namespace, operators: Operators, gatew
     leader.stop()
     wait_for(standby.is_leader, 90, "standby takes over")
     assert (
-        kube.get_json("lease", "remotegpu-operator", "-n", namespace)["spec"]["holderIdentity"]
+        kube.get_json("lease", "remotegpu-operator", namespace=namespace)["spec"]["holderIdentity"]
         == standby.identity
     )
     gw.submit("test/pair")
@@ -350,7 +354,7 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
     )
     names = sorted(
         p["metadata"]["name"]
-        for p in kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m8")["items"]
+        for p in kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/imagemodel=m8")["items"]
     )
     busy = names[1]
     queue.set("test/busy", running=1, busy_workers=[busy])
@@ -368,7 +372,9 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
         lambda: (
             [
                 p["metadata"]["name"]
-                for p in kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=m8")["items"]
+                for p in kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/imagemodel=m8")[
+                    "items"
+                ]
             ]
             == [busy]
         ),

@@ -268,7 +268,7 @@ def test_a_deleted_deployment_is_recreated_with_the_replicas_the_queue_needs(
     )
     assert new["metadata"]["ownerReferences"][0]["name"] == "m12"
     wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 90, "replicas 1 again")
-    assert len(kube.get_json("deployments", "-n", namespace)["items"]) == 1
+    assert len(kube.get_json("deployments", namespace=namespace)["items"]) == 1
 
 
 def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
@@ -355,7 +355,9 @@ def test_worker_pods_carry_the_models_resources_placement_and_security(kube, nam
         }
         apply(kube, namespace, imagemodel("res", "test/resources", worker=worker, scaling={"minReplicas": 1}))
         pods = wait_for(
-            lambda: kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/imagemodel=res")["items"],
+            lambda: kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/imagemodel=res")[
+                "items"
+            ],
             90,
             "a worker pod",
         )
@@ -374,7 +376,7 @@ def test_worker_pods_carry_the_models_resources_placement_and_security(kube, nam
 
 
 def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_model(
-    kube, namespace, operators: Operators
+    kube, namespace, operators: Operators, gpu_nodes: list[str]
 ):
     # A missed DELETED event (a watch re-established under load lists only what exists) is
     # the sweep's to catch: every 10 s here, not 60.
@@ -419,18 +421,23 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
     )
     # Recorded in the cache index first: the sweep's fallback, should the deletion go unseen.
     wait_for(
-        lambda: (e := index_entry(kube, namespace, "cached")) and len(e["nodes"]) == 2,
+        lambda: (e := index_entry(kube, namespace, "cached")) and len(e["nodes"]) == len(gpu_nodes),
         90,
         "the cache index entry",
     )
     kube.kubectl("delete", "imagemodel", "cached", "-n", namespace)
-    jobs = wait_for(
-        lambda: kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=cached")["items"],
-        240,
-        "the clean-up Job",
-    )
     # one per node that had the cache: the pre-warm pods went to the GPU nodes only
-    assert sorted(j["spec"]["template"]["spec"]["nodeName"] for j in jobs) == ["gpu-node-0", "gpu-node-1"]
+    selector = "remotegpu.ai/model-cache=cached"
+    jobs = wait_for(
+        lambda: (
+            (items := kube.get_json("jobs", namespace=namespace, selector=selector)["items"])
+            and len(items) >= len(gpu_nodes)
+            and items
+        ),
+        240,
+        "a clean-up Job per GPU node",
+    )
+    assert sorted(j["spec"]["template"]["spec"]["nodeName"] for j in jobs) == gpu_nodes
     spec = jobs[0]["spec"]["template"]["spec"]
     assert spec["containers"][0]["command"][:5] == [
         "remotegpu",
@@ -461,14 +468,16 @@ def test_switching_prewarm_off_deletes_the_daemonset_and_on_brings_it_back(
     apply(kube, namespace, imagemodel("warm", "test/warm", cache=CACHE))
     ds = wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache"), 90, "the pre-warm DaemonSet")
     wait_for(
-        lambda: kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/model-cache=warm")["items"],
+        lambda: kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/model-cache=warm")["items"],
         90,
         "pre-warm pods",
     )
     apply(kube, namespace, imagemodel("warm", "test/warm", cache={**CACHE, "prewarm": False}))
     wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache") is None, 90, "the DaemonSet deleted")
     wait_for(
-        lambda: not kube.get_json("pods", "-n", namespace, "-l", "remotegpu.ai/model-cache=warm")["items"],
+        lambda: (
+            not kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/model-cache=warm")["items"]
+        ),
         60,
         "its pods gone",
     )
@@ -480,36 +489,40 @@ def test_switching_prewarm_off_deletes_the_daemonset_and_on_brings_it_back(
 
 
 def test_a_cached_model_deleted_while_the_operator_is_down_is_cleaned_up_when_it_returns(
-    kube, namespace, operators: Operators
+    kube, namespace, operators: Operators, gpu_nodes: list[str]
 ):
     op = operators.start()
     apply(kube, namespace, imagemodel("gone", "test/gone", cache=CACHE))
     apply(kube, namespace, imagemodel("stays", "test/stays", cache=CACHE))
     # the index of the namespace's caches lists each model with the nodes its fetch pods went to
     entry = wait_for(
-        lambda: (e := index_entry(kube, namespace, "gone")) and len(e["nodes"]) == 2 and e,
+        lambda: (e := index_entry(kube, namespace, "gone")) and len(e["nodes"]) == len(gpu_nodes) and e,
         60,
-        "the cache index entry with both GPU nodes",
+        "the cache index entry with every GPU node",
     )
-    assert entry["nodes"] == ["gpu-node-0", "gpu-node-1"] and entry["spec"]["cache"]["prewarm"] is True
+    assert entry["nodes"] == gpu_nodes and entry["spec"]["cache"]["prewarm"] is True
     assert entry["uid"] == get(kube, namespace, "imagemodel", "gone")["metadata"]["uid"]
     op.stop()
     kube.kubectl("delete", "imagemodel", "gone", "-n", namespace, "--timeout=20s")
-    assert not kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=gone")["items"]
+    assert not kube.get_json("jobs", namespace=namespace, selector="remotegpu.ai/model-cache=gone")["items"]
 
     operators.start("op-back")
     jobs = wait_for(
         lambda: (
-            (items := kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=gone")["items"])
-            and len(items) == 2
+            (
+                items := kube.get_json("jobs", namespace=namespace, selector="remotegpu.ai/model-cache=gone")[
+                    "items"
+                ]
+            )
+            and len(items) == len(gpu_nodes)
             and items
         ),
         90,
         "a clean-up Job per node after the operator's start",
     )
-    assert sorted(j["spec"]["template"]["spec"]["nodeName"] for j in jobs) == ["gpu-node-0", "gpu-node-1"]
+    assert sorted(j["spec"]["template"]["spec"]["nodeName"] for j in jobs) == gpu_nodes
     cmd = jobs[0]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd == ["remotegpu", "cache", "gc", "--root", f"/cache/{namespace}", "--keep", "stays"]
     wait_for(lambda: index_entry(kube, namespace, "gone") is None, 90, "the entry dropped from the index")
     assert index_entry(kube, namespace, "stays") is not None  # a live model's cache is left alone
-    assert not kube.get_json("jobs", "-n", namespace, "-l", "remotegpu.ai/model-cache=stays")["items"]
+    assert not kube.get_json("jobs", namespace=namespace, selector="remotegpu.ai/model-cache=stays")["items"]

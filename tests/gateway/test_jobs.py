@@ -11,6 +11,7 @@ import pytest
 from remotegpu_base.protocol import HeartbeatAction, LeaseLost, Progress, RuntimeState, WorkerStatus
 
 from tests.gateway.conftest import DEV, SCHNELL, RunningGateway, auth, png_bytes
+from tests.waiting import wait_for
 
 JOB_FIELDS = {
     "job_id",
@@ -175,7 +176,9 @@ def test_cancel_queued_with_ready_worker(gateway: RunningGateway, key: str) -> N
 
 @pytest.mark.parametrize("worker_ends_with", ["fail", "release", "complete", "lease expiry"])
 def test_cancel_running_is_done_by_the_worker(start_gateway: object, worker_ends_with: str) -> None:
-    g = start_gateway(lease_ttl_seconds=1.0)  # type: ignore[operator]
+    # Short enough for the expiry case to end soon, long enough that a loaded machine's slow
+    # cancel request cannot let the lease lapse before the heartbeat (1 s could, on 2 busy cores).
+    g = start_gateway(lease_ttl_seconds=4.0)  # type: ignore[operator]
     key = g.key()
     job_id = g.submit(key, {"prompt": "a", "model": SCHNELL}).json()["job_id"]
     w = g.worker()
@@ -192,9 +195,7 @@ def test_cancel_running_is_done_by_the_worker(start_gateway: object, worker_ends
     elif worker_ends_with == "complete":
         w.complete(job_id, lease.lease_token, png_bytes())
     else:
-        deadline = time.time() + 10
-        while g.job(key, job_id).json()["status"] == "running" and time.time() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: g.job(key, job_id).json()["status"] != "running", 60, "the lease to expire")
     w.close()
     st = g.job(key, job_id).json()
     assert st["status"] == "cancelled" and st["result_url"] is None and st["completed_at"] is not None

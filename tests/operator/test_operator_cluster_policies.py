@@ -502,6 +502,12 @@ def test_a_cached_model_deleted_while_the_operator_is_down_is_cleaned_up_when_it
     )
     assert entry["nodes"] == gpu_nodes and entry["spec"]["cache"]["prewarm"] is True
     assert entry["uid"] == get(kube, namespace, "imagemodel", "gone")["metadata"]["uid"]
+    # the live model's entry too, before the operator goes: it must still be there at the end
+    wait_for(
+        lambda: (e := index_entry(kube, namespace, "stays")) and len(e["nodes"]) == len(gpu_nodes),
+        60,
+        "the live model's cache index entry",
+    )
     op.stop()
     kube.kubectl("delete", "imagemodel", "gone", "-n", namespace, "--timeout=20s")
     assert not kube.get_json("jobs", namespace=namespace, selector="remotegpu.ai/model-cache=gone")["items"]

@@ -337,9 +337,14 @@ def test_install_upgrade_uninstall(
         kube.helm(
             "upgrade", RELEASE, str(CHART), "-n", namespace, "-f", str(vfile), "--wait", "--timeout", "180s"
         )
+        # helm's --wait returns once the new ReplicaSet is ready, while an old pod may still be
+        # terminating: the rollout's own status says when it has finished.
+        kube.kubectl("rollout", "status", f"deployment/{PREFIX}-gateway", "-n", namespace, "--timeout=120s")
         gw = kube.get_json("deployment", f"{PREFIX}-gateway", namespace=namespace)
         assert gw["spec"]["strategy"]["type"] == "RollingUpdate"
-        assert gw["spec"]["replicas"] == gw["status"].get("readyReplicas") == 2
+        assert (
+            gw["spec"]["replicas"] == gw["status"].get("readyReplicas") == gw["status"].get("replicas") == 2
+        )
         assert [c["metadata"]["name"] for c in kube.get_json("pvc", namespace=namespace)["items"]] == [
             f"data-{PREFIX}-postgresql-0"
         ]

@@ -447,10 +447,6 @@ def apply(kube: Kube, namespace: str, obj: dict[str, Any]) -> None:
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
 
 
-def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
-    return kube.find(kind, name, namespace)
-
-
 def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     for c in ((obj or {}).get("status") or {}).get("conditions") or []:
         if c["type"] == type_:
@@ -462,7 +458,7 @@ def wait_condition(kube: Kube, ns: str, name: str, type_: str, what: str, **want
     """The ImageModel once its condition `type_` has the wanted fields (status="False", reason=...)."""
     return wait_for(  # type: ignore[no-any-return]
         lambda: (
-            (o := get(kube, ns, "imagemodel", name))
+            (o := kube.find("imagemodel", name, ns))
             and all(condition(o, type_).get(k) == v for k, v in want.items())
             and o
         ),
@@ -484,10 +480,10 @@ def dep_name(name: str) -> str:
 
 
 def replicas_of(kube: Kube, ns: str, name: str) -> int | None:
-    d = get(kube, ns, "deployment", dep_name(name))
+    d = kube.find("deployment", dep_name(name), ns)
     return None if d is None else d["spec"]["replicas"]
 
 
 def state_of(kube: Kube, ns: str, name: str) -> str | None:
-    im = get(kube, ns, "imagemodel", name)
+    im = kube.find("imagemodel", name, ns)
     return ((im or {}).get("status") or {}).get("state")

@@ -19,7 +19,6 @@ from tests.operator.conftest import (
     apply,
     condition,
     events,
-    get,
     replicas_of,
     state_of,
     wait_condition,
@@ -36,7 +35,7 @@ def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, oper
     apply(kube, namespace, im)
     im = wait_for(
         lambda: (
-            (o := get(kube, namespace, "imagemodel", "m1")) and (o.get("status") or {}).get("state") and o
+            (o := kube.find("imagemodel", "m1", namespace)) and (o.get("status") or {}).get("state") and o
         ),
         90,
         "status",
@@ -46,7 +45,7 @@ def test_new_model_sleeps_at_zero_with_an_owned_deployment(kube, namespace, oper
     assert im["status"]["observedGeneration"] == im["metadata"]["generation"]
     assert condition(im, "Ready")["reason"] == "Sleeping"
     assert im["status"]["selector"] == "app.kubernetes.io/name=remotegpu-worker,remotegpu.ai/imagemodel=m1"
-    d = get(kube, namespace, "deployment", "m1-worker")
+    d = kube.find("deployment", "m1-worker", namespace)
     assert d is not None and d["spec"]["replicas"] == 0
     ref = d["metadata"]["ownerReferences"][0]
     assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
@@ -71,7 +70,7 @@ def test_a_low_priority_job_never_wakes_a_sleeping_model(kube, namespace, operat
     gw.submit("test/low", priority="low")
     seen = wait_for(
         lambda: (
-            (q := get(kube, namespace, "imagemodel", "m-low")["status"].get("queue") or {}).get("lowPriority")
+            (q := kube.find("imagemodel", "m-low", namespace)["status"].get("queue") or {}).get("lowPriority")
             == 1
             and q
         ),
@@ -109,11 +108,11 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     # Driven by the queue's change, not a periodic resync (30 s or more); a margin for load.
     assert reacted < 15, f"scale-up took {reacted:.2f}s"
     wait_for(lambda: state_of(kube, namespace, "m2") == "starting", 90, "starting")
-    im = get(kube, namespace, "imagemodel", "m2")
+    im = kube.find("imagemodel", "m2", namespace)
     assert im["status"]["queue"]["warming"] == 1 and im["status"]["queueDepth"] == 1
     assert condition(im, "Ready")["reason"] == "WorkersStarting"
     wait_for(lambda: state_of(kube, namespace, "m2") == "ready", 60, "ready")
-    im = get(kube, namespace, "imagemodel", "m2")
+    im = kube.find("imagemodel", "m2", namespace)
     assert im["status"]["readyReplicas"] == 1 and condition(im, "Ready")["status"] == "True"
     assert op.metric("remotegpu_operator_ready_replicas", imagemodel="m2") == 1.0
     assert op.metric("remotegpu_operator_worker_gpus", imagemodel="m2") == 1.0  # cost: x replicas
@@ -144,7 +143,7 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
         "scale_decision", "pod_scheduled", "container_started", "first_lease",
     ]  # fmt: skip
     wait_for(
-        lambda: (get(kube, namespace, "imagemodel", "m2")["status"].get("queue") or {}).get("running") == 1,
+        lambda: (kube.find("imagemodel", "m2", namespace)["status"].get("queue") or {}).get("running") == 1,
         90,
         "running 1 in status",
     )
@@ -166,7 +165,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
     operators.start()
     apply(kube, namespace, imagemodel("m3", "test/roll"))
     wait_for(lambda: state_of(kube, namespace, "m3") == "sleeping", 90, "sleeping")
-    d0 = get(kube, namespace, "deployment", "m3-worker")
+    d0 = kube.find("deployment", "m3-worker", namespace)
     h0 = d0["metadata"]["annotations"]["remotegpu.ai/template-hash"]
     # A scaling-only change must not restart workers.
     kube.kubectl(
@@ -180,7 +179,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
         '{"spec":{"scaling":{"maxReplicas":3}}}',
     )
     time.sleep(2)
-    d1 = get(kube, namespace, "deployment", "m3-worker")
+    d1 = kube.find("deployment", "m3-worker", namespace)
     assert d1["metadata"]["annotations"]["remotegpu.ai/template-hash"] == h0
     assert d1["metadata"]["generation"] == d0["metadata"]["generation"]
     # An image change rolls the pod template.
@@ -196,7 +195,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
     )
     d2 = wait_for(
         lambda: (
-            (d := get(kube, namespace, "deployment", "m3-worker"))
+            (d := kube.find("deployment", "m3-worker", namespace))
             and d["metadata"]["annotations"]["remotegpu.ai/template-hash"] != h0
             and d
         ),
@@ -206,7 +205,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
     assert d2["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/worker:v2"
     im = wait_for(
         lambda: (
-            (o := get(kube, namespace, "imagemodel", "m3"))
+            (o := kube.find("imagemodel", "m3", namespace))
             and o["status"].get("observedGeneration") == o["metadata"]["generation"]
             and o
         ),
@@ -228,7 +227,7 @@ def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operato
     # The garbage collector (kube-controller-manager) follows the owner reference. It picks up
     # a new CRD's kind on its discovery resync (every 30 s), so on a fresh cluster this can
     # take that long.
-    wait_for(lambda: get(kube, namespace, "deployment", "m4-worker") is None, 90, "deployment gone")
+    wait_for(lambda: kube.find("deployment", "m4-worker", namespace) is None, 90, "deployment gone")
     wait_for(
         lambda: (
             not kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/imagemodel=m4")["items"]
@@ -261,9 +260,9 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
     # Held: no pile of Pending pods, and never scaled to zero while jobs wait (idle window is 1 s).
     first = replicas_of(kube, namespace, "m5")
     assert first is not None and 1 <= first <= 4
-    gen = get(kube, namespace, "deployment", "m5-worker")["metadata"]["generation"]
+    gen = kube.find("deployment", "m5-worker", namespace)["metadata"]["generation"]
     time.sleep(4)
-    d = get(kube, namespace, "deployment", "m5-worker")
+    d = kube.find("deployment", "m5-worker", namespace)
     assert d["spec"]["replicas"] == first and d["metadata"]["generation"] == gen
     assert any(
         e["reason"] == "InsufficientGPU" and e["type"] == "Warning" for e in events(kube, namespace, "m5")
@@ -298,7 +297,7 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
     rss = kube.get_json("replicasets", namespace=namespace, selector="remotegpu.ai/imagemodel=m6")["items"]
     assert len(rss) == 1, "the pod template changed across the restart"
     # A restart changes nothing that is already right.
-    before = get(kube, namespace, "deployment", "m6-worker")["metadata"]["resourceVersion"]
+    before = kube.find("deployment", "m6-worker", namespace)["metadata"]["resourceVersion"]
     operators.procs[-1].stop()
     op_c = operators.start("op-c", gateway_url=gw.url)
     wait_for(
@@ -307,7 +306,7 @@ def test_operator_restart_mid_scale_converges_without_duplicates(
         "op-c reconciled m6",
     )
     time.sleep(2)
-    assert get(kube, namespace, "deployment", "m6-worker")["metadata"]["resourceVersion"] == before
+    assert kube.find("deployment", "m6-worker", namespace)["metadata"]["resourceVersion"] == before
 
 
 def test_two_operators_do_not_fight(kube, namespace, operators: Operators, gateway):
@@ -323,11 +322,11 @@ def test_two_operators_do_not_fight(kube, namespace, operators: Operators, gatew
     assert lease["spec"]["holderIdentity"] == leader.identity
     apply(kube, namespace, im)
     wait_for(lambda: state_of(kube, namespace, "m7") == "sleeping", 90, "sleeping")
-    gen0 = get(kube, namespace, "deployment", "m7-worker")["metadata"]["generation"]
+    gen0 = kube.find("deployment", "m7-worker", namespace)["metadata"]["generation"]
     gw.submit("test/pair")
     wait_for(lambda: replicas_of(kube, namespace, "m7") == 1, 90, "replicas 1")
     time.sleep(3)
-    d = get(kube, namespace, "deployment", "m7-worker")
+    d = kube.find("deployment", "m7-worker", namespace)
     assert d["spec"]["replicas"] == 1 and d["metadata"]["generation"] == gen0 + 1, (
         "more than one replica write"
     )
@@ -350,7 +349,7 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
     wait_for(lambda: state_of(kube, namespace, "m8") == "sleeping", 90, "sleeping")
     queue.set("test/busy", warming=2)
     wait_for(
-        lambda: get(kube, namespace, "imagemodel", "m8")["status"].get("readyReplicas") == 2, 90, "2 ready"
+        lambda: kube.find("imagemodel", "m8", namespace)["status"].get("readyReplicas") == 2, 90, "2 ready"
     )
     names = sorted(
         p["metadata"]["name"]
@@ -360,7 +359,7 @@ def test_scale_down_takes_idle_pods_and_spares_busy_ones(
     queue.set("test/busy", running=1, busy_workers=[busy])
 
     def cost(pod: str) -> str | None:
-        p = get(kube, namespace, "pod", pod)
+        p = kube.find("pod", pod, namespace)
         return ((p or {}).get("metadata", {}).get("annotations") or {}).get(
             "controller.kubernetes.io/pod-deletion-cost"
         )

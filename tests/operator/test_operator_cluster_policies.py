@@ -15,7 +15,6 @@ from tests.operator.conftest import (
     apply,
     condition,
     events,
-    get,
     replicas_of,
     state_of,
     wait_condition,
@@ -46,7 +45,7 @@ def test_the_scale_subresource_answers_in_every_mode_and_kubectl_scale_sets_the_
     kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=2")
     wait_for(lambda: replicas_of(kube, namespace, "m9") == 2, 90, "kept warm: 2")
     wait_for(
-        lambda: get(kube, namespace, "imagemodel", "m9")["status"].get("readyReplicas") == 2, 90, "2 ready"
+        lambda: kube.find("imagemodel", "m9", namespace)["status"].get("readyReplicas") == 2, 90, "2 ready"
     )
     scale = scale_of(kube, namespace, "m9")
     assert scale["spec"]["replicas"] == 2 and scale["status"]["replicas"] == 2
@@ -61,7 +60,7 @@ def test_the_scale_subresource_answers_in_every_mode_and_kubectl_scale_sets_the_
     kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=3")
     wait_for(lambda: replicas_of(kube, namespace, "m9") == 3, 90, "fixed at 3")
     assert scale_of(kube, namespace, "m9")["spec"]["replicas"] == 3
-    im = get(kube, namespace, "imagemodel", "m9")
+    im = kube.find("imagemodel", "m9", namespace)
     assert condition(im, "ScalingActive")["reason"] == "Fixed"
 
 
@@ -71,7 +70,7 @@ def test_a_pin_above_max_replicas_is_capped(kube, namespace, operators: Operator
     wait_for(lambda: replicas_of(kube, namespace, "m13") == 2, 90, "capped at 2")
     time.sleep(2)
     assert replicas_of(kube, namespace, "m13") == 2
-    im = get(kube, namespace, "imagemodel", "m13")
+    im = kube.find("imagemodel", "m13", namespace)
     assert "capped at maxReplicas 2" in condition(im, "ScalingActive")["message"]
 
 
@@ -80,7 +79,7 @@ def test_external_mode_leaves_the_replicas_to_an_hpa_and_still_reports(
 ):
     operators.start()
     apply(kube, namespace, imagemodel("m14", "test/external", scaling={"mode": "External", "maxReplicas": 4}))
-    wait_for(lambda: get(kube, namespace, "deployment", "m14-worker") is not None, 90, "Deployment")
+    wait_for(lambda: kube.find("deployment", "m14-worker", namespace) is not None, 90, "Deployment")
     queue.set("test/external", queued=3)
     # Jobs wait, but in External mode the operator does not scale: the HPA does.
     time.sleep(3)
@@ -89,7 +88,7 @@ def test_external_mode_leaves_the_replicas_to_an_hpa_and_still_reports(
     kube.kubectl("scale", "deployment", "m14-worker", "-n", namespace, "--replicas=2")
     im = wait_for(
         lambda: (
-            (o := get(kube, namespace, "imagemodel", "m14"))
+            (o := kube.find("imagemodel", "m14", namespace))
             and (o.get("status") or {}).get("readyReplicas") == 2
             and o
         ),
@@ -101,9 +100,9 @@ def test_external_mode_leaves_the_replicas_to_an_hpa_and_still_reports(
     assert condition(im, "ScalingActive")["reason"] == "External"
     # The queue empties (idle window 3 s): the operator still leaves the count alone.
     queue.set("test/external")
-    gen = get(kube, namespace, "deployment", "m14-worker")["metadata"]["generation"]
+    gen = kube.find("deployment", "m14-worker", namespace)["metadata"]["generation"]
     time.sleep(5)
-    d = get(kube, namespace, "deployment", "m14-worker")
+    d = kube.find("deployment", "m14-worker", namespace)
     assert d["spec"]["replicas"] == 2 and d["metadata"]["generation"] == gen
 
 
@@ -141,11 +140,11 @@ def test_an_imagemodel_is_deleted_without_the_operator(kube, namespace, operator
     op = operators.start()
     apply(kube, namespace, imagemodel("m17", "test/orphan"))
     wait_for(lambda: state_of(kube, namespace, "m17") == "sleeping", 90, "sleeping")
-    assert not get(kube, namespace, "imagemodel", "m17")["metadata"].get("finalizers")
+    assert not kube.find("imagemodel", "m17", namespace)["metadata"].get("finalizers")
     op.stop()
     # No finalizer waits for an operator that is gone (uninstall, namespace deletion).
     kube.kubectl("delete", "imagemodel", "m17", "-n", namespace, "--timeout=20s")
-    assert get(kube, namespace, "imagemodel", "m17") is None
+    assert kube.find("imagemodel", "m17", namespace) is None
 
 
 @pytest.mark.parametrize(
@@ -199,7 +198,7 @@ def test_invalid_imagemodels_are_rejected_by_the_api_server(kube, namespace, crd
     out = kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr
-    assert get(kube, namespace, "imagemodel", "bad") is None
+    assert kube.find("imagemodel", "bad", namespace) is None
 
 
 def test_a_foreign_deployment_is_not_taken_over_and_the_failure_is_an_event(
@@ -227,7 +226,7 @@ def test_a_foreign_deployment_is_not_taken_over_and_the_failure_is_an_event(
         "a ReconcileFailed event",
     )
     assert ev["type"] == "Warning" and "not managed by the RemoteGPU operator" in ev["message"]
-    d = get(kube, namespace, "deployment", "m10-worker")
+    d = kube.find("deployment", "m10-worker", namespace)
     assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/other:1"
     assert not d["metadata"].get("ownerReferences")
 
@@ -259,10 +258,10 @@ def test_a_deleted_deployment_is_recreated_with_the_replicas_the_queue_needs(
     wait_for(lambda: state_of(kube, namespace, "m12") == "sleeping", 90, "sleeping")
     gw.submit("test/recreate")
     wait_for(lambda: replicas_of(kube, namespace, "m12") == 1, 90, "replicas 1")
-    uid = get(kube, namespace, "deployment", "m12-worker")["metadata"]["uid"]
+    uid = kube.find("deployment", "m12-worker", namespace)["metadata"]["uid"]
     kube.kubectl("delete", "deployment", "m12-worker", "-n", namespace, "--wait=false")
     new = wait_for(
-        lambda: (d := get(kube, namespace, "deployment", "m12-worker")) and d["metadata"]["uid"] != uid and d,
+        lambda: (d := kube.find("deployment", "m12-worker", namespace)) and d["metadata"]["uid"] != uid and d,
         90,
         "a new Deployment",
     )
@@ -387,17 +386,17 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
         "prewarm": True,
     }
     apply(kube, namespace, imagemodel("cached", "test/cached", cache=cache, scaling={"minReplicas": 1}))
-    dep = wait_for(lambda: get(kube, namespace, "deployment", "cached-worker"), 90, "the Deployment")
+    dep = wait_for(lambda: kube.find("deployment", "cached-worker", namespace), 90, "the Deployment")
     pod = dep["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["initContainers"]] == ["fetch-weights"]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/weights")
     assert mount["readOnly"] is True and mount["subPath"] == f"{namespace}/cached/weights"
-    ds = wait_for(lambda: get(kube, namespace, "daemonset", "cached-cache"), 90, "the pre-warm DaemonSet")
+    ds = wait_for(lambda: kube.find("daemonset", "cached-cache", namespace), 90, "the pre-warm DaemonSet")
     assert ds["metadata"]["ownerReferences"][0]["name"] == "cached"
     # the cache status lists the nodes the fetch pods went to (KWOK reports no fetch result)
     im = wait_for(
         lambda: (
-            (o := get(kube, namespace, "imagemodel", "cached"))
+            (o := kube.find("imagemodel", "cached", namespace))
             and ((o.get("status") or {}).get("cache") or {}).get("path")
             and o
         ),
@@ -414,7 +413,7 @@ def test_a_model_cache_prewarms_on_the_gpu_nodes_and_is_cleaned_up_after_the_mod
     wait_for(
         lambda: any(
             n["node"] == "gpu-node-0"
-            for n in get(kube, namespace, "imagemodel", "cached")["status"]["cache"]["nodes"]
+            for n in kube.find("imagemodel", "cached", namespace)["status"]["cache"]["nodes"]
         ),
         90,
         "the node kept in the status",
@@ -456,7 +455,7 @@ CACHE = {
 
 
 def index_entry(kube: Kube, namespace: str, name: str) -> dict | None:
-    cm = get(kube, namespace, "configmap", "remotegpu-model-caches")
+    cm = kube.find("configmap", "remotegpu-model-caches", namespace)
     text = ((cm or {}).get("data") or {}).get(name)
     return json.loads(text) if text else None
 
@@ -466,14 +465,14 @@ def test_switching_prewarm_off_deletes_the_daemonset_and_on_brings_it_back(
 ):
     operators.start()
     apply(kube, namespace, imagemodel("warm", "test/warm", cache=CACHE))
-    ds = wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache"), 90, "the pre-warm DaemonSet")
+    ds = wait_for(lambda: kube.find("daemonset", "warm-cache", namespace), 90, "the pre-warm DaemonSet")
     wait_for(
         lambda: kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/model-cache=warm")["items"],
         90,
         "pre-warm pods",
     )
     apply(kube, namespace, imagemodel("warm", "test/warm", cache={**CACHE, "prewarm": False}))
-    wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache") is None, 90, "the DaemonSet deleted")
+    wait_for(lambda: kube.find("daemonset", "warm-cache", namespace) is None, 90, "the DaemonSet deleted")
     wait_for(
         lambda: (
             not kube.get_json("pods", namespace=namespace, selector="remotegpu.ai/model-cache=warm")["items"]
@@ -481,10 +480,10 @@ def test_switching_prewarm_off_deletes_the_daemonset_and_on_brings_it_back(
         60,
         "its pods gone",
     )
-    assert get(kube, namespace, "imagemodel", "warm") is not None  # the model and its workers stay
-    assert get(kube, namespace, "deployment", "warm-worker") is not None
+    assert kube.find("imagemodel", "warm", namespace) is not None  # the model and its workers stay
+    assert kube.find("deployment", "warm-worker", namespace) is not None
     apply(kube, namespace, imagemodel("warm", "test/warm", cache=CACHE))
-    again = wait_for(lambda: get(kube, namespace, "daemonset", "warm-cache"), 90, "the DaemonSet again")
+    again = wait_for(lambda: kube.find("daemonset", "warm-cache", namespace), 90, "the DaemonSet again")
     assert again["metadata"]["uid"] != ds["metadata"]["uid"]
 
 
@@ -501,7 +500,7 @@ def test_a_cached_model_deleted_while_the_operator_is_down_is_cleaned_up_when_it
         "the cache index entry with every GPU node",
     )
     assert entry["nodes"] == gpu_nodes and entry["spec"]["cache"]["prewarm"] is True
-    assert entry["uid"] == get(kube, namespace, "imagemodel", "gone")["metadata"]["uid"]
+    assert entry["uid"] == kube.find("imagemodel", "gone", namespace)["metadata"]["uid"]
     # the live model's entry too, before the operator goes: it must still be there at the end
     wait_for(
         lambda: (e := index_entry(kube, namespace, "stays")) and len(e["nodes"]) == len(gpu_nodes),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -11,9 +12,15 @@ import httpx
 if TYPE_CHECKING:
     from tests.fixtures.processes import Proc
 
-# Without a fixed `every`, polls start fast and back off to this: a check often spawns kubectl
-# (~0.1 CPU-second each), and on a 2-core machine a tight loop of them starves the system under test.
+# Without a fixed `every`, polls start fast and back off to this: a check may spawn a process or
+# read the API server, and on a 2-core machine a tight loop of them starves the system under test.
 FIRST_POLL, LONGEST_POLL = 0.05, 1.0
+# A wait at least this long is logged, to show where a slow or failing test spent its time:
+# with a failing test's captured log, or live (`-o log_cli=true --log-cli-level=INFO`).
+LOGGED_WAIT = 2.0
+
+log = logging.getLogger("tests.wait")
+log.setLevel(logging.INFO)  # whatever the root logger's level
 
 
 class WaitTimeout(AssertionError):
@@ -29,12 +36,15 @@ def wait_for(
     interval grows from 0.05 s to 1 s, so a quick condition is seen at once and a slow one
     costs a check a second.
     """
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     interval = every if every is not None else FIRST_POLL
     last: Any = None
     while True:
         last = cond()
         if last:
+            if (took := time.monotonic() - started) >= LOGGED_WAIT:
+                log.info("waited %.1fs for %s", took, what)
             return last
         left = deadline - time.monotonic()
         if left <= 0:

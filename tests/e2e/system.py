@@ -262,6 +262,9 @@ def tiny_imagemodels(models_dir: Path, real: RealNodes) -> tuple[list[dict], dic
             "maxReplicas": 2,
             "idleSeconds": IDLE_SECONDS,
             "jobsPerReplica": 1,
+            # No scale-down rate limit (default: 1 replica a minute): a model woken again within
+            # a minute of its last scale-down sleeps after the idle window, not up to a minute later.
+            "scaleDownPeriodSeconds": 0,
         }
         docs.append(doc)
         ids[m.spec.architecture.value] = m.spec.model

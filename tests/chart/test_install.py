@@ -345,9 +345,15 @@ def test_install_upgrade_uninstall(
         assert (
             gw["spec"]["replicas"] == gw["status"].get("readyReplicas") == gw["status"].get("replicas") == 2
         )
-        assert [c["metadata"]["name"] for c in kube.get_json("pvc", namespace=namespace)["items"]] == [
-            f"data-{PREFIX}-postgresql-0"
-        ]
+        # The results claim goes once no pod mounts it (its protection finalizer).
+        wait_for(
+            lambda: (
+                [c["metadata"]["name"] for c in kube.get_json("pvc", namespace=namespace)["items"]]
+                == [f"data-{PREFIX}-postgresql-0"]
+            ),
+            60,
+            "the results claim to go",
+        )
         ran = run_hook(kube, namespace, "secrets", tmp_path)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert ran.stdout.split("\n")[:2] == [f"kept Secret {token}", f"kept Secret {password}"]

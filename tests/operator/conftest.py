@@ -471,6 +471,16 @@ def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     return kube.get_json("events", namespace=namespace, fields=f"involvedObject.name={name}")["items"]
 
 
+def wait_event(kube: Kube, namespace: str, name: str, reason: str, timeout: float = 60) -> dict[str, Any]:
+    """The first event `reason` about `name`. Waited for: kopf posts events in the background,
+    so one may arrive after the status it came with."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: next((e for e in events(kube, namespace, name) if e["reason"] == reason), None),
+        timeout,
+        f"a {reason} event for {name}",
+    )
+
+
 # The pod-ready delay KWOK applies to a pod carrying it (the stages the cluster loads).
 KWOK_DELAY = "pod-ready.stage.kwok.x-k8s.io/delay"
 

@@ -18,10 +18,10 @@ from tests.operator.conftest import (
     QueueStub,
     apply,
     condition,
-    events,
     replicas_of,
     state_of,
     wait_condition,
+    wait_event,
 )
 from tests.operator.resources import imagemodel
 from tests.waiting import wait_for
@@ -156,8 +156,8 @@ def test_queued_job_scales_up_starting_then_ready_then_back_to_sleep(
     wait_for(lambda: replicas_of(kube, namespace, "m2") == 0, 90, "replicas 0")
     assert time.monotonic() - idle_from >= 3
     wait_for(lambda: state_of(kube, namespace, "m2") == "sleeping", 90, "sleeping again")
-    reasons = [e["reason"] for e in events(kube, namespace, "m2")]
-    assert "ScaledUp" in reasons and "ScaledToZero" in reasons
+    wait_event(kube, namespace, "m2", "ScaledUp")
+    wait_event(kube, namespace, "m2", "ScaledToZero")
     assert (op.metric("remotegpu_operator_scale_decisions_total", imagemodel="m2", direction="up") or 0) >= 1
 
 
@@ -213,7 +213,7 @@ def test_spec_change_rolls_the_deployment_and_scaling_changes_do_not(kube, names
         "observed",
     )
     assert im["metadata"]["generation"] >= 3
-    assert "DeploymentUpdated" in [e["reason"] for e in events(kube, namespace, "m3")]
+    wait_event(kube, namespace, "m3", "DeploymentUpdated")
 
 
 def test_deleting_the_imagemodel_removes_its_deployment(kube, namespace, operators: Operators):
@@ -264,9 +264,7 @@ def test_more_replicas_than_gpus_reports_capacity_and_does_not_thrash(
     time.sleep(4)
     d = kube.find("deployment", "m5-worker", namespace)
     assert d["spec"]["replicas"] == first and d["metadata"]["generation"] == gen
-    assert any(
-        e["reason"] == "InsufficientGPU" and e["type"] == "Warning" for e in events(kube, namespace, "m5")
-    )
+    assert wait_event(kube, namespace, "m5", "InsufficientGPU")["type"] == "Warning"
     # The dashboards' Pending pods and the alert's capacity, as metrics.
     assert (op.metric("remotegpu_operator_unschedulable_replicas", imagemodel="m5") or 0) >= 1
     assert op.metric("remotegpu_operator_capacity_available", imagemodel="m5") == 0.0

@@ -14,10 +14,10 @@ from tests.operator.conftest import (
     QueueStub,
     apply,
     condition,
-    events,
     replicas_of,
     state_of,
     wait_condition,
+    wait_event,
 )
 from tests.operator.resources import imagemodel
 from tests.waiting import wait_for
@@ -118,9 +118,7 @@ def test_a_resource_quota_refusal_is_reported_not_starting_forever(
     cap = condition(im, "CapacityAvailable")
     assert cap["status"] == "False" and "exceeded quota" in cap["message"]
     assert condition(im, "Ready")["reason"] == "NoCapacity"
-    assert any(
-        e["reason"] == "QuotaExceeded" and e["type"] == "Warning" for e in events(kube, namespace, "m15")
-    )
+    assert wait_event(kube, namespace, "m15", "QuotaExceeded")["type"] == "Warning"
 
 
 def test_two_imagemodels_for_one_model_are_detected(kube, namespace, operators: Operators, queue: QueueStub):
@@ -220,11 +218,7 @@ def test_a_foreign_deployment_is_not_taken_over_and_the_failure_is_an_event(
     apply(kube, namespace, foreign)
     operators.start()
     apply(kube, namespace, imagemodel("m10", "test/foreign"))
-    ev = wait_for(
-        lambda: next((e for e in events(kube, namespace, "m10") if e["reason"] == "ReconcileFailed"), None),
-        90,
-        "a ReconcileFailed event",
-    )
+    ev = wait_event(kube, namespace, "m10", "ReconcileFailed", 90)
     assert ev["type"] == "Warning" and "not managed by the RemoteGPU operator" in ev["message"]
     d = kube.find("deployment", "m10-worker", namespace)
     assert d["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/other:1"
@@ -245,7 +239,7 @@ def test_an_unreachable_gateway_holds_replicas_and_says_so(kube, namespace, oper
     assert "queueDepth" not in im_now["status"]
     time.sleep(3)  # three idle windows: an unknown queue must not scale the model away
     assert replicas_of(kube, namespace, "m11") == 1
-    assert any(e["reason"] == "GatewayUnreachable" for e in events(kube, namespace, "m11"))
+    wait_event(kube, namespace, "m11", "GatewayUnreachable")
 
 
 def test_a_deleted_deployment_is_recreated_with_the_replicas_the_queue_needs(
@@ -305,8 +299,7 @@ def test_an_idle_gpu_of_a_lower_priority_model_is_reclaimed_for_waiting_jobs(
         queue.set("test/high", warming=2)
         wait_for(lambda: replicas_of(kube, namespace, "low") == 0, 90, "low's idle worker reclaimed")
         wait_for(lambda: state_of(kube, namespace, "high") == "ready", 90, "high runs on the freed GPU")
-        reclaimed = [e for e in events(kube, namespace, "low") if e["reason"] == "Reclaimed"]
-        assert reclaimed and "released for high" in reclaimed[0]["message"]
+        assert "released for high" in wait_event(kube, namespace, "low", "Reclaimed")["message"]
         # Never the other way round: low's jobs wait, high's worker is not taken.
         queue.set("test/high", running=1, busy_workers=[])
         queue.set("test/low", warming=1)

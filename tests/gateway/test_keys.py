@@ -12,7 +12,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from remotegpu_gateway.store import Store, api_key_secrets, api_keys
 
-from tests.gateway.conftest import SCHNELL, RunningGateway, auth
+from tests.gateway.conftest import SCHNELL, Clock, RunningGateway, auth
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,12 +71,12 @@ def test_rotation_keeps_access_and_revokes_the_old_secret(gateway: RunningGatewa
     assert gateway.job(new, job_id).status_code == 200  # same identity, same jobs
 
 
-def test_rotation_with_grace_period(gateway: RunningGateway) -> None:
+def test_rotation_with_grace_period(gateway: RunningGateway, clock: Clock) -> None:
     store = gateway.gw.store
     key, old = store.create_key("k", ["inference"])
-    new = store.rotate_key(key.id, grace_seconds=1)
+    new = store.rotate_key(key.id, grace_seconds=60)
     assert status(gateway, old) == 404 and status(gateway, new) == 404
-    time.sleep(1.2)
+    clock.advance(61)
     assert status(gateway, old) == 401 and status(gateway, new) == 404
 
 
@@ -198,14 +198,14 @@ def test_cli_data_dir(tmp_path: Path) -> None:
     store.close()
 
 
-def test_expiring_key(gateway: RunningGateway) -> None:
+def test_expiring_key(gateway: RunningGateway, clock: Clock) -> None:
     admin = gateway.key("root", ["admin"])
     r = gateway.http.post(
-        "/v1/admin/keys", json={"name": "temp", "expires_in_seconds": 1}, headers=auth(admin)
+        "/v1/admin/keys", json={"name": "temp", "expires_in_seconds": 60}, headers=auth(admin)
     )
     assert r.status_code == 201 and r.json()["secrets"][0]["expires_at"] is not None
     token = r.json()["key"]
     assert status(gateway, token) == 404
-    time.sleep(1.2)
+    clock.advance(61)
     r = gateway.http.get("/v1/inference/jobs/none", headers=auth(token))
     assert r.status_code == 401 and "expired" in r.json()["error"]["message"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,7 +54,7 @@ class KeyStore(Database):
         bad = [s for s in scopes if s not in SCOPES]
         if bad or not scopes:
             raise ValueError(f"scopes must be a non-empty subset of {list(SCOPES)}, got {scopes}")
-        now = time.time()
+        now = self.clock()
         key_id = "key_" + secrets.token_hex(8)
         with self._tx() as conn:
             conn.execute(
@@ -127,7 +126,7 @@ class KeyStore(Database):
         working after the grace period."""
         if not _key(key_id):
             raise NotFoundError(key_id)
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             row = conn.execute(sa.select(api_keys.c.revoked_at).where(api_keys.c.id == key_id)).first()
             if row is None:
@@ -168,7 +167,7 @@ class KeyStore(Database):
     def revoke_key(self, key_id: str) -> KeyRecord:
         if not _key(key_id):
             raise NotFoundError(key_id)
-        now = time.time()
+        now = self.clock()
         with self._tx() as conn:
             n = conn.execute(
                 api_keys.update()
@@ -199,7 +198,7 @@ class KeyStore(Database):
         )
         if row is None or not matches:
             return None
-        now = time.time()
+        now = self.clock()
         if row.secret_revoked_at is not None or row.revoked_at is not None:
             return None
         if row.expires_at is not None and row.expires_at <= now:

@@ -192,10 +192,11 @@ class KubernetesCatalogWatcher:
             raise RuntimeError(f"watch error {obj.get('code')}: {obj.get('message')}")
         name = str((obj.get("metadata") or {}).get("name") or "")
         if kind == "DELETED":
-            self.catalog.remove(name)
+            # Its cluster state first: a model gone from the catalog has none left.
             model_id = self._states.pop(name, None)
             if model_id and self.registry is not None:
                 self.registry.set_cluster_state(model_id, None)
+            self.catalog.remove(name)
             return rv
         model = self._parse(obj)
         if model is None:

@@ -603,7 +603,8 @@ def _kept(key: str, value: datetime | None, mem: Memory, seen: Seen) -> datetime
 
 
 async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
-    """Writes the status (only what changed) and the metrics."""
+    """Sets the metrics, then writes the status (only what changed): whoever reads a status
+    finds the metrics at least as new."""
     c = ctx()
     report_events(seen, plan, mem)
     d = plan.decision
@@ -630,14 +631,6 @@ async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
         holders=plan.holders,
         scaling=(d.reason not in ("QueueUnknown", "DuplicateModel"), d.reason, d.message),
     )
-    new_status = status.compute(observed, mem.last_status.get("conditions"), seen.now)
-    cache = await cachectl.cache_status(c.api, seen.body, seen.spec, seen.pods, seen.now)
-    if cache is not None:
-        new_status["cache"] = cache
-    patch = status.changed(mem.last_status, new_status)
-    if patch:
-        await kube.patch(c.api, ImageModelObject, seen.ns, seen.name, {"status": patch}, subresource="status")
-        mem.last_status = {**mem.last_status, **new_status}
     metrics.set_model(
         seen.ns,
         seen.name,
@@ -650,6 +643,14 @@ async def report(seen: Seen, plan: Plan, mem: Memory) -> None:
         gpus_per_worker=seen.spec.worker.gpu.count,
         unschedulable=len(seen.unschedulable),
     )
+    new_status = status.compute(observed, mem.last_status.get("conditions"), seen.now)
+    cache = await cachectl.cache_status(c.api, seen.body, seen.spec, seen.pods, seen.now)
+    if cache is not None:
+        new_status["cache"] = cache
+    patch = status.changed(mem.last_status, new_status)
+    if patch:
+        await kube.patch(c.api, ImageModelObject, seen.ns, seen.name, {"status": patch}, subresource="status")
+        mem.last_status = {**mem.last_status, **new_status}
 
 
 async def tick(body: dict[str, Any], mem: Memory) -> None:

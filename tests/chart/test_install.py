@@ -166,7 +166,6 @@ def run_operator_as_release(kube: Kube, namespace: str, tmp: Path) -> subprocess
         POD_NAME="operator-0",
         POD_NAMESPACE=namespace,
         REMOTEGPU_WORKER_TOKEN=secret(kube, namespace, f"{PREFIX}-worker-token", "token"),
-        REMOTEGPU_OPERATOR_LEASE_SECONDS="3",
     )
     args = [a for a in container["args"] if not a.startswith(("--host=", "--port=", "--gateway-url="))]
     # Nothing serves the gateway here: queue reads fail and the models stay asleep.
@@ -470,7 +469,11 @@ def test_helm_upgrade_upgrades_the_crd(kube: Kube, namespace: str, tmp_path: Pat
         ran = run_hook(kube, namespace, "crd-upgrade", tmp_path)
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert f"updated CustomResourceDefinition {crd_name}" in ran.stdout
-        assert create_model("after") == "priority 7"
+        # The API server takes a replaced CRD's schema in a moment after the update returns.
+        tries = iter(range(1000))
+        wait_for(
+            lambda: create_model(f"after-{next(tries)}") == "priority 7", 30, "the new field to be served"
+        )
         assert kube.kubectl(
             "auth", "can-i", "update", "customresourcedefinitions/imagemodels.remotegpu.ai", f"--as={hook_sa}",
             check=False,

@@ -58,6 +58,10 @@ def test_the_first_pod_on_a_node_fetches_and_the_next_fetches_nothing(
 
     # Cold node cache: the first worker pod's init container downloads every file.
     first = system.submit(MODEL, seed=1)
+    # Its worker pod, read while it starts: once the job is done, the idle window (6 s) ends it.
+    [worker] = wait_for(
+        lambda: [p for p in system.pod_list(f"{NAME}-worker-") if p.node], 300, "the worker pod scheduled"
+    )
     done = system.wait_job(first, timeout=600)
     assert done["status"] == "succeeded", (done, system.logs())
     counts = hub_counts(system)
@@ -66,7 +70,6 @@ def test_the_first_pod_on_a_node_fetches_and_the_next_fetches_nothing(
     print(f"\ncold cache timeline: {summary(cold)}")
     assert cold["waited_for_capacity"] is True and cold["weights_cached"] is False
     assert [p["phase"] for p in cold["phases"]] == PHASES, cold  # every phase of a cold job
-    [worker] = [p for p in system.pod_list(f"{NAME}-worker-") if not p.deleting]
     assert worker.node == NODE and worker.raw["status"]["qosClass"] != "BestEffort"
     mounts = {m["mountPath"]: m for m in worker.raw["spec"]["containers"][0]["volumeMounts"]}
     assert mounts["/weights"]["readOnly"] is True

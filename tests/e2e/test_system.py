@@ -45,14 +45,14 @@ def test_newcomer_path_from_sleeping_to_png_and_back_to_sleeping(system: System)
     assert limits["nvidia.com/gpu"] in (1, "1"), limits
     done = system.wait_job(job_id, timeout=300)
     assert done["status"] == "succeeded", (done, system.logs())
+    # Read at once: the idle window (6 s) starts now.
+    assert system.models()[model]["runtime"]["state"] == "ready"
     assert done["run_ms"] > 0 and done["wait_ms"] > 0
     png = httpx.get(done["result_url"], timeout=30)
     assert png.status_code == 200
     image = Image.open(io.BytesIO(png.content))
     assert image.format == "PNG" and image.size == (512, 512)
 
-    entry = system.models()[model]
-    assert entry["runtime"]["state"] == "ready"
     # Fresh stats: the job just finished counts (the gateway caches stats for 2 s).
     stats = wait_for(
         lambda: (s := system.models()[model]["recent_summary_stats"])["total_ms"]["count"] >= 1 and s,

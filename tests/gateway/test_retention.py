@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from remotegpu_gateway.settings import RETENTION_ENV, retention_seconds
 
-from tests.gateway.conftest import KONTEXT, RunningGateway, auth, b64, png_bytes
+from tests.gateway.conftest import KONTEXT, Clock, RunningGateway, auth, b64, png_bytes
 from tests.waiting import wait_for
 
 
@@ -19,9 +19,11 @@ def stored_files(root: Path) -> list[str]:
 
 
 def test_finished_jobs_are_deleted_with_their_images_after_the_retention(
-    start_gateway: Callable[..., RunningGateway],
+    start_gateway: Callable[..., RunningGateway], clock: Clock
 ) -> None:
-    gw = start_gateway(retention_seconds=2.0, purge_interval_seconds=0.2)
+    # An hour's retention that passes when the test moves the clock, not while it still looks
+    # (and a start timeout longer than that, so the waiting job still waits then).
+    gw = start_gateway(retention_seconds=3600.0, purge_interval_seconds=0.2, start_timeout_seconds=86400)
     key = gw.key()
     source = b64(png_bytes(512, 512))
     body = {"prompt": "a", "model": KONTEXT, "input_images_base64": [source]}
@@ -42,14 +44,20 @@ def test_finished_jobs_are_deleted_with_their_images_after_the_retention(
     status = gw.job(key, done).json()
     expires = int(parse_qs(urlparse(status["result_url"]).query)["expires"][0])
     completed = datetime.fromisoformat(status["completed_at"].replace("Z", "+00:00")).timestamp()
-    assert completed < expires <= completed + 2.0 + 1
+    assert completed < expires <= completed + 3600 + 1
 
+    clock.advance(3601)
     wait_for(lambda: gw.job(key, done).status_code == 404, 20, "the finished job to be deleted")
     assert gw.http.get(result, headers=auth(key)).status_code == 404
-    assert stored_files(root) == [f"inputs/{waiting}/0"]
+    # The rows go first, then the files, then the count (one sweep, in a worker thread).
+    wait_for(lambda: stored_files(root) == [f"inputs/{waiting}/0"], 20, "its images to be deleted")
     assert not (root / "results" / done).exists() and not (root / "inputs" / done).exists()
     assert gw.job(key, waiting).json()["status"] in ("queued", "warming")
-    assert gw.gw.metrics.registry.get_sample_value("remotegpu_jobs_purged_total") == 1
+    wait_for(
+        lambda: gw.gw.metrics.registry.get_sample_value("remotegpu_jobs_purged_total") == 1,
+        20,
+        "the purge to be counted",
+    )
 
 
 def test_retention_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,7 +113,12 @@ def test_signed_running_and_completed_webhooks(
     with pytest.raises(Exception, match="(?i)signature"):
         verifier.verify(forged, headers)
 
-    listed = wait_for(lambda: [d for d in deliveries(g, token, job_id) if d["status"] == "delivered"])
+    # Marked delivered once the receiver's answer is back: after the receiver has the body.
+    listed = wait_for(
+        lambda: len(d := [d for d in deliveries(g, token, job_id) if d["status"] == "delivered"]) == 2 and d,
+        30,
+        "both deliveries marked delivered",
+    )
     assert {d["event"] for d in listed} == {"job.running", "job.completed"}
     assert {d["id"] for d in listed} == {h["webhook-id"] for h, _ in receiver.received}
     assert all(d["attempts"] == 1 and d["last_status_code"] == 200 for d in listed)

@@ -121,7 +121,9 @@ class OperatorProc:
             **os.environ,
             "KUBECONFIG": str(kubeconfig),
             "REMOTEGPU_WORKER_TOKEN": TOKEN,
-            "REMOTEGPU_OPERATOR_LEASE_SECONDS": "3",
+            # A killed leader's Lease lapses within 10 s; a shorter one (renewed every third)
+            # could lapse under a loaded machine's stalls, and its operator would stop.
+            "REMOTEGPU_OPERATOR_LEASE_SECONDS": "10",
             "REMOTEGPU_OPERATOR_INTERVAL": "0.5",
             "POD_NAME": identity,
             **(extra_env or {}),

@@ -60,8 +60,8 @@ def test_the_scale_subresource_answers_in_every_mode_and_kubectl_scale_sets_the_
     kube.kubectl("scale", "imagemodel", "m9", "-n", namespace, "--replicas=3")
     wait_for(lambda: replicas_of(kube, namespace, "m9") == 3, 90, "fixed at 3")
     assert scale_of(kube, namespace, "m9")["spec"]["replicas"] == 3
-    im = kube.find("imagemodel", "m9", namespace)
-    assert condition(im, "ScalingActive")["reason"] == "Fixed"
+    # The status follows the Deployment's patch (the same round, one write later).
+    wait_condition(kube, namespace, "m9", "ScalingActive", "the Fixed scaling condition", reason="Fixed")
 
 
 def test_a_pin_above_max_replicas_is_capped(kube, namespace, operators: Operators):

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from tests.fixtures.processes import Proc
-from tests.waiting import wait_http
+from tests.waiting import wait_for, wait_http
 from tests.worker.conftest import REMOTEGPU, WORKER_TOKEN, RunningGateway, base_env, free_port, png_size
 from tests.worker.test_loop import TINY, LoopThread, wait_running
 
@@ -80,10 +80,11 @@ def test_sigterm_on_an_idle_worker_ends_its_lease_poll_at_once(
     p, _ = start_worker(
         procs, gateway, tiny_data_dir, tmp_path / "worker.log", REMOTEGPU_LEASE_WAIT_SECONDS="60"
     )
-    time.sleep(1.0)  # in its poll
+    ready_workers = lambda: gateway.gw.registry.runtime(TINY).ready_workers  # noqa: E731
+    wait_for(lambda: ready_workers() == 1, 60, "the worker in its lease poll")
     stopped = time.monotonic()
     p.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    wait_for(lambda: ready_workers() == 0, 30, "the worker to say it is leaving")
     job_id = gateway.submit(TINY, "not for a leaving worker")
     assert p.wait(timeout=120) == 0, p.log()[-3000:]
     took = time.monotonic() - stopped
@@ -135,7 +136,7 @@ def test_sigkill_mid_job_the_job_completes_after_lease_expiry(
     tmp_path: Path,
     engines: Any,
 ) -> None:
-    gw = gateway_factory(lease_ttl=3.0)
+    gw = gateway_factory(lease_ttl=6.0)  # heartbeats every 0.5 s: a loaded machine's stall is no lapse
     p, _ = start_worker(procs, gw, tiny_data_dir, tmp_path / "worker.log")
     job_id = gw.submit(TINY, "survive a crash", steps=50, size={"width": 1024, "height": 1024}, seed=3)
     wait_running(gw, job_id)
@@ -147,7 +148,7 @@ def test_sigkill_mid_job_the_job_completes_after_lease_expiry(
     while gw.gw.store.get_job(job_id, None).status == "running":
         assert time.monotonic() < deadline, "lease never expired"
         time.sleep(0.1)
-    assert time.monotonic() - killed_at < 10
+    assert time.monotonic() - killed_at < 15
     # ... and a healthy worker completes it (second attempt).
     lt = LoopThread(engines("flux1"), gw)
     try:

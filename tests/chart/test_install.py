@@ -4,6 +4,7 @@ upgrade` keeping the generated secrets, and `helm uninstall` leaving nothing beh
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import yaml
 from remotegpu_base.catalog import ImageModelSpec, load_models_file
 
 from tests.chart.helm import CHART
-from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.cluster import REPO, Kube, is_ready
 from tests.fixtures.processes import stop
 from tests.waiting import wait_for
 
@@ -101,12 +102,6 @@ def persistent_volume(name: str, namespace: str, claim: str) -> dict[str, Any]:
             "claimRef": {"namespace": namespace, "name": claim},
         },
     }
-
-
-def is_ready(pod: dict) -> bool:
-    return any(
-        c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", [])
-    )
 
 
 def secret(kube: Kube, namespace: str, name: str, key: str) -> str:
@@ -470,7 +465,7 @@ def test_helm_upgrade_upgrades_the_crd(kube: Kube, namespace: str, tmp_path: Pat
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert f"updated CustomResourceDefinition {crd_name}" in ran.stdout
         # The API server takes a replaced CRD's schema in a moment after the update returns.
-        tries = iter(range(1000))
+        tries = itertools.count()
         wait_for(
             lambda: create_model(f"after-{next(tries)}") == "priority 7", 30, "the new field to be served"
         )

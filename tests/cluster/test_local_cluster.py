@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from cluster.localcluster import POD_READY_DELAY_ANNOTATION
-from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.cluster import REPO, Kube, is_ready
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -46,12 +46,6 @@ def pods(kube: Kube, namespace: str, app: str) -> list[dict]:
     return kube.get_json("pods", namespace=namespace, selector=f"app={app}")["items"]
 
 
-def is_ready(pod: dict) -> bool:
-    return any(
-        c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", [])
-    )
-
-
 def test_fake_gpu_nodes_are_ready_with_gpu_allocatable(kube: Kube):
     nodes = kube.get_json("nodes")["items"]
     gpu_nodes = [n for n in nodes if "nvidia.com/gpu" in n["status"].get("allocatable", {})]
@@ -59,9 +53,7 @@ def test_fake_gpu_nodes_are_ready_with_gpu_allocatable(kube: Kube):
     for n in gpu_nodes:
         assert int(n["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
         assert n["metadata"]["labels"].get("nvidia.com/gpu.product")
-        assert is_ready(n) or any(
-            c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"]
-        )
+        assert is_ready(n)
 
 
 def test_gpu_deployment_gets_a_ready_pod_on_a_gpu_node(kube: Kube, namespace: str):

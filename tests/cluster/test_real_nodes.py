@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from cluster import images
-from tests.fixtures.cluster import Kube, RealNodes
+from tests.fixtures.cluster import Kube, RealNodes, is_ready
 from tests.waiting import wait_for
 
 # The first test also builds and imports the images when their inputs changed (minutes).
@@ -51,8 +51,7 @@ def web_pod(real: RealNodes, name: str, node: str, gpus: int = 0) -> dict:
 
 
 def ready(kube: Kube, namespace: str, name: str) -> bool:
-    pod = kube.get_json("pod", name, namespace=namespace)
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+    return is_ready(kube.get_json("pod", name, namespace=namespace))
 
 
 def test_real_nodes_run_containerd_beside_the_kwok_nodes_with_fake_gpus(kube: Kube, real_nodes: RealNodes):

@@ -25,7 +25,7 @@ import httpx
 import yaml
 from remotegpu_base.catalog import load_models_file
 
-from tests.fixtures.cluster import REPO, Kube, RealNodes
+from tests.fixtures.cluster import REPO, Kube, RealNodes, is_ready
 from tests.waiting import wait_for
 
 RELEASE = "rg"
@@ -56,10 +56,7 @@ class Pod:
             name=p["metadata"]["name"],
             node=p["spec"].get("nodeName", ""),
             phase=p.get("status", {}).get("phase", ""),
-            ready=any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in p.get("status", {}).get("conditions", [])
-            ),
+            ready=is_ready(p),
             deleting="deletionTimestamp" in p["metadata"],
             container_id=statuses[0].get("containerID", ""),
             raw=p,

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.e2e.system import GATEWAY, OPERATOR, System, wait_for
+from tests.fixtures.cluster import is_ready
 
 # The first test also builds and imports the images when their inputs changed (minutes).
 pytestmark = [pytest.mark.cluster, pytest.mark.real_nodes, pytest.mark.timeout(2400)]
@@ -214,8 +215,7 @@ def test_scaling_down_while_a_job_runs_lets_the_job_finish(system: System):
 
 
 def node_ready(system: System, node: str) -> bool:
-    conds = system.kube.get_json("node", node)["status"].get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    return is_ready(system.kube.get_json("node", node))
 
 
 def test_a_node_whose_kubelet_stops_mid_job_loses_no_job(system: System):

@@ -34,7 +34,7 @@ from PIL import Image
 from remotegpu_base.protocol import PREFIX, Lease, ModelQueue, QueueSnapshot, WorkerAPIClient
 
 from cluster.localcluster import free_port
-from tests.fixtures.cluster import REPO, Kube
+from tests.fixtures.cluster import REPO, Kube, condition
 from tests.fixtures.processes import stop
 from tests.waiting import wait_for
 
@@ -449,13 +449,6 @@ def apply(kube: Kube, namespace: str, obj: dict[str, Any]) -> None:
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
 
 
-def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
-    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if c["type"] == type_:
-            return c
-    return {}
-
-
 def wait_condition(kube: Kube, ns: str, name: str, type_: str, what: str, **want: str) -> dict[str, Any]:
     """The ImageModel once its condition `type_` has the wanted fields (status="False", reason=...)."""
     return wait_for(  # type: ignore[no-any-return]
@@ -469,18 +462,15 @@ def wait_condition(kube: Kube, ns: str, name: str, type_: str, what: str, **want
     )
 
 
-def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
-    return kube.get_json("events", namespace=namespace, fields=f"involvedObject.name={name}")["items"]
-
-
 def wait_event(kube: Kube, namespace: str, name: str, reason: str, timeout: float = 60) -> dict[str, Any]:
     """The first event `reason` about `name`. Waited for: kopf posts events in the background,
     so one may arrive after the status it came with."""
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: next((e for e in events(kube, namespace, name) if e["reason"] == reason), None),
-        timeout,
-        f"a {reason} event for {name}",
-    )
+
+    def event() -> dict[str, Any] | None:
+        events = kube.get_json("events", namespace=namespace, fields=f"involvedObject.name={name}")["items"]
+        return next((e for e in events if e["reason"] == reason), None)
+
+    return wait_for(event, timeout, f"a {reason} event for {name}")  # type: ignore[no-any-return]
 
 
 # The pod-ready delay KWOK applies to a pod carrying it (the stages the cluster loads).
